@@ -1,0 +1,15 @@
+"""Reference backend: dequantize, then the dense op in the activation's dtype.
+
+Runs on every device and dtype (CPU, CUDA without fbgemm, fp32/fp16/bf16), and is what
+every fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, W.dequantize(x.dtype), bias)``; ``x [*, K]`` -> ``[*, N]``."""
+    return F.linear(x, weight.dequantize(x.dtype), bias)

@@ -1,0 +1,141 @@
+"""Pure int4 quantization math: packing, group-wise min/max quantization, dequantization.
+
+Everything here is a plain function on plain tensors (no tensor subclasses, no kernels), so it
+runs on any device, under ``torch.compile`` and on the meta device.
+
+Conventions (shared with fbgemm-gpu-genai's ``int4_row_quantize_zp`` + ``pack_int4``):
+
+* a weight ``w`` has shape ``[..., N, K]`` and is quantized along ``K`` in groups of ``G``;
+* ``q`` is a signed int4 value in ``[-8, 7]`` held in int8, ``q = u - 8`` with ``u`` in ``[0, 15]``;
+* ``scale`` and ``zero_point`` have shape ``[..., K/G, N]``;
+* dequantization is ``w ≈ q * scale + zero_point`` (equivalently ``u * scale + min``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "SUPPORTED_GROUP_SIZES",
+    "pack_int4",
+    "unpack_int4",
+    "choose_qparams_minmax",
+    "quantize_int4",
+    "dequantize_int4",
+    "quantize_minmax",
+]
+
+#: Group sizes accepted by :class:`~int4tensor.Int4Tensor` (fbgemm's kernels take these).
+SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
+
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack signed int4 values two per byte along the last dim.
+
+    Args:
+        q: int8 ``[..., K]`` with values in ``[-8, 7]``, ``K`` even.
+
+    Returns:
+        int8 ``[..., K/2]``; byte ``j`` holds element ``2j`` in its low nibble and ``2j+1`` in its
+        high nibble, each as a two's-complement nibble (bit-identical to fbgemm's ``pack_int4``).
+    """
+    if q.dtype != torch.int8:
+        raise TypeError(f"pack_int4 expects int8 values, got {q.dtype}")
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dim, got shape {tuple(q.shape)}")
+    low = q[..., 0::2] & 0xF
+    high = q[..., 1::2] << 4  # the shift drops the sign bits above the nibble
+    return (low | high).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 ``[..., K/2]`` -> int8 ``[..., K]`` in ``[-8, 7]``."""
+    if packed.dtype != torch.int8:
+        raise TypeError(f"unpack_int4 expects int8 packed data, got {packed.dtype}")
+    low = (packed << 4) >> 4  # arithmetic shift sign-extends the low nibble
+    high = packed >> 4
+    return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[..., N, K]`` -> ``[..., N, K/G, G]`` (a view)."""
+    return w.unflatten(-1, (w.shape[-1] // group_size, group_size))
+
+
+def choose_qparams_minmax(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric per-group min/max parameters, computed in float32.
+
+    Args:
+        w: floating ``[..., N, K]``, ``K % group_size == 0``.
+
+    Returns:
+        ``(scale, minimum)``, both float32 ``[..., N, K/G]``, with
+        ``scale = clamp(max - min, 1e-6) / 15``.
+    """
+    groups = _grouped(w.to(torch.float32), group_size)
+    max_val = groups.amax(dim=-1)
+    min_val = groups.amin(dim=-1)
+    scale = (max_val - min_val).clamp(min=1e-6) / 15
+    return scale, min_val
+
+
+def quantize_int4(
+    w: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Quantize ``w [..., N, K]`` with float32 ``scale``/``minimum [..., N, K/G]``.
+
+    Returns int8 ``q = clamp(round((w - min) / scale), 0, 15) - 8`` of shape ``[..., N, K]``.
+    The divide (not a multiply by the reciprocal) and the float32 arithmetic match fbgemm exactly.
+    """
+    groups = _grouped(w.to(torch.float32), group_size)
+    u = groups.sub(minimum.unsqueeze(-1)).div(scale.unsqueeze(-1)).round().clamp(0, 15)
+    return (u - 8).to(torch.int8).flatten(-2)
+
+
+def quantize_minmax(
+    w: torch.Tensor, group_size: int, qparams_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fbgemm's ``int4_row_quantize_zp`` + ``pack_int4``, written in torch.
+
+    Args:
+        w: floating ``[..., N, K]``.
+        group_size: ``G``; ``K % G == 0``.
+        qparams_dtype: dtype of the returned scale/zero point (default ``w.dtype``).
+
+    Returns:
+        ``(qdata, scale, zero_point)``: int8 ``[..., N, K/2]`` and two ``[..., K/G, N]`` tensors,
+        ``zero_point = min + 8 * scale``, so that ``w ≈ q * scale + zero_point``.
+    """
+    qparams_dtype = qparams_dtype or w.dtype
+    scale, minimum = choose_qparams_minmax(w, group_size)
+    q = quantize_int4(w, scale, minimum, group_size)
+    zero_point = minimum + 8 * scale
+    return (
+        pack_int4(q),
+        scale.transpose(-1, -2).to(qparams_dtype).contiguous(),
+        zero_point.transpose(-1, -2).to(qparams_dtype).contiguous(),
+    )
+
+
+def dequantize_int4(
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``w = q * scale + zero_point``, computed in float32 and cast to ``dtype``.
+
+    Args:
+        qdata: int8 ``[..., N, K/2]`` (packed by :func:`pack_int4`).
+        scale, zero_point: ``[..., K/G, N]``.
+
+    Returns:
+        ``dtype`` ``[..., N, K]``.
+    """
+    q = _grouped(unpack_int4(qdata), group_size).to(torch.float32)
+    s = scale.transpose(-1, -2).to(torch.float32).unsqueeze(-1)
+    z = zero_point.transpose(-1, -2).to(torch.float32).unsqueeze(-1)
+    return (q * s + z).flatten(-2).to(dtype)

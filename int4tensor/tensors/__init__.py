@@ -1,0 +1,4 @@
+from int4tensor.tensors.base import Int4BaseTensor
+from int4tensor.tensors.int4_tensor import Int4Tensor
+
+__all__ = ["Int4BaseTensor", "Int4Tensor"]

@@ -1,0 +1,192 @@
+"""The shared mechanism of int4tensor's tensor subclasses.
+
+A subclass declares its fields once::
+
+    tensor_data_names = ("qdata", "scale", "zero_point")   # inner tensors
+    tensor_attribute_names = ("block_size", "shape")       # plain metadata
+
+and gets from this module: ``__tensor_flatten__``/``__tensor_unflatten__`` (torch.compile),
+pickling for ``torch.save``, a ``repr``, an op table filled with the :meth:`implements`
+decorator, and the ops whose meaning is "do the same to every inner tensor" (detach, alias,
+clone, contiguous, ``.to()``) plus a checked ``copy_``. Ops that are not registered raise
+``NotImplementedError`` naming the op and the class, never a crash deep in torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+aten = torch.ops.aten
+
+OpImpl = Callable[[Any, tuple, dict], Any]
+
+
+class Int4BaseTensor(torch.Tensor):
+    """Base class: a wrapper tensor whose logical value is computed from inner tensors."""
+
+    tensor_data_names: ClassVar[tuple[str, ...]] = ()
+    tensor_attribute_names: ClassVar[tuple[str, ...]] = ()
+
+    # ---- op tables -------------------------------------------------------------------------
+    @classmethod
+    def implements(cls, funcs) -> Callable[[OpImpl], OpImpl]:
+        """Register ``impl(func, args, kwargs)`` for aten ops and/or torch functions.
+
+        aten ops (``torch.ops.aten.x.default`` or the packet ``torch.ops.aten.x``) are looked up
+        in ``__torch_dispatch__``; anything else (``F.linear``, ``torch.bmm``) in
+        ``__torch_function__``. Subclasses inherit their parents' registrations.
+        """
+        funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
+
+        def register(impl: OpImpl) -> OpImpl:
+            for func in funcs:
+                is_aten = isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+                table_name = "_aten_impls" if is_aten else "_torch_function_impls"
+                if table_name not in cls.__dict__:
+                    setattr(cls, table_name, {})
+                cls.__dict__[table_name][func] = impl
+            return impl
+
+        return register
+
+    @classmethod
+    def _find_impl(cls, table_name: str, func) -> OpImpl | None:
+        keys = (func, getattr(func, "overloadpacket", None))
+        for klass in cls.__mro__:
+            table = klass.__dict__.get(table_name)
+            if table:
+                for key in keys:
+                    if key is not None and key in table:
+                        return table[key]
+        return None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        impl = cls._find_impl("_torch_function_impls", func)
+        if impl is not None:
+            return impl(func, args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        impl = cls._find_impl("_aten_impls", func)
+        if impl is not None:
+            return impl(func, args, kwargs)
+        raise NotImplementedError(
+            f"{cls.__name__} does not support the op {func}; supported ops are listed in "
+            "docs/ops.md (dequantize() first to use it as a dense tensor)"
+        )
+
+    # ---- fields ----------------------------------------------------------------------------
+    def _fields(self) -> tuple[list[torch.Tensor], list[Any]]:
+        return (
+            [getattr(self, name) for name in self.tensor_data_names],
+            [getattr(self, name) for name in self.tensor_attribute_names],
+        )
+
+    def _with_data(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int4BaseTensor":
+        """A new tensor of the same class and metadata with ``fn`` applied to each inner tensor."""
+        data, attrs = self._fields()
+        return type(self)(*[fn(t) for t in data], *attrs)
+
+    def __tensor_flatten__(self):
+        return list(self.tensor_data_names), self._fields()[1]
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner_tensors, attributes, outer_size, outer_stride):
+        return cls(*[inner_tensors[name] for name in cls.tensor_data_names], *attributes)
+
+    def _stable_hash_for_caching(self) -> str:
+        """Metadata key for torch.compile's AOT autograd cache (values are not part of it)."""
+        data, attrs = self._fields()
+        inner = [(str(t.dtype), tuple(t.shape), t.stride(), t.device.type) for t in data]
+        key = repr((type(self).__qualname__, tuple(self.shape), attrs, inner))
+        return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+    def __repr__(self) -> str:
+        def describe(t):
+            if isinstance(t, torch.Tensor):
+                return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+            return repr(list(t)) if isinstance(t, tuple) else repr(t)
+
+        data, attrs = self._fields()
+        parts = [f"{n}={describe(v)}" for n, v in zip(self.tensor_attribute_names, attrs)]
+        parts.append(f"dtype={self.dtype}, device={self.device.type}")
+        parts += [f"{n}={describe(v)}" for n, v in zip(self.tensor_data_names, data)]
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _mismatch(self, other: "Int4BaseTensor") -> str | None:
+        """Describe the first difference in type, shape, metadata or inner dtypes, else None."""
+        if type(other) is not type(self):
+            return f"type {type(other).__name__} != {type(self).__name__}"
+        if self.shape != other.shape:
+            return f"shape {list(other.shape)} != {list(self.shape)}"
+        for name in self.tensor_attribute_names:
+            if getattr(self, name) != getattr(other, name):
+                return f"{name} {getattr(other, name)} != {getattr(self, name)}"
+        for name in self.tensor_data_names:
+            a, b = getattr(self, name), getattr(other, name)
+            if a.dtype != b.dtype or a.shape != b.shape:
+                return (
+                    f"{name} {b.dtype}{list(b.shape)} != {a.dtype}{list(a.shape)}"
+                )
+        return None
+
+
+implements = Int4BaseTensor.implements
+
+
+@implements([aten.detach.default, aten.alias.default])
+def _(func, args, kwargs):
+    return return_and_correct_aliasing(func, args, kwargs, args[0]._with_data(func))
+
+
+@implements([aten.clone.default])
+def _(func, args, kwargs):
+    out = args[0]._with_data(lambda t: t.clone(**kwargs))
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+@implements([aten.contiguous.default])
+def _(func, args, kwargs):
+    return args[0]._with_data(torch.Tensor.contiguous)
+
+
+@implements([aten._to_copy.default])
+def _(func, args, kwargs):
+    """``.to(device)`` moves every inner tensor; ``.to(float_dtype)`` re-types scale/zero."""
+    self = args[0]
+    device, dtype = kwargs.get("device"), kwargs.get("dtype")
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(
+            f"{type(self).__name__} can only be cast to a floating dtype (its scale/zero dtype), "
+            f"got {dtype}; use .dequantize() for a dense tensor"
+        )
+    non_blocking = kwargs.get("non_blocking", False)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device=device, non_blocking=non_blocking)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    return self._with_data(move)
+
+
+@implements([aten.copy_.default])
+def _(func, args, kwargs):
+    """``dst.copy_(src)`` between tensors of the same class, shape and metadata (in place)."""
+    dst, src = args[0], args[1]
+    if not isinstance(src, Int4BaseTensor):
+        src = dst._quantize_like(src)
+    problem = dst._mismatch(src)
+    if problem is not None:
+        raise ValueError(f"copy_ into {type(dst).__name__}: source differs, {problem}")
+    for name in dst.tensor_data_names:
+        getattr(dst, name).copy_(getattr(src, name))
+    return dst

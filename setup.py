@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="int4tensor",
+    version="0.1.0",
+    description="Int4 weight-only quantization for PyTorch as tensor subclasses",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["int4tensor", "int4tensor.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "safetensors>=0.4"],
+    extras_require={
+        "test": ["pytest>=7", "expecttest", "hypothesis"],
+        "gpu": ["fbgemm-gpu-genai"],
+    },
+)
