@@ -167,3 +167,23 @@ def test_import_does_not_import_fbgemm_or_triton():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class TestModuleConversions:
+    def test_module_to_same_device_and_dtype(self):
+        model = MLP()
+        quantize_(model, Int4WeightOnlyConfig())
+        x = torch.randn(2, 256, dtype=torch.bfloat16)
+        out = model(x)
+        model.to("cpu")
+        model.to(torch.bfloat16)
+        assert torch.equal(model(x), out)
+
+    def test_module_to_float16(self):
+        model = MLP()
+        quantize_(model, Int4WeightOnlyConfig())
+        x = torch.randn(2, 256)
+        ref = model(x.to(torch.bfloat16)).float()
+        model.half()
+        assert isinstance(model.up.weight, Int4Tensor) and model.up.weight.dtype == torch.float16
+        assert sqnr(ref, model(x.half()).float()) > 30

@@ -159,17 +159,29 @@ def _(func, args, kwargs):
     return args[0]._with_data(torch.Tensor.contiguous)
 
 
+@implements([torch.Tensor.to])
+def _(func, args, kwargs):
+    """``Tensor.to`` semantics: ``self`` when nothing changes, else a converted copy."""
+    self = args[0]
+    device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+    same_device = device is None or torch.device(device) == self.device
+    if same_device and (dtype is None or dtype == self.dtype) and not kwargs.get("copy"):
+        return self
+    return _to_copy(self, device=device, dtype=dtype, non_blocking=non_blocking)
+
+
 @implements([aten._to_copy.default])
 def _(func, args, kwargs):
+    return _to_copy(args[0], **kwargs)
+
+
+def _to_copy(self, device=None, dtype=None, non_blocking=False, **_):
     """``.to(device)`` moves every inner tensor; ``.to(float_dtype)`` re-types scale/zero."""
-    self = args[0]
-    device, dtype = kwargs.get("device"), kwargs.get("dtype")
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(
             f"{type(self).__name__} can only be cast to a floating dtype (its scale/zero dtype), "
             f"got {dtype}; use .dequantize() for a dense tensor"
         )
-    non_blocking = kwargs.get("non_blocking", False)
 
     def move(t: torch.Tensor) -> torch.Tensor:
         t = t.to(device=device, non_blocking=non_blocking)
@@ -190,3 +202,10 @@ def _(func, args, kwargs):
     for name in dst.tensor_data_names:
         getattr(dst, name).copy_(getattr(src, name))
     return dst
+
+
+@implements([aten._has_compatible_shallow_copy_type.default])
+def _(func, args, kwargs):
+    # ``param.data = new`` would swap the wrapper's metadata but not the inner tensors, so never
+    # claim compatibility; nn.Module._apply then swaps whole tensors instead.
+    return False
