@@ -21,11 +21,17 @@ class Int4WeightOnlyConfig:
         group_size: ``G``, one of 32, 64, 128, 256; K must be a multiple of it.
         version: 2 (the only one): the weight becomes an :class:`~int4tensor.Int4Tensor`.
         int4_packing_format: ``"plain"``: fbgemm's rowwise layout, ``qdata [N, K/2]``.
+        int4_choose_qparams_algorithm: how scale/zero are chosen, a name in
+            :data:`int4tensor.algorithms.QPARAMS_ALGORITHMS` (default ``"minmax"``, fbgemm's).
+        zero_point_domain: ``"float"`` (fbgemm's, default), ``"int"`` (integer zero points,
+            exportable losslessly to AWQ/GPTQ/compressed-tensors) or ``"none"`` (symmetric).
     """
 
     group_size: int = 128
     version: int = 2
     int4_packing_format: str = "plain"
+    int4_choose_qparams_algorithm: str = "minmax"
+    zero_point_domain: str = "float"
 
     def __post_init__(self):
         if self.version == 1:
@@ -46,6 +52,19 @@ class Int4WeightOnlyConfig:
                 f"Int4WeightOnlyConfig: int4_packing_format must be one of {_PACKING_FORMATS}, "
                 f"got {self.int4_packing_format!r}"
             )
+        from int4tensor.algorithms import QPARAMS_ALGORITHMS
+        from int4tensor.quant_primitives import ZERO_POINT_DOMAINS
+
+        if self.int4_choose_qparams_algorithm not in QPARAMS_ALGORITHMS:
+            raise ValueError(
+                "Int4WeightOnlyConfig: int4_choose_qparams_algorithm must be one of "
+                f"{sorted(QPARAMS_ALGORITHMS)}, got {self.int4_choose_qparams_algorithm!r}"
+            )
+        if self.zero_point_domain not in ZERO_POINT_DOMAINS:
+            raise ValueError(
+                f"Int4WeightOnlyConfig: zero_point_domain must be one of {ZERO_POINT_DOMAINS}, "
+                f"got {self.zero_point_domain!r}"
+            )
 
     def can_quantize(self, weight: torch.Tensor) -> str | None:
         """None if ``weight`` can be quantized with this config, else the reason it cannot."""
@@ -60,4 +79,9 @@ class Int4WeightOnlyConfig:
         from int4tensor.tensors import Int4Tensor
 
         block_size = (1,) * (weight.ndim - 1) + (self.group_size,)
-        return Int4Tensor.from_hp(weight, block_size)
+        return Int4Tensor.from_hp(
+            weight,
+            block_size,
+            algorithm=self.int4_choose_qparams_algorithm,
+            zero_point_domain=self.zero_point_domain,
+        )

@@ -19,8 +19,10 @@ __all__ = [
     "SUPPORTED_GROUP_SIZES",
     "pack_int4",
     "unpack_int4",
+    "ZERO_POINT_DOMAINS",
     "choose_qparams_minmax",
     "quantize_int4",
+    "quantize_with_qparams",
     "dequantize_int4",
     "quantize_minmax",
 ]
@@ -64,21 +66,46 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.unflatten(-1, (w.shape[-1] // group_size, group_size))
 
 
-def choose_qparams_minmax(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric per-group min/max parameters, computed in float32.
+ZERO_POINT_DOMAINS = ("float", "int", "none")
+
+
+def choose_qparams_minmax(
+    w: torch.Tensor, group_size: int, zero_point_domain: str = "float"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min/max parameters, computed in float32.
+
+    Every scheme is expressed as a ``(scale, minimum)`` pair such that
+    ``u = clamp(round((w - minimum) / scale), 0, 15)`` and ``w ≈ u * scale + minimum``:
+
+    * ``"float"`` (fbgemm's): ``scale = clamp(max - min, 1e-6) / 15``, ``minimum = min``;
+    * ``"int"``: the same scale over a range widened to include 0, ``minimum = -z * scale``
+      with an integer zero point ``z = clamp(round(-min / scale), 0, 15)`` (AWQ/GPTQ/
+      compressed-tensors style, exportable losslessly);
+    * ``"none"`` (symmetric): ``minimum = -8 * scale`` (zero_point 0), with the smallest scale that
+      fits the group in ``[-8, 7]``: ``scale = max(-min / 8, max / 7)``.
 
     Args:
         w: floating ``[..., N, K]``, ``K % group_size == 0``.
 
     Returns:
-        ``(scale, minimum)``, both float32 ``[..., N, K/G]``, with
-        ``scale = clamp(max - min, 1e-6) / 15``.
+        ``(scale, minimum)``, both float32 ``[..., N, K/G]``.
     """
     groups = _grouped(w.to(torch.float32), group_size)
     max_val = groups.amax(dim=-1)
     min_val = groups.amin(dim=-1)
-    scale = (max_val - min_val).clamp(min=1e-6) / 15
-    return scale, min_val
+    if zero_point_domain == "float":
+        scale = (max_val - min_val).clamp(min=1e-6) / 15
+        return scale, min_val
+    if zero_point_domain == "int":
+        max_val, min_val = max_val.clamp(min=0), min_val.clamp(max=0)
+        scale = (max_val - min_val).clamp(min=1e-6) / 15
+        zero = (-min_val / scale).round().clamp(0, 15)
+        return scale, -zero * scale
+    if zero_point_domain == "none":
+        scale = torch.maximum(-min_val / 8, max_val / 7).clamp(min=1e-6)
+        return scale, -8 * scale
+    raise ValueError(f"zero_point_domain must be one of {ZERO_POINT_DOMAINS}, "
+                     f"got {zero_point_domain!r}")
 
 
 def quantize_int4(
@@ -94,22 +121,21 @@ def quantize_int4(
     return (u - 8).to(torch.int8).flatten(-2)
 
 
-def quantize_minmax(
-    w: torch.Tensor, group_size: int, qparams_dtype: torch.dtype | None = None
+def quantize_with_qparams(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    group_size: int,
+    qparams_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fbgemm's ``int4_row_quantize_zp`` + ``pack_int4``, written in torch.
-
-    Args:
-        w: floating ``[..., N, K]``.
-        group_size: ``G``; ``K % G == 0``.
-        qparams_dtype: dtype of the returned scale/zero point (default ``w.dtype``).
+    """Quantize and pack ``w [..., N, K]`` with ``(scale, minimum)`` from a ``choose_qparams_*``.
 
     Returns:
-        ``(qdata, scale, zero_point)``: int8 ``[..., N, K/2]`` and two ``[..., K/G, N]`` tensors,
-        ``zero_point = min + 8 * scale``, so that ``w ≈ q * scale + zero_point``.
+        ``(qdata, scale, zero_point)``: int8 ``[..., N, K/2]`` and two ``[..., K/G, N]`` tensors
+        in ``qparams_dtype`` (default ``w.dtype``), ``zero_point = minimum + 8 * scale``, so that
+        ``w ≈ q * scale + zero_point``.
     """
     qparams_dtype = qparams_dtype or w.dtype
-    scale, minimum = choose_qparams_minmax(w, group_size)
     q = quantize_int4(w, scale, minimum, group_size)
     zero_point = minimum + 8 * scale
     return (
@@ -117,6 +143,21 @@ def quantize_minmax(
         scale.transpose(-1, -2).to(qparams_dtype).contiguous(),
         zero_point.transpose(-1, -2).to(qparams_dtype).contiguous(),
     )
+
+
+def quantize_minmax(
+    w: torch.Tensor,
+    group_size: int,
+    qparams_dtype: torch.dtype | None = None,
+    zero_point_domain: str = "float",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min/max quantization of ``w [..., N, K]``; with the default ``"float"`` zero point this is
+    fbgemm's ``int4_row_quantize_zp`` + ``pack_int4``, bit for bit.
+
+    Returns ``(qdata int8 [..., N, K/2], scale [..., K/G, N], zero_point [..., K/G, N])``.
+    """
+    scale, minimum = choose_qparams_minmax(w, group_size, zero_point_domain)
+    return quantize_with_qparams(w, scale, minimum, group_size, qparams_dtype)
 
 
 def dequantize_int4(

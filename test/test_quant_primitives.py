@@ -86,3 +86,30 @@ def test_reconstruction_error_within_half_a_step(group_size):
     deq = dequantize_int4(qdata, scale, zero_point, group_size, torch.float32)
     step = scale.t().repeat_interleave(group_size, dim=1)
     assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+
+
+class TestZeroPointDomains:
+    def test_int_domain_has_integer_zero_points(self):
+        w = torch.randn(32, 256)
+        qdata, scale, zero_point = quantize_minmax(w, 64, zero_point_domain="int")
+        z = 8 - zero_point / scale  # zero_point = (8 - z) * scale
+        assert torch.allclose(z, z.round(), atol=1e-4)
+        assert ((z.round() >= 0) & (z.round() <= 15)).all()
+        deq = dequantize_int4(qdata, scale, zero_point, 64, torch.float32)
+        assert (deq - w).abs().max() <= scale.max() / 2 + 1e-5
+
+    def test_none_domain_is_symmetric(self):
+        w = torch.randn(32, 256)
+        qdata, scale, zero_point = quantize_minmax(w, 64, zero_point_domain="none")
+        assert torch.equal(zero_point, torch.zeros_like(zero_point))
+        deq = dequantize_int4(qdata, scale, zero_point, 64, torch.float32)
+        assert (deq - w).abs().max() <= scale.max() / 2 + 1e-5
+
+    def test_all_positive_group_int_domain_keeps_zero_representable(self):
+        w = torch.rand(4, 64) + 1.0  # min > 0: the range is widened down to 0, z = 0
+        _, scale, zero_point = quantize_minmax(w, 64, zero_point_domain="int")
+        assert torch.allclose(zero_point, 8 * scale)
+
+    def test_unknown_domain(self):
+        with pytest.raises(ValueError, match="zero_point_domain"):
+            quantize_minmax(torch.randn(4, 64), 64, zero_point_domain="uint")

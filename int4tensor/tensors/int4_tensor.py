@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from int4tensor import kernels
-from int4tensor.quant_primitives import SUPPORTED_GROUP_SIZES, dequantize_int4, quantize_minmax
+from int4tensor.algorithms import choose_qparams
+from int4tensor.quant_primitives import (
+    SUPPORTED_GROUP_SIZES,
+    dequantize_int4,
+    quantize_with_qparams,
+)
 from int4tensor.tensors.base import Int4BaseTensor
 
 aten = torch.ops.aten
@@ -50,16 +55,29 @@ class Int4Tensor(Int4BaseTensor):
         return self.block_size[-1]
 
     @classmethod
-    def from_hp(cls, weight: torch.Tensor, block_size) -> "Int4Tensor":
-        """Quantize a high-precision weight with fbgemm's group-wise min/max scheme.
+    def from_hp(
+        cls,
+        weight: torch.Tensor,
+        block_size,
+        *,
+        algorithm: str = "minmax",
+        zero_point_domain: str = "float",
+    ) -> "Int4Tensor":
+        """Quantize a high-precision weight group-wise.
 
         Args:
             weight: bf16/fp16/fp32 ``[N, K]`` or ``[E, N, K]``, finite.
             block_size: ``(1, G)`` or ``(1, 1, G)`` with ``G`` in ``SUPPORTED_GROUP_SIZES``.
+            algorithm: how scale/zero are chosen (:data:`int4tensor.algorithms.QPARAMS_ALGORITHMS`);
+                the default ``"minmax"`` with ``zero_point_domain="float"`` is fbgemm's
+                ``int4_row_quantize_zp``, bit for bit.
+            zero_point_domain: ``"float"``, ``"int"`` (integer zero points) or ``"none"``
+                (symmetric).
         """
         group_size = _check_block_size(weight, block_size)
         _check_weight(weight, group_size)
-        qdata, scale, zero_point = quantize_minmax(weight, group_size)
+        scale, minimum = choose_qparams(weight, group_size, algorithm, zero_point_domain)
+        qdata, scale, zero_point = quantize_with_qparams(weight, scale, minimum, group_size)
         return cls(qdata, scale, zero_point, tuple(block_size), weight.shape)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
