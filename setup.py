@@ -8,9 +8,10 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["int4tensor", "int4tensor.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "safetensors>=0.4"],
+    install_requires=["torch>=2.6", "safetensors>=0.4", "tqdm"],
     extras_require={
         "test": ["pytest>=7", "expecttest", "hypothesis"],
         "gpu": ["fbgemm-gpu-genai"],
     },
+    entry_points={"console_scripts": ["int4tensor=int4tensor.cli:main"]},
 )

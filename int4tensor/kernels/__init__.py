@@ -23,7 +23,12 @@ def linear_backend(x: torch.Tensor, weight) -> str:
 
 
 def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x [*, K] @ W.T + bias -> [*, N]`` for an ``Int4Tensor`` ``W [N, K]``."""
+    """``x [*, K] @ W.T + bias -> [*, N]`` for an ``Int4Tensor`` ``W [N, K]``.
+
+    Backends see the int4 part only: an ``act_pre_scale`` is applied to ``x`` here, once.
+    """
+    if weight.act_pre_scale is not None:
+        x = x * weight.act_pre_scale.to(x.dtype)
     if linear_backend(x, weight) == "fbgemm":
         return fbgemm.linear(x, weight, bias)
     return reference.linear(x, weight, bias)

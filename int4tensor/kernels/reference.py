@@ -11,5 +11,5 @@ import torch.nn.functional as F
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, W.dequantize(x.dtype), bias)``; ``x [*, K]`` -> ``[*, N]``."""
-    return F.linear(x, weight.dequantize(x.dtype), bias)
+    """``F.linear(x, q * scale + zero_point, bias)`` in ``x.dtype``; ``x [*, K]`` -> ``[*, N]``."""
+    return F.linear(x, weight.dequantize_int4_only(x.dtype), bias)

@@ -29,6 +29,7 @@ class Int4BaseTensor(torch.Tensor):
     """Base class: a wrapper tensor whose logical value is computed from inner tensors."""
 
     tensor_data_names: ClassVar[tuple[str, ...]] = ()
+    optional_tensor_data_names: ClassVar[tuple[str, ...]] = ()  # may be None
     tensor_attribute_names: ClassVar[tuple[str, ...]] = ()
 
     # ---- op tables -------------------------------------------------------------------------
@@ -85,29 +86,36 @@ class Int4BaseTensor(torch.Tensor):
         )
 
     # ---- fields ----------------------------------------------------------------------------
-    def _fields(self) -> tuple[list[torch.Tensor], list[Any]]:
-        return (
-            [getattr(self, name) for name in self.tensor_data_names],
-            [getattr(self, name) for name in self.tensor_attribute_names],
-        )
+    # Constructors take ``cls(*tensor_data, *attributes, **optional_tensor_data)``.
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Inner tensors by name, required first, absent optional ones left out."""
+        names = self.tensor_data_names + self.optional_tensor_data_names
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def _attributes(self) -> list[Any]:
+        return [getattr(self, name) for name in self.tensor_attribute_names]
+
+    @classmethod
+    def _build(cls, tensors: dict[str, torch.Tensor], attributes: list[Any]) -> "Int4BaseTensor":
+        optional = {n: tensors.get(n) for n in cls.optional_tensor_data_names}
+        return cls(*[tensors[n] for n in cls.tensor_data_names], *attributes, **optional)
 
     def _with_data(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int4BaseTensor":
         """A new tensor of the same class and metadata with ``fn`` applied to each inner tensor."""
-        data, attrs = self._fields()
-        return type(self)(*[fn(t) for t in data], *attrs)
+        return self._build({n: fn(t) for n, t in self._tensors().items()}, self._attributes())
 
     def __tensor_flatten__(self):
-        return list(self.tensor_data_names), self._fields()[1]
+        return list(self._tensors()), self._attributes()
 
     @classmethod
     def __tensor_unflatten__(cls, inner_tensors, attributes, outer_size, outer_stride):
-        return cls(*[inner_tensors[name] for name in cls.tensor_data_names], *attributes)
+        return cls._build(inner_tensors, attributes)
 
     def _stable_hash_for_caching(self) -> str:
         """Metadata key for torch.compile's AOT autograd cache (values are not part of it)."""
-        data, attrs = self._fields()
-        inner = [(str(t.dtype), tuple(t.shape), t.stride(), t.device.type) for t in data]
-        key = repr((type(self).__qualname__, tuple(self.shape), attrs, inner))
+        inner = [(n, str(t.dtype), tuple(t.shape), t.stride(), t.device.type)
+                 for n, t in self._tensors().items()]
+        key = repr((type(self).__qualname__, tuple(self.shape), self._attributes(), inner))
         return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
     def __repr__(self) -> str:
@@ -116,10 +124,10 @@ class Int4BaseTensor(torch.Tensor):
                 return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
             return repr(list(t)) if isinstance(t, tuple) else repr(t)
 
-        data, attrs = self._fields()
-        parts = [f"{n}={describe(v)}" for n, v in zip(self.tensor_attribute_names, attrs)]
+        parts = [f"{n}={describe(v)}"
+                 for n, v in zip(self.tensor_attribute_names, self._attributes())]
         parts.append(f"dtype={self.dtype}, device={self.device.type}")
-        parts += [f"{n}={describe(v)}" for n, v in zip(self.tensor_data_names, data)]
+        parts += [f"{n}={describe(v)}" for n, v in self._tensors().items()]
         return f"{type(self).__name__}({', '.join(parts)})"
 
     def _mismatch(self, other: "Int4BaseTensor") -> str | None:
@@ -131,8 +139,11 @@ class Int4BaseTensor(torch.Tensor):
         for name in self.tensor_attribute_names:
             if getattr(self, name) != getattr(other, name):
                 return f"{name} {getattr(other, name)} != {getattr(self, name)}"
-        for name in self.tensor_data_names:
-            a, b = getattr(self, name), getattr(other, name)
+        mine, theirs = self._tensors(), other._tensors()
+        if mine.keys() != theirs.keys():
+            return f"inner tensors {list(theirs)} != {list(mine)}"
+        for name, a in mine.items():
+            b = theirs[name]
             if a.dtype != b.dtype or a.shape != b.shape:
                 return (
                     f"{name} {b.dtype}{list(b.shape)} != {a.dtype}{list(a.shape)}"
@@ -163,9 +174,11 @@ def _(func, args, kwargs):
 def _(func, args, kwargs):
     """``Tensor.to`` semantics: ``self`` when nothing changes, else a converted copy."""
     self = args[0]
+    kwargs = dict(kwargs)
+    copy = kwargs.pop("copy", False)
     device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
     same_device = device is None or torch.device(device) == self.device
-    if same_device and (dtype is None or dtype == self.dtype) and not kwargs.get("copy"):
+    if same_device and (dtype is None or dtype == self.dtype) and not copy:
         return self
     return _to_copy(self, device=device, dtype=dtype, non_blocking=non_blocking)
 
@@ -184,8 +197,8 @@ def _to_copy(self, device=None, dtype=None, non_blocking=False, **_):
         )
 
     def move(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device=device, non_blocking=non_blocking)
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        new_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        return t.to(device=device, dtype=new_dtype, non_blocking=non_blocking, copy=True)
 
     return self._with_data(move)
 
@@ -199,8 +212,8 @@ def _(func, args, kwargs):
     problem = dst._mismatch(src)
     if problem is not None:
         raise ValueError(f"copy_ into {type(dst).__name__}: source differs, {problem}")
-    for name in dst.tensor_data_names:
-        getattr(dst, name).copy_(getattr(src, name))
+    for name, t in dst._tensors().items():
+        t.copy_(getattr(src, name))
     return dst
 
 

@@ -29,24 +29,29 @@ class Int4Tensor(Int4BaseTensor):
         zero_point: ``[..., K/G, N]`` in the weight's dtype.
         block_size: ``(1, G)`` for a 2D weight, ``(1, 1, G)`` for a 3D one.
         shape: the logical shape ``(..., N, K)``.
+        act_pre_scale: optional ``[..., K]`` per-input-channel factor (AWQ-style activation
+            scaling): ``linear`` multiplies the activation by it before the int4 matmul.
 
-    The tensor stands for ``W[..., n, k] = q[..., n, k] * scale[..., k // G, n]
-    + zero_point[..., k // G, n]``; its ``dtype`` is the scale's dtype.
+    The tensor stands for ``W[..., n, k] = (q[..., n, k] * scale[..., k // G, n]
+    + zero_point[..., k // G, n]) * act_pre_scale[..., k]`` (the last factor only when set);
+    its ``dtype`` is the scale's dtype.
     """
 
     tensor_data_names = ("qdata", "scale", "zero_point")
+    optional_tensor_data_names = ("act_pre_scale",)
     tensor_attribute_names = ("block_size", "shape")
 
     @staticmethod
-    def __new__(cls, qdata, scale, zero_point, block_size, shape):
+    def __new__(cls, qdata, scale, zero_point, block_size, shape, act_pre_scale=None):
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=scale.dtype, device=qdata.device, requires_grad=False
         )
 
-    def __init__(self, qdata, scale, zero_point, block_size, shape):
+    def __init__(self, qdata, scale, zero_point, block_size, shape, act_pre_scale=None):
         self.qdata = qdata
         self.scale = scale
         self.zero_point = zero_point
+        self.act_pre_scale = act_pre_scale
         self.block_size = tuple(int(b) for b in block_size)
         # ``shape`` is not stored: the wrapper already carries it (and pickles it).
 
@@ -81,11 +86,17 @@ class Int4Tensor(Int4BaseTensor):
         return cls(qdata, scale, zero_point, tuple(block_size), weight.shape)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight ``q * scale + zero_point``, ``[..., N, K]`` in ``dtype``
-        (default: this tensor's dtype)."""
-        return dequantize_int4(
-            self.qdata, self.scale, self.zero_point, self.group_size, dtype or self.dtype
-        )
+        """The dense weight ``(q * scale + zero_point) * act_pre_scale``, ``[..., N, K]`` in
+        ``dtype`` (default: this tensor's dtype)."""
+        dtype = dtype or self.dtype
+        if self.act_pre_scale is None:
+            return self.dequantize_int4_only(dtype)
+        w = self.dequantize_int4_only(torch.float32) * self.act_pre_scale.float().unsqueeze(-2)
+        return w.to(dtype)
+
+    def dequantize_int4_only(self, dtype: torch.dtype) -> torch.Tensor:
+        """``q * scale + zero_point`` without ``act_pre_scale``, ``[..., N, K]`` in ``dtype``."""
+        return dequantize_int4(self.qdata, self.scale, self.zero_point, self.group_size, dtype)
 
     def _quantize_like(self, dense: torch.Tensor) -> "Int4Tensor":
         """Quantize a dense tensor with this tensor's block size and scale dtype (``copy_``)."""

@@ -206,3 +206,39 @@ class TestCompile:
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True)(x)
         assert torch.equal(eager, compiled)
+
+
+class TestActPreScale:
+    def make(self):
+        w, t = make()
+        pre = torch.rand(512, dtype=torch.bfloat16) + 0.5
+        return w, Int4Tensor(t.qdata, t.scale, t.zero_point, t.block_size, t.shape, pre), pre
+
+    def test_linear_and_dequantize_include_the_pre_scale(self):
+        w, t, pre = self.make()
+        x = torch.randn(4, 512, dtype=torch.bfloat16)
+        expected = (x.double() * pre.double()) @ t.dequantize_int4_only(torch.float64).t()
+        assert sqnr(expected, F.linear(x, t)) > 40
+        assert sqnr(t.dequantize_int4_only(torch.float32) * pre.float(), t.dequantize()) > 40
+
+    def test_carried_by_clone_to_copy_and_save(self):
+        import io
+
+        _, t, pre = self.make()
+        for out in (t.clone(), t.to("cpu", copy=True), t.detach()):
+            assert torch.equal(out.act_pre_scale, pre)
+        assert t.to("cpu", copy=True).qdata.data_ptr() != t.qdata.data_ptr()
+        buf = io.BytesIO()
+        torch.save(t, buf)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=True).act_pre_scale, pre)
+        plain = make()[1]
+        with pytest.raises(ValueError, match="inner tensors"):
+            plain.copy_(t)
+        assert "act_pre_scale=bfloat16[512]" in repr(t)
+
+    def test_compile(self):
+        _, t, _ = self.make()
+        x = torch.randn(4, 512, dtype=torch.bfloat16)
+        fn = torch.compile(lambda x, w: F.linear(x, w), fullgraph=True)
+        assert torch.equal(fn(x, t), F.linear(x, t))
