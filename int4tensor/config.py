@@ -25,6 +25,10 @@ class Int4WeightOnlyConfig:
             :data:`int4tensor.algorithms.QPARAMS_ALGORITHMS` (default ``"minmax"``, fbgemm's).
         zero_point_domain: ``"float"`` (fbgemm's, default), ``"int"`` (integer zero points,
             exportable losslessly to AWQ/GPTQ/compressed-tensors) or ``"none"`` (symmetric).
+        k_dim: which dim of the weight is K, the input features that are reduced over:
+            ``-1`` for ``F.linear`` weights ``[N, K]`` and Mixtral-style ``[E, N, K]``; ``-2``
+            for weights used as ``torch.bmm(x, w)`` with ``w [E, K, N]`` (Llama4-style
+            experts), which become transposed Int4Tensors of the same logical shape.
     """
 
     group_size: int = 128
@@ -32,6 +36,7 @@ class Int4WeightOnlyConfig:
     int4_packing_format: str = "plain"
     int4_choose_qparams_algorithm: str = "minmax"
     zero_point_domain: str = "float"
+    k_dim: int = -1
 
     def __post_init__(self):
         if self.version == 1:
@@ -52,6 +57,8 @@ class Int4WeightOnlyConfig:
                 f"Int4WeightOnlyConfig: int4_packing_format must be one of {_PACKING_FORMATS}, "
                 f"got {self.int4_packing_format!r}"
             )
+        if self.k_dim not in (-1, -2):
+            raise ValueError(f"Int4WeightOnlyConfig: k_dim must be -1 or -2, got {self.k_dim!r}")
         from int4tensor.algorithms import QPARAMS_ALGORITHMS
         from int4tensor.quant_primitives import ZERO_POINT_DOMAINS
 
@@ -70,18 +77,21 @@ class Int4WeightOnlyConfig:
         """None if ``weight`` can be quantized with this config, else the reason it cannot."""
         if weight.ndim not in (2, 3):
             return f"it is {weight.ndim}D (Int4Tensor holds 2D or 3D weights)"
-        if weight.shape[-1] % self.group_size:
-            return f"K = {weight.shape[-1]} is not a multiple of group_size {self.group_size}"
+        if weight.shape[self.k_dim] % self.group_size:
+            return (f"K = {weight.shape[self.k_dim]} (dim {self.k_dim}) is not a multiple of "
+                    f"group_size {self.group_size}")
         return None
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The quantized tensor for a high-precision ``weight [..., N, K]``."""
         from int4tensor.tensors import Int4Tensor
 
+        stored = weight.transpose(-1, -2) if self.k_dim == -2 else weight
         block_size = (1,) * (weight.ndim - 1) + (self.group_size,)
-        return Int4Tensor.from_hp(
-            weight,
+        tensor = Int4Tensor.from_hp(
+            stored,
             block_size,
             algorithm=self.int4_choose_qparams_algorithm,
             zero_point_domain=self.zero_point_domain,
         )
+        return tensor.transpose(-1, -2) if self.k_dim == -2 else tensor

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import warnings
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from int4tensor.tensors import Int4BaseTensor
 
-__all__ = ["quantize_"]
+__all__ = ["quantize_", "replace_parameter"]
 
 
 def _is_linear(module: nn.Module, fqn: str) -> bool:
@@ -22,29 +23,70 @@ def quantize_(
     config,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> nn.Module:
-    """Quantize the ``weight`` of every module that ``filter_fn(module, fqn)`` selects.
+    """Quantize a model's weights in place.
 
-    By default every ``nn.Linear``. Each weight is replaced in place by
-    ``nn.Parameter(config.quantize_weight(weight), requires_grad=False)``; attributes that
-    loaders attached to the old Parameter object (``weight_loader``, ``input_dim``, ...) are
-    kept. A weight the config cannot take (e.g. K not a multiple of the group size) stays in
-    high precision with a warning naming the layer. Works on the meta device. Returns ``model``.
+    Two ways to choose what is quantized:
+
+    * ``quantize_(model, config, filter_fn=None)``: the ``weight`` of every module that
+      ``filter_fn(module, fqn)`` selects; by default every ``nn.Linear``.
+    * ``quantize_(model, {pattern: config_or_None, ...})``: any parameter, by its fully
+      qualified name (``"layers.0.experts.w1"``). A pattern is an exact name, or a regular
+      expression prefixed with ``"re:"`` that must match the whole name
+      (``"re:.*experts\\.w[13]"``). The first matching pattern wins; ``None`` leaves the
+      parameter alone. This is how 3D expert weights (``[E, N, K]``, or ``[E, K, N]`` with
+      ``Int4WeightOnlyConfig(k_dim=-2)``) are targeted.
+
+    Each chosen parameter is replaced by ``nn.Parameter(config.quantize_weight(p),
+    requires_grad=False)``; attributes that loaders attached to the old Parameter object
+    (``weight_loader``, ``input_dim``, ...) are kept. A weight the config cannot take (e.g. K
+    not a multiple of the group size) stays in high precision with a warning naming it.
+    Works on the meta device. Returns ``model``.
     """
-    filter_fn = filter_fn or _is_linear
-    for fqn, module in list(model.named_modules()):
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or not filter_fn(module, fqn):
-            continue
-        if isinstance(weight, Int4BaseTensor):
+    if isinstance(config, Mapping):
+        if filter_fn is not None:
+            raise ValueError("quantize_: filter_fn cannot be combined with a name -> config map")
+        targets = _targets_by_name(model, config)
+    else:
+        filter_fn = filter_fn or _is_linear
+        targets = [
+            (fqn, module, "weight", config)
+            for fqn, module in model.named_modules()
+            if isinstance(getattr(module, "weight", None), torch.Tensor) and filter_fn(module, fqn)
+        ]
+    for fqn, module, name, cfg in targets:
+        param = getattr(module, name)
+        if isinstance(param, Int4BaseTensor):
             continue  # already quantized
-        reason = config.can_quantize(weight)
+        reason = cfg.can_quantize(param)
+        label = f"{fqn}.{name}" if fqn else name
         if reason is not None:
-            warnings.warn(f"quantize_: left {fqn or type(module).__name__}.weight "
-                          f"in {weight.dtype}: {reason}", stacklevel=2)
+            warnings.warn(f"quantize_: left {label} in {param.dtype}: {reason}", stacklevel=2)
             continue
         with torch.no_grad():
-            replace_parameter(module, "weight", config.quantize_weight(weight))
+            replace_parameter(module, name, cfg.quantize_weight(param))
     return model
+
+
+def _targets_by_name(model: nn.Module, config_map: Mapping):
+    patterns = [
+        (re.compile(key[3:]) if key.startswith("re:") else None, key, cfg)
+        for key, cfg in config_map.items()
+    ]
+    matched = set()
+    targets = []
+    for fqn, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{fqn}.{name}" if fqn else name
+            for regex, key, cfg in patterns:
+                if (regex.fullmatch(full) if regex else key == full):
+                    matched.add(key)
+                    if cfg is not None:
+                        targets.append((fqn, module, name, cfg))
+                    break
+    unmatched = [key for _, key, _ in patterns if key not in matched]
+    if unmatched:
+        raise ValueError(f"quantize_: no parameter matches {unmatched}")
+    return targets
 
 
 def replace_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> nn.Parameter:

@@ -12,7 +12,7 @@ import torch
 
 from int4tensor.kernels import fbgemm, reference
 
-__all__ = ["int4_linear", "linear_backend"]
+__all__ = ["int4_bmm", "int4_linear", "linear_backend"]
 
 
 def linear_backend(x: torch.Tensor, weight) -> str:
@@ -32,3 +32,10 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
     if linear_backend(x, weight) == "fbgemm":
         return fbgemm.linear(x, weight, bias)
     return reference.linear(x, weight, bias)
+
+
+def int4_bmm(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T -> [B, M, N]`` for a stored (not transposed) ``W [B, N, K]``."""
+    if weight.act_pre_scale is not None:
+        x = x * weight.act_pre_scale.to(x.dtype).unsqueeze(-2)
+    return reference.bmm(x, weight)

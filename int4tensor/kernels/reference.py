@@ -12,4 +12,9 @@ import torch.nn.functional as F
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, q * scale + zero_point, bias)`` in ``x.dtype``; ``x [*, K]`` -> ``[*, N]``."""
-    return F.linear(x, weight.dequantize_int4_only(x.dtype), bias)
+    return F.linear(x, weight.dequantize_stored(x.dtype), bias)
+
+
+def bmm(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T`` per batch for a stored ``W [B, N, K]`` -> ``[B, M, N]``."""
+    return torch.bmm(x, weight.dequantize_stored(x.dtype).transpose(-1, -2))

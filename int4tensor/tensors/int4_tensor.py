@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from int4tensor import kernels
 from int4tensor.algorithms import choose_qparams
@@ -27,14 +30,16 @@ class Int4Tensor(Int4BaseTensor):
             in the low nibble, ``2i+1`` in the high nibble (fbgemm's ``pack_int4``).
         scale: ``[..., K/G, N]`` in the weight's dtype.
         zero_point: ``[..., K/G, N]`` in the weight's dtype.
-        block_size: ``(1, G)`` for a 2D weight, ``(1, 1, G)`` for a 3D one.
-        shape: the logical shape ``(..., N, K)``.
+        block_size: the shape of one quantization group in the *logical* tensor: ``(1, G)`` for
+            a 2D weight, ``(1, 1, G)`` for a 3D one; after a transpose of the last two dims
+            (a view, no data moves) ``(G, 1)`` / ``(1, G, 1)``.
+        shape: the logical shape, ``(..., N, K)``, or ``(..., K, N)`` when transposed.
         act_pre_scale: optional ``[..., K]`` per-input-channel factor (AWQ-style activation
             scaling): ``linear`` multiplies the activation by it before the int4 matmul.
 
-    The tensor stands for ``W[..., n, k] = (q[..., n, k] * scale[..., k // G, n]
+    The stored weight is ``W[..., n, k] = (q[..., n, k] * scale[..., k // G, n]
     + zero_point[..., k // G, n]) * act_pre_scale[..., k]`` (the last factor only when set);
-    its ``dtype`` is the scale's dtype.
+    a transposed tensor stands for ``W.transpose(-1, -2)``. Its ``dtype`` is the scale's dtype.
     """
 
     tensor_data_names = ("qdata", "scale", "zero_point")
@@ -57,7 +62,12 @@ class Int4Tensor(Int4BaseTensor):
 
     @property
     def group_size(self) -> int:
-        return self.block_size[-1]
+        return max(self.block_size)
+
+    @property
+    def is_transposed(self) -> bool:
+        """True when the logical last two dims are ``(K, N)`` (a transposed view)."""
+        return self.block_size[-2] != 1
 
     @classmethod
     def from_hp(
@@ -68,7 +78,7 @@ class Int4Tensor(Int4BaseTensor):
         algorithm: str = "minmax",
         zero_point_domain: str = "float",
     ) -> "Int4Tensor":
-        """Quantize a high-precision weight group-wise.
+        """Quantize a high-precision weight group-wise along its last dim.
 
         Args:
             weight: bf16/fp16/fp32 ``[N, K]`` or ``[E, N, K]``, finite.
@@ -86,25 +96,33 @@ class Int4Tensor(Int4BaseTensor):
         return cls(qdata, scale, zero_point, tuple(block_size), weight.shape)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight ``(q * scale + zero_point) * act_pre_scale``, ``[..., N, K]`` in
-        ``dtype`` (default: this tensor's dtype)."""
-        dtype = dtype or self.dtype
-        if self.act_pre_scale is None:
-            return self.dequantize_int4_only(dtype)
-        w = self.dequantize_int4_only(torch.float32) * self.act_pre_scale.float().unsqueeze(-2)
-        return w.to(dtype)
+        """The dense tensor this one stands for, in its logical shape, in ``dtype`` (default:
+        this tensor's dtype)."""
+        w = self.dequantize_stored(dtype or self.dtype, with_pre_scale=True)
+        return w.transpose(-1, -2) if self.is_transposed else w
 
-    def dequantize_int4_only(self, dtype: torch.dtype) -> torch.Tensor:
-        """``q * scale + zero_point`` without ``act_pre_scale``, ``[..., N, K]`` in ``dtype``."""
-        return dequantize_int4(self.qdata, self.scale, self.zero_point, self.group_size, dtype)
+    def dequantize_stored(self, dtype: torch.dtype, with_pre_scale: bool = False) -> torch.Tensor:
+        """The stored weight ``q * scale + zero_point`` as ``[..., N, K]`` (never transposed),
+        times ``act_pre_scale`` if ``with_pre_scale``; computed in float32, cast to ``dtype``."""
+        if not with_pre_scale or self.act_pre_scale is None:
+            return dequantize_int4(self.qdata, self.scale, self.zero_point, self.group_size, dtype)
+        w = dequantize_int4(self.qdata, self.scale, self.zero_point, self.group_size,
+                            torch.float32)
+        return (w * self.act_pre_scale.float().unsqueeze(-2)).to(dtype)
 
     def _quantize_like(self, dense: torch.Tensor) -> "Int4Tensor":
-        """Quantize a dense tensor with this tensor's block size and scale dtype (``copy_``)."""
+        """Quantize a dense tensor with this tensor's layout and scale dtype (``copy_``)."""
         if tuple(dense.shape) != tuple(self.shape):
             raise ValueError(
                 f"copy_ into Int4Tensor: source shape {list(dense.shape)} != {list(self.shape)}"
             )
-        return Int4Tensor.from_hp(dense.to(self.dtype), self.block_size)
+        if self.act_pre_scale is not None:
+            raise ValueError("copy_ of a dense tensor into an Int4Tensor with act_pre_scale is "
+                             "ambiguous; quantize the source with the same pre-scale first")
+        stored = dense.transpose(-1, -2) if self.is_transposed else dense
+        block = (1,) * (self.ndim - 1) + (self.group_size,)
+        out = Int4Tensor.from_hp(stored.to(self.dtype), block)
+        return _transposed(out) if self.is_transposed else out
 
 
 def _check_block_size(weight: torch.Tensor, block_size) -> int:
@@ -142,6 +160,284 @@ def _check_weight(weight: torch.Tensor, group_size: int) -> None:
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+# ---- logical dims -> inner tensor dims -----------------------------------------------------
+# Every data-movement op below is written once, in terms of the role of the logical dim it
+# touches: "batch" (the expert dim of a 3D weight), "n" (output features) or "k" (input
+# features, the packed and grouped dim). _field_dims says where that dim lives in each inner
+# tensor and in which unit (2 values per qdata byte, G values per scale entry).
+
+
+def _normalize_dim(dim: int, ndim: int) -> int:
+    if not -ndim <= dim < ndim:
+        raise IndexError(f"dim {dim} out of range for an Int4Tensor with {ndim} dims")
+    return dim % ndim
+
+
+def _role(t: Int4Tensor, dim: int) -> str:
+    if dim < t.ndim - 2:
+        return "batch"
+    return "k" if (dim == t.ndim - 1) != t.is_transposed else "n"
+
+
+def _field_dims(t: Int4Tensor, dim: int) -> dict[str, tuple[int, int]]:
+    """``{field: (inner dim, logical elements per inner element)}`` for logical ``dim``.
+    A field left out (act_pre_scale along N) is shared by every part unchanged."""
+    role = _role(t, dim)
+    if role == "batch":
+        return {name: (dim, 1) for name in t._tensors()}
+    if role == "n":
+        return {"qdata": (-2, 1), "scale": (-1, 1), "zero_point": (-1, 1)}
+    dims = {"qdata": (-1, 2), "scale": (-2, t.group_size), "zero_point": (-2, t.group_size)}
+    if t.act_pre_scale is not None:
+        dims["act_pre_scale"] = (-1, 1)
+    return dims
+
+
+def _replace(t: Int4Tensor, shape, block_size=None, **tensors) -> Int4Tensor:
+    fields = {**t._tensors(), **tensors}
+    return Int4Tensor._build(fields, [tuple(block_size or t.block_size), tuple(shape)])
+
+
+def _transposed(t: Int4Tensor) -> Int4Tensor:
+    """Swap the logical last two dims: same inner tensors, block_size and shape swapped."""
+    bs, shape = t.block_size, tuple(t.shape)
+    return _replace(t, (*shape[:-2], shape[-1], shape[-2]), (*bs[:-2], bs[-1], bs[-2]))
+
+
+def _slice(t: Int4Tensor, dim: int, start: int, end: int, step: int = 1) -> Int4Tensor:
+    """``t`` sliced along logical ``dim``; views of the inner tensors (aliasing ``t``)."""
+    size = t.shape[dim]
+    start = min(max(start + size if start < 0 else start, 0), size)
+    end = min(max(end + size if end < 0 else end, start), size)
+    role = _role(t, dim)
+    if step != 1 and role == "k":
+        raise ValueError(f"Int4Tensor cannot be sliced with step {step} along K (dim {dim}): "
+                         "K is packed and grouped")
+    if role == "k" and (start % t.group_size or end % t.group_size):
+        raise ValueError(
+            f"Int4Tensor slice [{start}:{end}] along K (dim {dim}) must start and end on group "
+            f"boundaries (multiples of the group size {t.group_size}); otherwise the scales "
+            "would not line up")
+    fields = {name: aten.slice.Tensor(getattr(t, name), idim, start // unit, end // unit, step)
+              for name, (idim, unit) in _field_dims(t, dim).items()}
+    shape = list(t.shape)
+    shape[dim] = len(range(start, end, step))
+    return _replace(t, shape, **fields)
+
+
+def _batch_only(t: Int4Tensor, dim: int, op: str) -> None:
+    if _role(t, dim) != "batch":
+        raise NotImplementedError(
+            f"Int4Tensor supports {op} only along the expert dim of a 3D weight, got dim {dim} "
+            f"of shape {list(t.shape)} (dequantize() first for a dense tensor)")
+
+
+def _reshape(t: Int4Tensor, shape) -> Int4Tensor:
+    """View/reshape that keeps the packed K dim: ``[E*N, K] <-> [E, N, K]``, ``[N, K] <->
+    [1, N, K]``. Inner tensors are views when the strides allow it, else copies."""
+    shape = list(shape)
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        shape[shape.index(-1)] = t.numel() // max(known, 1)
+    if shape == list(t.shape):
+        return _replace(t, shape)
+    if math.prod(shape) != t.numel() or len(shape) not in (2, 3):
+        raise ValueError(f"cannot view Int4Tensor of shape {list(t.shape)} as {shape}")
+    if t.is_transposed:
+        if shape[-2:] != list(t.shape[-2:]):
+            raise NotImplementedError(
+                f"a transposed Int4Tensor {list(t.shape)} can only gain or lose a leading dim "
+                f"of size 1, not become {shape}")
+        return _transposed(_reshape(_transposed(t), [*shape[:-2], shape[-1], shape[-2]]))
+    k, g = t.shape[-1], t.group_size
+    if shape[-1] != k:
+        raise NotImplementedError(
+            f"Int4Tensor views must keep the packed last dim K = {k}: {list(t.shape)} -> {shape}")
+    if t.act_pre_scale is not None and t.act_pre_scale.ndim != 1 or (
+            t.act_pre_scale is not None and len(shape) == 3 and shape[0] != 1):
+        raise NotImplementedError("reshaping an Int4Tensor with a per-expert act_pre_scale")
+    rows = t.numel() // k
+    # to rows: qdata [R, K/2], scale [K/G, R]
+    qdata = t.qdata.reshape(rows, k // 2)
+    scale, zero = (x.transpose(0, 1) if x.ndim == 3 else x for x in (t.scale, t.zero_point))
+    scale, zero = (x.reshape(k // g, rows) for x in (scale, zero))
+    if len(shape) == 3:
+        e, n = shape[0], shape[1]
+        qdata = qdata.reshape(e, n, k // 2)
+        scale, zero = (x.reshape(k // g, e, n).transpose(0, 1) for x in (scale, zero))
+    block = (1,) * (len(shape) - 1) + (g,)
+    return _replace(t, shape, block, qdata=qdata, scale=scale, zero_point=zero)
+
+
+# ---- data movement ops ---------------------------------------------------------------------
+def _view_op(func, args, kwargs, out):
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+@Int4Tensor.implements([aten.slice.Tensor])
+def _(func, args, kwargs):
+    t, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
+    dim = _normalize_dim(dim, t.ndim)
+    start = 0 if start is None else start
+    end = t.shape[dim] if end is None else end
+    return _view_op(func, args, kwargs, _slice(t, dim, start, end, step))
+
+
+@Int4Tensor.implements([aten.split.Tensor, aten.split_with_sizes.default])
+def _(func, args, kwargs):
+    t, sizes, dim = (list(args) + [0][len(args) - 2:])[:3]
+    dim = _normalize_dim(kwargs.get("dim", dim), t.ndim)
+    if isinstance(sizes, int):
+        sizes = [min(sizes, t.shape[dim] - s) for s in range(0, t.shape[dim], sizes)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [_slice(t, dim, s, s + n) for s, n in zip(starts, sizes)]
+
+
+@Int4Tensor.implements([aten.select.int])
+def _(func, args, kwargs):
+    t, dim, index = args
+    dim = _normalize_dim(dim, t.ndim)
+    _batch_only(t, dim, "select")
+    fields = {name: x.select(dim, index) for name, x in t._tensors().items()}
+    shape = [s for i, s in enumerate(t.shape) if i != dim]
+    block = [b for i, b in enumerate(t.block_size) if i != dim]
+    return _view_op(func, args, kwargs, _replace(t, shape, block, **fields))
+
+
+@Int4Tensor.implements([aten.unbind.int])
+def _(func, args, kwargs):
+    t, dim = (list(args) + [0])[:2]
+    return [t.select(dim, i) for i in range(t.shape[dim])]
+
+
+@Int4Tensor.implements([aten.index.Tensor])
+def _(func, args, kwargs):
+    """``w[idx]`` on the expert dim of a 3D weight (integer or boolean index tensor)."""
+    t, indices = args
+    if t.ndim != 3 or len(indices) != 1 or indices[0] is None:
+        raise NotImplementedError("Int4Tensor supports tensor indexing only of the expert dim "
+                                  f"of a 3D weight (w[idx]); got shape {list(t.shape)}")
+    fields = {name: x[indices[0]] for name, x in t._tensors().items()}
+    return _replace(t, (fields["qdata"].shape[0], *t.shape[1:]), **fields)
+
+
+@Int4Tensor.implements([aten.cat.default])
+def _(func, args, kwargs):
+    tensors, dim = (list(args) + [0])[:2]
+    tensors = [x for x in tensors]
+    first = tensors[0]
+    if not all(isinstance(x, Int4Tensor) for x in tensors):
+        raise NotImplementedError("cat of an Int4Tensor with a dense tensor: quantize it first")
+    dim = _normalize_dim(kwargs.get("dim", dim), first.ndim)
+    for x in tensors[1:]:
+        problem = _cat_mismatch(first, x, dim)
+        if problem:
+            raise ValueError(f"cannot cat Int4Tensors along dim {dim}: {problem}")
+    fields = {name: torch.cat([getattr(x, name) for x in tensors], dim=idim)
+              for name, (idim, _) in _field_dims(first, dim).items()}
+    if "act_pre_scale" not in fields and first.act_pre_scale is not None:
+        if not all(torch.equal(x.act_pre_scale, first.act_pre_scale) for x in tensors):
+            raise ValueError("cannot cat Int4Tensors along N with different act_pre_scale")
+    shape = list(first.shape)
+    shape[dim] = sum(x.shape[dim] for x in tensors)
+    return _replace(first, shape, **fields)
+
+
+def _cat_mismatch(a: Int4Tensor, b: Int4Tensor, dim: int) -> str | None:
+    if a.ndim != b.ndim or any(a.shape[i] != b.shape[i] for i in range(a.ndim) if i != dim):
+        return f"shapes {list(a.shape)} and {list(b.shape)} differ outside dim {dim}"
+    if a.block_size != b.block_size:
+        return f"block_size {a.block_size} != {b.block_size}"
+    if a.dtype != b.dtype:
+        return f"dtype {a.dtype} != {b.dtype}"
+    if (a.act_pre_scale is None) != (b.act_pre_scale is None):
+        return "only some have an act_pre_scale"
+    return None
+
+
+@Int4Tensor.implements([aten.stack.default])
+def _(func, args, kwargs):
+    tensors, dim = (list(args) + [0])[:2]
+    dim = kwargs.get("dim", dim)
+    ndim = tensors[0].ndim + 1
+    if dim % ndim != 0 or ndim != 3:
+        raise NotImplementedError("Int4Tensor supports stack only of 2D weights along a new "
+                                  "expert dim 0")
+    return torch.cat([x.unsqueeze(0) for x in tensors], dim=0)
+
+
+@Int4Tensor.implements([aten.t.default, aten.transpose.int, aten.permute.default])
+def _(func, args, kwargs):
+    t = args[0]
+    nd = t.ndim
+    if func is aten.t.default:
+        dims = (0, 1) if nd == 2 else None
+    elif func is aten.transpose.int:
+        dims = tuple(_normalize_dim(d, nd) for d in args[1:3])
+    else:
+        perm = [_normalize_dim(d, nd) for d in args[1]]
+        identity = list(range(nd))
+        dims = (0, 0) if perm == identity else (
+            (nd - 2, nd - 1) if perm == identity[:-2] + [nd - 1, nd - 2] else None)
+    if dims is not None and dims[0] == dims[1]:
+        return _view_op(func, args, kwargs, _replace(t, t.shape))
+    if dims is None or set(dims) != {nd - 2, nd - 1}:
+        raise NotImplementedError(f"Int4Tensor supports transposing only its last two dims "
+                                  f"({func} on shape {list(t.shape)})")
+    return _view_op(func, args, kwargs, _transposed(t))
+
+
+@Int4Tensor.implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
+def _(func, args, kwargs):
+    return _reshape(args[0], args[1])
+
+
+@Int4Tensor.implements([aten.unsqueeze.default])
+def _(func, args, kwargs):
+    t, dim = args
+    shape = list(t.shape)
+    shape.insert(dim % (t.ndim + 1), 1)
+    return _view_op(func, args, kwargs, _reshape(t, shape))
+
+
+@Int4Tensor.implements([aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default])
+def _(func, args, kwargs):
+    t = args[0]
+    dims = args[1] if len(args) > 1 else range(t.ndim)
+    dims = {_normalize_dim(d, t.ndim) for d in ([dims] if isinstance(dims, int) else dims)}
+    shape = [s for i, s in enumerate(t.shape) if not (i in dims and s == 1 and t.ndim > 2)]
+    return _view_op(func, args, kwargs, _reshape(t, shape))
+
+
+@Int4Tensor.implements([aten.empty_like.default, aten.zeros_like.default])
+def _(func, args, kwargs):
+    """An Int4Tensor of the same layout; ``zeros_like`` stands for an all-zero weight."""
+    t = args[0]
+    dtype, device = kwargs.get("dtype"), kwargs.get("device")
+    if dtype not in (None, t.dtype):
+        raise TypeError(f"{func} of an Int4Tensor keeps its dtype {t.dtype}, got {dtype}")
+    return t._with_data(lambda x: func(x, device=device))
+
+
+@Int4Tensor.implements([aten.equal.default])
+def _(func, args, kwargs):
+    a, b = args
+    if not isinstance(a, Int4Tensor) or not isinstance(b, Int4Tensor) or a._mismatch(b):
+        return False
+    return all(torch.equal(x, getattr(b, n)) for n, x in a._tensors().items())
+
+
+# ---- compute ops ---------------------------------------------------------------------------
+def _check_activation(x: torch.Tensor, op: str) -> None:
+    if x.dtype not in _ACTIVATION_DTYPES:
+        raise TypeError(f"{op} with an Int4Tensor takes bf16/fp16/fp32 activations, "
+                        f"got {x.dtype}")
+
+
+def _dense(t, dtype: torch.dtype):
+    return t.dequantize(dtype) if isinstance(t, Int4Tensor) else t
+
+
 @Int4Tensor.implements([F.linear, aten.linear.default])
 def _(func, args, kwargs):
     """``F.linear(x [*, K], W [N, K], bias [N] | None) -> [*, N]``."""
@@ -153,10 +449,55 @@ def _(func, args, kwargs):
     if weight.ndim != 2:
         raise ValueError(f"linear needs a 2D weight, got Int4Tensor of shape {list(weight.shape)}"
                          " (use torch.bmm for 3D expert weights)")
-    if x.dtype not in _ACTIVATION_DTYPES:
-        raise TypeError(f"linear with an Int4Tensor weight takes bf16/fp16/fp32 activations, "
-                        f"got {x.dtype}")
+    _check_activation(x, "linear")
     if x.ndim == 0 or x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"linear input's last dim must be K = {weight.shape[-1]}, got input "
                          f"shape {list(x.shape)} for weight shape {list(weight.shape)}")
+    if weight.is_transposed:  # contracts over the stored N: no int4 kernel for that
+        return F.linear(x, weight.dequantize(x.dtype), bias)
     return kernels.int4_linear(x, weight, bias)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
+    """Dense-semantics ``a @ b`` where either operand may be an Int4Tensor.
+
+    The int4 kernels compute ``x @ W.T`` for a stored ``W [.., N, K]``, i.e. ``x @ b`` for a
+    transposed Int4Tensor ``b [.., K, N]``; every other combination dequantizes.
+    """
+    if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[-2 if b.ndim > 1 else -1]:
+        raise ValueError(f"{op}: shapes {list(a.shape)} and {list(b.shape)} cannot be "
+                         "multiplied")
+    dense_a = not isinstance(a, Int4BaseTensor)
+    if dense_a and isinstance(b, Int4Tensor) and b.is_transposed:
+        _check_activation(a, op)
+        if b.ndim == 2:
+            return kernels.int4_linear(a, _transposed(b), None)
+        if a.ndim == 3 and a.shape[0] == b.shape[0]:
+            return kernels.int4_bmm(a, _transposed(b))
+    dtype = a.dtype if dense_a else (b.dtype if not isinstance(b, Int4BaseTensor) else a.dtype)
+    return torch.matmul(_dense(a, dtype), _dense(b, dtype))
+
+
+@Int4Tensor.implements([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__])
+def _(func, args, kwargs):
+    return _matmul(args[0], args[1], "matmul")
+
+
+@Int4Tensor.implements([aten.mm.default, aten.bmm.default])
+def _(func, args, kwargs):
+    a, b = args
+    want = 2 if func is aten.mm.default else 3
+    if a.ndim != want or b.ndim != want:
+        raise ValueError(f"{func}: expects {want}D operands, got {list(a.shape)} and "
+                         f"{list(b.shape)}")
+    if want == 3 and a.shape[0] != b.shape[0]:
+        raise ValueError(f"bmm: batch sizes differ, {list(a.shape)} and {list(b.shape)}")
+    return _matmul(a, b, str(func.overloadpacket.__name__))
+
+
+@Int4Tensor.implements([aten.addmm.default])
+def _(func, args, kwargs):
+    bias, a, b = args
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    out = _matmul(a, b, "addmm")
+    return (out if alpha == 1 else alpha * out) + (bias if beta == 1 else beta * bias)

@@ -217,9 +217,9 @@ class TestActPreScale:
     def test_linear_and_dequantize_include_the_pre_scale(self):
         w, t, pre = self.make()
         x = torch.randn(4, 512, dtype=torch.bfloat16)
-        expected = (x.double() * pre.double()) @ t.dequantize_int4_only(torch.float64).t()
+        expected = (x.double() * pre.double()) @ t.dequantize_stored(torch.float64).t()
         assert sqnr(expected, F.linear(x, t)) > 40
-        assert sqnr(t.dequantize_int4_only(torch.float32) * pre.float(), t.dequantize()) > 40
+        assert sqnr(t.dequantize_stored(torch.float32) * pre.float(), t.dequantize()) > 40
 
     def test_carried_by_clone_to_copy_and_save(self):
         import io
