@@ -187,3 +187,79 @@ class TestModuleConversions:
         model.half()
         assert isinstance(model.up.weight, Int4Tensor) and model.up.weight.dtype == torch.float16
         assert sqnr(ref, model(x.half()).float()) > 30
+
+
+class Experts(nn.Module):
+    """Llama4-style: 3D parameters used with torch.bmm (reduced dim -2) plus a dense router."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(256, 4, bias=False, dtype=torch.bfloat16)
+        self.w_in = nn.Parameter(torch.randn(4, 256, 384, dtype=torch.bfloat16) * 0.05)
+        self.w_out = nn.Parameter(torch.randn(4, 384, 256, dtype=torch.bfloat16) * 0.05)
+
+    def forward(self, x):  # x [E, T, 256]
+        return torch.bmm(torch.relu(torch.bmm(x, self.w_in)), self.w_out)
+
+
+class TestQuantizeByName:
+    def test_bmm_experts_with_k_dim_minus_2(self):
+        model = Experts()
+        x = torch.randn(4, 6, 256, dtype=torch.bfloat16)
+        layer_ref = torch.bmm(x, model.w_in)
+        ref = model(x)
+        quantize_(model, {"re:w_(in|out)": Int4WeightOnlyConfig(k_dim=-2)})
+        w_in = model.w_in
+        assert isinstance(w_in, Int4Tensor) and w_in.shape == (4, 256, 384)
+        assert w_in.is_transposed and w_in.qdata.shape == (4, 384, 128)  # stored [E, N, K/2]
+        assert not isinstance(model.router.weight, Int4Tensor)
+        assert sqnr(layer_ref, torch.bmm(x, w_in)) > 18
+        assert sqnr(ref, model(x)) > 15
+
+    def test_exact_names_none_and_unmatched(self):
+        model = Experts()
+        quantize_(model, {"w_in": Int4WeightOnlyConfig(k_dim=-2), "re:.*": None})
+        assert isinstance(model.w_in, Int4Tensor)
+        assert not isinstance(model.w_out, Int4Tensor)
+        assert not isinstance(model.router.weight, Int4Tensor)
+        with pytest.raises(ValueError, match=r"no parameter matches \['w_missing'\]"):
+            quantize_(Experts(), {"w_missing": Int4WeightOnlyConfig()})
+        with pytest.raises(ValueError, match="filter_fn"):
+            quantize_(Experts(), {"w_in": Int4WeightOnlyConfig()}, filter_fn=lambda m, f: True)
+
+    def test_wrong_k_dim_leaves_weight_with_warning(self):
+        model = Experts()
+        with pytest.warns(UserWarning, match=r"left w_in .* K = 384 \(dim -1\)"):
+            quantize_(model, {"w_in": Int4WeightOnlyConfig(group_size=256)})
+        assert not isinstance(model.w_in, Int4Tensor)
+
+    def test_mixtral_style_module_list(self):
+        experts = nn.ModuleList(nn.Linear(256, 128, bias=False, dtype=torch.bfloat16)
+                                for _ in range(3))
+        x = torch.randn(5, 256, dtype=torch.bfloat16)
+        refs = [e(x) for e in experts]
+        quantize_(experts, Int4WeightOnlyConfig())
+        for e, ref in zip(experts, refs):
+            assert isinstance(e.weight, Int4Tensor) and sqnr(ref, e(x)) > 18
+        stacked = torch.stack([e.weight for e in experts])
+        assert isinstance(stacked, Int4Tensor) and stacked.shape == (3, 128, 256)
+
+    def test_compiled_bmm_experts_match_eager(self):
+        model = Experts()
+        quantize_(model, {"re:w_(in|out)": Int4WeightOnlyConfig(k_dim=-2)})
+        x = torch.randn(4, 6, 256, dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(torch.compile(model, fullgraph=True)(x), model(x))
+
+    def test_save_load_experts(self):
+        model = Experts()
+        quantize_(model, {"re:w_(in|out)": Int4WeightOnlyConfig(k_dim=-2)})
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        buf.seek(0)
+        with torch.device("meta"):
+            fresh = Experts()
+        quantize_(fresh, {"re:w_(in|out)": Int4WeightOnlyConfig(k_dim=-2)})
+        fresh.load_state_dict(torch.load(buf, weights_only=True), assign=True)
+        x = torch.randn(4, 6, 256, dtype=torch.bfloat16)
+        assert torch.equal(fresh(x), model(x))
