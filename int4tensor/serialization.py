@@ -1,0 +1,362 @@
+"""Safetensors files that hold int4tensor tensor subclasses next to plain tensors, no pickle.
+
+A quantized entry ``name`` (any :class:`~int4tensor.tensors.Int4BaseTensor`) is stored as its
+inner tensors ``"{name}.{field}"`` (``name.qdata``, ``name.scale``, ...), and the file's
+metadata key ``"int4tensor"`` holds JSON that says how to rebuild it::
+
+    {"format_version": 1,
+     "tensors": {"layer.weight": {"type": "Int4Tensor", "version": 1,
+                                  "fields": ["qdata", "scale", "zero_point"],
+                                  "attributes": {"block_size": [1, 128], "shape": [256, 512]},
+                                  "shape": [256, 512], "dtype": "bfloat16"}}}
+
+The fields and attributes come from each class's own ``tensor_data_names`` /
+``optional_tensor_data_names`` / ``tensor_attribute_names`` (``_tensors()``, ``_attributes()``,
+``_build()``), so a new tensor class serializes once it is registered with
+:func:`register_serializable`; no code here names a field.
+
+Loading goes through ``safetensors.safe_open`` (a memory map), one tensor at a time, so a
+file of any size needs about its size in RAM for the result and no second copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file as _st_save_file
+
+from int4tensor.tensors import Int4BaseTensor, Int4Tensor
+
+__all__ = [
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "register_serializable",
+    "serializable_types",
+    "save_file",
+    "load_file",
+    "open_file",
+    "check_layout",
+    "atomic_write_path",
+]
+
+#: Version of the metadata layout written by :func:`save_file` (file level).
+FORMAT_VERSION = 1
+#: The safetensors metadata key that holds our JSON.
+METADATA_KEY = "int4tensor"
+
+# class name -> (class, per-class version, layout checker or None)
+_REGISTRY: dict[str, tuple[type, int, Callable[[Any], str | None] | None]] = {}
+
+
+def register_serializable(
+    cls: type,
+    version: int = 1,
+    check: Callable[[Any], str | None] | None = None,
+) -> type:
+    """Let :func:`save_file`/:func:`load_file` handle ``cls`` (an ``Int4BaseTensor`` subclass).
+
+    Args:
+        version: the layout version of this class's fields; a file written with a newer
+            version than the one registered is refused on load.
+        check: optional ``fn(tensor) -> problem or None`` that checks the inner tensors'
+            shapes/dtypes against the attributes (run on load and by ``inspect``).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Int4BaseTensor)):
+        raise TypeError(f"register_serializable expects an Int4BaseTensor subclass, got {cls!r}")
+    _REGISTRY[cls.__name__] = (cls, version, check)
+    return cls
+
+
+def serializable_types() -> list[str]:
+    """Names of the registered tensor classes."""
+    return sorted(_REGISTRY)
+
+
+def _check_int4_tensor(t: Int4Tensor) -> str | None:
+    """Int4Tensor: qdata int8 ``[..., N, K/2]``, scale/zero_point ``[..., K/G, N]``."""
+    *lead, n, k = t.shape
+    g = t.block_size[-1]
+    if len(t.block_size) != t.ndim or g <= 0 or k % g:
+        return f"block_size {t.block_size} does not fit shape {list(t.shape)}"
+    want = {"qdata": (torch.int8, [*lead, n, k // 2]),
+            "scale": (None, [*lead, k // g, n]),
+            "zero_point": (None, [*lead, k // g, n])}
+    if t.act_pre_scale is not None:
+        want["act_pre_scale"] = (None, [*lead, k])
+    for name, (dtype, shape) in want.items():
+        inner = getattr(t, name)
+        if list(inner.shape) != shape:
+            return f"{name} has shape {list(inner.shape)}, expected {shape}"
+        if dtype is not None and inner.dtype != dtype:
+            return f"{name} has dtype {inner.dtype}, expected {dtype}"
+        if dtype is None and not inner.is_floating_point():
+            return f"{name} has dtype {inner.dtype}, expected a floating dtype"
+    return None
+
+
+register_serializable(Int4Tensor, version=1, check=_check_int4_tensor)
+
+
+def check_layout(t: Int4BaseTensor) -> str | None:
+    """The registered checker's verdict on ``t`` (None: consistent or nothing to check)."""
+    entry = _REGISTRY.get(type(t).__name__)
+    return entry[2](t) if entry and entry[2] else None
+
+
+# ---- JSON encoding of attributes ------------------------------------------------------------
+def _encode(value: Any, where: str) -> Any:
+    """Attributes as JSON: tuples/Size become lists, dtypes ``{"dtype": "bfloat16"}``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list, torch.Size)):
+        return [_encode(v, where) for v in value]
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    raise TypeError(f"cannot store attribute {where} of type {type(value).__name__} in "
+                    "safetensors metadata (supported: None, bool, int, float, str, tuple, dtype)")
+
+
+def _decode(value: Any) -> Any:
+    # Lists come back as tuples: tensor attributes are immutable (block_size, shape).
+    if isinstance(value, list):
+        return tuple(_decode(v) for v in value)
+    if isinstance(value, dict) and set(value) == {"dtype"}:
+        return _dtype(value["dtype"])
+    return value
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+# ---- save -------------------------------------------------------------------------------------
+def _describe(name: str, t: Int4BaseTensor) -> tuple[dict, dict[str, torch.Tensor]]:
+    type_name = type(t).__name__
+    entry = _REGISTRY.get(type_name)
+    if entry is None or entry[0] is not type(t):
+        raise TypeError(f"save_file: {name!r} is a {type_name}, which is not registered for "
+                        f"serialization (registered: {serializable_types()}); call "
+                        "int4tensor.serialization.register_serializable on its class")
+    inner = t._tensors()
+    attrs = {a: _encode(v, f"{name}.{a}")
+             for a, v in zip(t.tensor_attribute_names, t._attributes())}
+    meta = {"type": type_name, "version": entry[1], "fields": list(inner), "attributes": attrs,
+            "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    return meta, {f"{name}.{field}": v for field, v in inner.items()}
+
+
+def flatten_state_dict(
+    state_dict: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Split subclass tensors into plain ones: ``(plain tensors by key, metadata by name)``."""
+    plain: dict[str, torch.Tensor] = {}
+    described: dict[str, dict] = {}
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"save_file: {name!r} is a {type(t).__name__}, not a tensor")
+        if isinstance(t, Int4BaseTensor):
+            described[name], parts = _describe(name, t)
+        else:
+            parts = {name: t}
+        for key, v in parts.items():
+            if key in plain:
+                raise ValueError(f"save_file: key {key!r} is produced twice (a quantized "
+                                 f"tensor's field collides with another entry)")
+            plain[key] = v
+    return plain, described
+
+
+def _storage_safe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors that share no storage (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        if ptr in seen or not whole:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class atomic_write_path:
+    """``with atomic_write_path(path) as tmp:`` write ``tmp``; on success it becomes ``path``.
+
+    The temporary name is in the same directory (so ``os.replace`` is an atomic rename); on an
+    exception it is removed and ``path`` is left as it was.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+
+    def __enter__(self) -> str:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.",
+                                        suffix=".tmp", dir=directory)
+        os.close(fd)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        return False
+
+
+def save_file(
+    state_dict: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``state_dict`` (plain tensors and registered tensor subclasses) to ``path``.
+
+    Like ``safetensors.torch.save_file``; ``metadata`` (str -> str) is stored alongside ours
+    (the key ``"int4tensor"`` is reserved). The file appears under ``path`` only when complete.
+    """
+    metadata = dict(metadata or {})
+    if METADATA_KEY in metadata:
+        raise ValueError(f"save_file: metadata key {METADATA_KEY!r} is reserved by int4tensor")
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"save_file: metadata must map str to str, bad keys: {bad}")
+    plain, described = flatten_state_dict(state_dict)
+    metadata.setdefault("format", "pt")  # transformers refuses files whose format is not "pt"
+    if described:
+        metadata[METADATA_KEY] = json.dumps({"format_version": FORMAT_VERSION,
+                                             "tensors": described})
+    with atomic_write_path(path) as tmp:
+        _st_save_file(_storage_safe(plain), tmp, metadata=metadata)
+
+
+# ---- load -------------------------------------------------------------------------------------
+class _Reader:
+    """A lazily read safetensors file: logical names -> plain tensors or rebuilt subclasses."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"no such safetensors file: {self.path}")
+        try:
+            self._f = safe_open(self.path, framework="pt", device=str(device))
+            self.raw_metadata = self._f.metadata() or {}
+            self._raw_keys = list(self._f.keys())
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{self.path} is not a readable safetensors file "
+                             f"(truncated or corrupted?): {e}") from e
+        self.described = self._parse_metadata()
+        owned = {f"{n}.{f}" for n, m in self.described.items() for f in m["fields"]}
+        missing = sorted(owned - set(self._raw_keys))
+        if missing:
+            raise ValueError(f"{self.path}: metadata lists tensors that are not in the file: "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        self._plain = [k for k in self._raw_keys if k not in owned]
+
+    def _parse_metadata(self) -> dict[str, dict]:
+        text = self.raw_metadata.get(METADATA_KEY)
+        if text is None:
+            return {}
+        try:
+            meta = json.loads(text)
+            version, tensors = meta["format_version"], meta["tensors"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.path}: the {METADATA_KEY!r} metadata is not valid "
+                             f"({type(e).__name__}: {e})") from e
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"{self.path}: int4tensor format version {version!r} is newer "
+                             f"than this int4tensor reads ({FORMAT_VERSION}); upgrade int4tensor")
+        for name, m in tensors.items():
+            entry = _REGISTRY.get(m.get("type"))
+            if entry is None:
+                raise ValueError(f"{self.path}: tensor {name!r} has type {m.get('type')!r}, "
+                                 f"unknown to this int4tensor (known: {serializable_types()})")
+            if not isinstance(m.get("version"), int) or m["version"] > entry[1]:
+                raise ValueError(f"{self.path}: tensor {name!r} is a {m['type']} of layout "
+                                 f"version {m.get('version')!r}; this int4tensor reads up to "
+                                 f"version {entry[1]}")
+        return tensors
+
+    def keys(self) -> list[str]:
+        """Logical names: plain tensors and quantized ones (not their field keys)."""
+        return self._plain + list(self.described)
+
+    def raw_keys(self) -> list[str]:
+        return list(self._raw_keys)
+
+    def get_raw(self, key: str) -> torch.Tensor:
+        try:
+            return self._f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{self.path}: cannot read tensor {key!r}: {e}") from e
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.described:
+            if name not in self._plain:
+                raise KeyError(f"{self.path} has no tensor {name!r}")
+            return self.get_raw(name)
+        m = self.described[name]
+        cls = _REGISTRY[m["type"]][0]
+        tensors = {f: self.get_raw(f"{name}.{f}") for f in m["fields"]}
+        missing = [f for f in cls.tensor_data_names if f not in tensors]
+        if missing:
+            raise ValueError(f"{self.path}: {m['type']} {name!r} lacks fields {missing}")
+        attrs = [_decode(m["attributes"].get(a)) for a in cls.tensor_attribute_names]
+        try:
+            t = cls._build(tensors, attrs)
+        except Exception as e:  # a constructor's own error, with the file and name added
+            raise ValueError(f"{self.path}: cannot rebuild {m['type']} {name!r}: {e}") from e
+        problem = check_layout(t)
+        if list(t.shape) != list(m["shape"]) or str(t.dtype) != f"torch.{m['dtype']}":
+            problem = problem or (f"rebuilt as {t.dtype}{list(t.shape)}, metadata says "
+                                  f"{m['dtype']}{m['shape']}")
+        if problem:
+            raise ValueError(f"{self.path}: {m['type']} {name!r} does not match its metadata: "
+                             f"{problem}")
+        return t
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.keys():
+            yield name, self.get(name)
+
+    def close(self) -> None:
+        self._f = None
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+
+def open_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> _Reader:
+    """Open a file for lazy reading: ``with open_file(p) as f: f.keys(); f.get(name)``."""
+    return _Reader(path, device)
+
+
+def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a file written by :func:`save_file` (or any safetensors file) into a state dict.
+
+    Quantized entries come back as their tensor class, bit-exact; plain tensors as they were.
+    Raises ``ValueError`` naming the file (and tensor) for a truncated/corrupted file, an
+    unknown tensor type or a too-new version, or fields that contradict the metadata.
+    """
+    with open_file(path, device) as f:
+        return dict(f.items())
