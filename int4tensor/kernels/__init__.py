@@ -10,13 +10,36 @@ from __future__ import annotations
 
 import torch
 
-from int4tensor.kernels import fbgemm, reference
+from int4tensor.kernels import custom_ops, fbgemm, reference
+
+#: Largest number of activation rows (M) sent to the Triton decode kernel; larger M goes to
+#: fbgemm's tensor-core GEMM. Chosen from benchmarks/bench_linear.py on an H200.
+TRITON_MAX_M = 16
 
 __all__ = ["int4_bmm", "int4_linear", "linear_backend"]
 
 
+def _triton_can_run(x: torch.Tensor, weight) -> bool:
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and weight.ndim == 2
+        and 0 < rows <= TRITON_MAX_M
+        and weight.scale.dtype == torch.bfloat16
+        and weight.zero_point.dtype == torch.bfloat16
+        and weight.qdata.is_contiguous()
+        and weight.scale.is_contiguous()
+        and weight.zero_point.is_contiguous()
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
 def linear_backend(x: torch.Tensor, weight) -> str:
-    """Name of the backend :func:`int4_linear` uses for these arguments."""
+    """Name of the backend :func:`int4_linear` uses for these arguments: ``"triton"``
+    (decode-sized M on CUDA), ``"fbgemm"`` (Hopper, larger M) or ``"reference"``."""
+    if _triton_can_run(x, weight):
+        return "triton"
     if fbgemm.can_run_linear(x, weight):
         return "fbgemm"
     return "reference"
@@ -29,7 +52,14 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
     """
     if weight.act_pre_scale is not None:
         x = x * weight.act_pre_scale.to(x.dtype)
-    if linear_backend(x, weight) == "fbgemm":
+    backend = linear_backend(x, weight)
+    if backend == "triton":
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        out = custom_ops.int4_matmul_triton(
+            x2d, weight.qdata, weight.scale, weight.zero_point, weight.group_size)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        return out + bias if bias is not None else out
+    if backend == "fbgemm":
         return fbgemm.linear(x, weight, bias)
     return reference.linear(x, weight, bias)
 

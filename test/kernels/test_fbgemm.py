@@ -38,8 +38,7 @@ def test_linear_fbgemm_matches_reference(m, n, k):
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
     t = Int4Tensor.from_hp(w, (1, 128))
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-    assert kernels.linear_backend(x, t) == "fbgemm"
-    out = F.linear(x, t)
+    out = fbgemm.linear(x, t, None)
     ref = reference.linear(x, t, None)
     assert out.shape == (m, n)
     assert rel_error(ref, out) < 1e-2
@@ -52,9 +51,19 @@ def test_linear_fbgemm_leading_dims_and_bias():
     t = Int4Tensor.from_hp(w, (1, 128))
     x = torch.randn(2, 5, 1024, dtype=torch.bfloat16, device="cuda")
     bias = torch.randn(512, dtype=torch.bfloat16, device="cuda")
-    out = F.linear(x, t, bias)
+    out = fbgemm.linear(x, t, bias)
     assert out.shape == (2, 5, 512)
     assert rel_error(reference.linear(x, t, bias), out) < 1e-2
+
+
+@pytest.mark.parametrize("m, backend", [(1, "triton"), (16, "triton"), (17, "fbgemm"),
+                                        (512, "fbgemm")])
+def test_dispatch_by_batch_size(m, backend):
+    needs_fbgemm_hopper()
+    t = Int4Tensor.from_hp(torch.randn(256, 512, dtype=torch.bfloat16, device="cuda"), (1, 128))
+    x = torch.randn(m, 512, dtype=torch.bfloat16, device="cuda")
+    assert kernels.linear_backend(x, t) == backend
+    assert rel_error(reference.linear(x, t, None), F.linear(x, t)) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

@@ -1,0 +1,200 @@
+"""Linear layer speed: bf16 vs every int4 path, side by side in one run on one GPU.
+
+    python benchmarks/bench_linear.py [--out DIR] [--quick] [--sweep]
+
+For each shape (N x K) and batch M: median µs per call, speedup over bf16, GB/s of weight
+bytes read and % of the copy bandwidth measured in the same run, and the relative error of the
+output against the bf16 layer. Decode sizes (M <= 128) are timed inside a CUDA graph over
+rotating weight copies (each call reads its weight from HBM); larger M with do_bench (L2
+flushed). Writes bench_linear.csv and bench_linear.png to --out and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import copy_bandwidth_gbs, do_bench_us, graph_time_us, rel_error  # noqa: E402
+from int4tensor import Int4Tensor  # noqa: E402
+from int4tensor.kernels import fbgemm as fbgemm_backend  # noqa: E402
+from int4tensor.kernels import reference, triton_int4  # noqa: E402
+
+G = 128
+SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096), (4096, 14336)]
+MS = [1, 4, 16, 32, 64, 128, 1024, 8192]
+
+
+def tinygemm_pack(t: Int4Tensor):
+    """Our quantized values in torch's tinygemm layout (same u, scale and min-based zero)."""
+    from int4tensor.quant_primitives import unpack_int4
+
+    n, k = t.shape
+    u = (unpack_int4(t.qdata).to(torch.int16) + 8).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).contiguous(), 8)
+    # tinygemm dequantizes (u - 8) * scale + zero with zero = min + 8 * scale: our zero_point
+    scales_zeros = torch.stack([t.scale, t.zero_point], dim=-1).contiguous()
+    return packed, scales_zeros
+
+
+def int4_paths(x, t: Int4Tensor, have_fbgemm: bool):
+    """name -> zero-arg callable computing x @ W.T for one quantized weight ``t``."""
+    paths = {"int4 (dispatch)": lambda: F.linear(x, t)}
+    if x.shape[0] <= 256:
+        paths["int4 triton"] = lambda: triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, G)
+    if have_fbgemm:
+        fb = torch.ops.fbgemm
+        paths["fbgemm rowwise"] = lambda: fb.bf16i4bf16_rowwise(x, t.qdata, t.scale, t.zero_point)
+        wq, s = fb.preshuffle_i4(t.qdata, t.scale)
+        paths["fbgemm shuffled"] = lambda: fb.bf16i4bf16_shuffled(x, wq, s, t.zero_point)
+    if x.shape[0] <= 128:
+        tg = tinygemm_pack(t)
+        paths["tinygemm"] = lambda: torch.ops.aten._weight_int4pack_mm(x, tg[0], G, tg[1])
+    return paths
+
+
+def fp8_path(x, w_bf16):
+    from fbgemm_gpu.experimental.gen_ai.quantize import quantize_fp8_row, quantize_int4_preshuffle
+
+    wq, (group_scale, row_scale) = quantize_int4_preshuffle(w_bf16, G, dtype="fp8")
+
+    def run():
+        xq, xs = quantize_fp8_row(x)
+        return torch.ops.fbgemm.f8i4bf16_shuffled(xq, wq, xs, row_scale, group_scale)
+
+    return run
+
+
+def bench_shape(n, k, ms, bw, have_fbgemm, rows):
+    copies = max(2, min(16, int(400e6 // (n * k * 2))))
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    quantized = [Int4Tensor.from_hp(w, (1, G)) for w in weights]
+    int4_bytes = n * k / 2 + 4 * n * k / G
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = F.linear(x, weights[0])
+        timer = graph_time_us if m <= 128 else do_bench_us
+        per_copy = [int4_paths(x, t, have_fbgemm) for t in quantized]
+        if have_fbgemm:
+            fp8 = fp8_path(x, weights[0])
+            per_copy[0]["fbgemm f8i4 shuffled (+x fp8)"] = fp8
+        t_bf16 = timer([lambda w=w: F.linear(x, w) for w in weights]) if m <= 128 else \
+            timer(lambda: F.linear(x, weights[0]))
+        results = [("bf16", t_bf16, n * k * 2, 0.0)]
+        for name in per_copy[0]:
+            fns = [p[name] for p in per_copy if name in p]
+            err = rel_error(ref, fns[0]())
+            t = timer(fns) if m <= 128 else timer(fns[0])
+            results.append((name, t, int4_bytes, err))
+        if m <= 16 and n * k <= 8192 * 8192:
+            ref_path = lambda: reference.linear(x, quantized[0], None)  # noqa: E731
+            results.append(("int4 reference path", do_bench_us(ref_path), int4_bytes,
+                            rel_error(ref, ref_path())))
+        for name, t, nbytes, err in results:
+            gbs = nbytes / (t * 1e-6) / 1e9
+            rows.append(dict(N=n, K=k, M=m, path=name, us=round(t, 2), speedup=round(t_bf16 / t, 3),
+                             GBps=round(gbs), pct_copy=round(100 * gbs / bw, 1),
+                             rel_err_vs_bf16=f"{err:.4f}"))
+            print(f"{n:>6} {k:>6} {m:>5} {name:<32} {t:>9.2f} {t_bf16 / t:>6.2f}x "
+                  f"{gbs:>6.0f} GB/s {100 * gbs / bw:>5.1f}%  err {err:.4f}", flush=True)
+    del weights, quantized
+    torch.cuda.empty_cache()
+
+
+def sweep(n, k, ms, bw):
+    """Time Triton launch configs (tuning aid for triton_int4.pick_config)."""
+    copies = max(2, min(16, int(400e6 // (n * k * 2))))
+    qs = [Int4Tensor.from_hp(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), (1, G))
+          for _ in range(copies)]
+    nbytes = n * k / 2 + 4 * n * k / G
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        best = None
+        for bm in ([16] if m <= 16 else [16, 32, 64]):
+            for bn in (16, 32, 64, 128):
+                for sk in (1, 2, 4, 8):
+                    for warps in (2, 4, 8):
+                        for stages in (2, 3, 4, 6):
+                            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=sk, num_warps=warps,
+                                       num_stages=stages)
+                            try:
+                                t = graph_time_us([lambda q=q, c=cfg: triton_int4.int4_matmul(
+                                    x, q.qdata, q.scale, q.zero_point, G, c) for q in qs], iters=5)
+                            except Exception as e:  # noqa: BLE001 (out of resources, ...)
+                                continue
+                            if best is None or t < best[0]:
+                                best = (t, cfg)
+        t, cfg = best
+        default = graph_time_us([lambda q=q: triton_int4.int4_matmul(
+            x, q.qdata, q.scale, q.zero_point, G) for q in qs])
+        print(f"sweep {n}x{k} M={m}: best {t:.2f} us ({nbytes / t / 1e3 / bw * 100:.0f}% copy) "
+              f"{cfg}; pick_config {default:.2f} us", flush=True)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    shapes = sorted({(r["N"], r["K"]) for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
+    for ax, (n, k) in zip(axes[0], shapes):
+        for name in dict.fromkeys(r["path"] for r in rows):
+            pts = [(r["M"], r["speedup"]) for r in rows if (r["N"], r["K"]) == (n, k) and r["path"] == name]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_title(f"N={n} K={k}")
+        ax.set_xlabel("M")
+        ax.set_ylabel("speedup vs bf16")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true", help="two shapes, M in 1, 16, 128, 1024")
+    parser.add_argument("--sweep", action="store_true", help="tune Triton configs instead")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    bw = copy_bandwidth_gbs()
+    device = torch.cuda.get_device_name()
+    print(f"{device}: copy bandwidth {bw:.0f} GB/s; torch {torch.__version__}", flush=True)
+    shapes, ms = (SHAPES[:1] + SHAPES[3:4], [1, 16, 128, 1024]) if args.quick else (SHAPES, MS)
+    if args.sweep:
+        for n, k in shapes:
+            sweep(n, k, [1, 4, 16, 32, 64, 128], bw)
+        return
+    have_fbgemm = fbgemm_backend.is_available()
+    rows = []
+    for n, k in shapes:
+        bench_shape(n, k, ms, bw, have_fbgemm, rows)
+    stamp = datetime.date.today().isoformat()
+    with open(os.path.join(args.out, "bench_linear.csv"), "w", newline="") as f:
+        f.write(f"# {device}, copy bandwidth {bw:.0f} GB/s, {stamp}, torch {torch.__version__}\n")
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, os.path.join(args.out, "bench_linear.png"))
+    print(f"\n{device}, copy {bw:.0f} GB/s, {stamp}")
+    print(f"{'N':>6} {'K':>6} {'M':>5} {'path':<32} {'us':>9} {'vs bf16':>7} {'%copy':>6} {'rel err':>8}")
+    for r in rows:
+        print(f"{r['N']:>6} {r['K']:>6} {r['M']:>5} {r['path']:<32} {r['us']:>9.2f} "
+              f"{r['speedup']:>6.2f}x {r['pct_copy']:>5.1f}% {r['rel_err_vs_bf16']:>8}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The Triton decode kernel against the reference path on random inputs (CUDA only)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from int4tensor import Int4Tensor, Int4WeightOnlyConfig, quantize_
+from int4tensor.kernels import custom_ops, reference
+from test.helpers import rel_error, sqnr
+
+pytestmark = pytest.mark.gpu
+
+
+def quantized(n, k, g=128, domain="float"):
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    return w, Int4Tensor.from_hp(w, (1, g), zero_point_domain=domain)
+
+
+@pytest.mark.parametrize("n, k", [(4096, 4096), (8192, 1024), (200, 384), (96, 640), (4100, 2048)])
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 33, 128])
+def test_matches_reference(m, n, k):
+    from int4tensor.kernels import triton_int4
+
+    w, t = quantized(n, k)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    out = triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, 128)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert rel_error(reference.linear(x, t, None), out) < 1e-2
+    assert sqnr(x.double() @ w.double().t(), out) > 18
+
+
+@pytest.mark.parametrize("g", [32, 64, 256])
+@pytest.mark.parametrize("domain", ["float", "int", "none"])
+def test_group_sizes_and_domains(g, domain):
+    from int4tensor.kernels import triton_int4
+
+    _, t = quantized(512, 1024, g, domain)
+    x = torch.randn(3, 1024, dtype=torch.bfloat16, device="cuda")
+    out = triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, g)
+    assert rel_error(reference.linear(x, t, None), out) < 1e-2
+
+
+def test_every_output_is_written():
+    from int4tensor.kernels import triton_int4
+
+    _, t = quantized(1000, 2048)
+    x = torch.randn(7, 2048, dtype=torch.bfloat16, device="cuda")
+    for cfg in ({"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3},
+                {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 4, "num_warps": 4, "num_stages": 3}):
+        out = triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, 128, cfg)
+        assert torch.isfinite(out).all()
+        assert rel_error(reference.linear(x, t, None), out) < 1e-2
+
+
+def test_custom_op_under_compile_and_cuda_graph():
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 2048, bias=True), torch.nn.SiLU(),
+                                torch.nn.Linear(2048, 512)).to("cuda", torch.bfloat16)
+    quantize_(model, Int4WeightOnlyConfig())
+    x = torch.randn(1, 1024, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):
+            out = compiled(x)
+    assert rel_error(eager, out) < 1e-2
+    assert torch.library.opcheck(
+        custom_ops.int4_matmul_triton,
+        (x, model[0].weight.qdata, model[0].weight.scale, model[0].weight.zero_point, 128),
+    ) is not None
