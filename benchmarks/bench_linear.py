@@ -116,11 +116,11 @@ def sweep(n, k, ms, bw):
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         best = None
-        for bm in ([16] if m <= 16 else [16, 32, 64]):
-            for bn in (16, 32, 64, 128):
+        for bm in ([16] if m <= 16 else [m if m <= 64 else 64]):
+            for bn in (32, 64, 128):
                 for sk in (1, 2, 4, 8):
-                    for warps in (2, 4, 8):
-                        for stages in (2, 3, 4, 6):
+                    for warps in (4,):
+                        for stages in (3, 4, 6):
                             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=sk, num_warps=warps,
                                        num_stages=stages)
                             try:
@@ -176,7 +176,7 @@ def main():
     shapes, ms = (SHAPES[:1] + SHAPES[3:4], [1, 16, 128, 1024]) if args.quick else (SHAPES, MS)
     if args.sweep:
         for n, k in shapes:
-            sweep(n, k, [1, 4, 16, 32, 64, 128], bw)
+            sweep(n, k, [1, 16, 64], bw)
         return
     have_fbgemm = fbgemm_backend.is_available()
     rows = []
