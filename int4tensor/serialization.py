@@ -78,10 +78,16 @@ def serializable_types() -> list[str]:
 
 
 def _check_int4_tensor(t: Int4Tensor) -> str | None:
-    """Int4Tensor: qdata int8 ``[..., N, K/2]``, scale/zero_point ``[..., K/G, N]``."""
+    """Int4Tensor: qdata int8 ``[..., N, K/2]``, scale/zero_point ``[..., K/G, N]`` (the stored
+    ``[..., N, K]``; a transposed tensor has logical shape ``[..., K, N]``)."""
+    transposed = getattr(t, "is_transposed", False)
     *lead, n, k = t.shape
-    g = t.block_size[-1]
-    if len(t.block_size) != t.ndim or g <= 0 or k % g:
+    block = list(t.block_size)
+    if transposed:
+        n, k = k, n
+        block[-2:] = block[-1:-3:-1]
+    g = block[-1]
+    if len(block) != t.ndim or any(b != 1 for b in block[:-1]) or g <= 0 or k % g:
         return f"block_size {t.block_size} does not fit shape {list(t.shape)}"
     want = {"qdata": (torch.int8, [*lead, n, k // 2]),
             "scale": (None, [*lead, k // g, n]),
