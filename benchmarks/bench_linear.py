@@ -107,34 +107,53 @@ def bench_shape(n, k, ms, bw, have_fbgemm, rows):
     torch.cuda.empty_cache()
 
 
+def sweep_configs(m):
+    if m <= 8:
+        for bn in (16, 32, 64, 128):
+            for sk in (1, 2, 4, 8, 16):
+                for warps in (2, 4, 8):
+                    for stages in (2, 4):
+                        yield dict(kernel="gemv", BLOCK_N=bn, SPLIT_K=sk, num_warps=warps,
+                                   num_stages=stages)
+    if m >= 2:
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        for bn in (64, 128):
+            for sk in (1, 2, 4, 8):
+                for gpi in (1, 2):
+                    for stages in (3, 4):
+                        yield dict(kernel="mma", BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=sk,
+                                   GROUPS_PER_ITER=gpi, num_warps=4, num_stages=stages)
+
+
 def sweep(n, k, ms, bw):
-    """Time Triton launch configs (tuning aid for triton_int4.pick_config)."""
+    """Time Triton kernel/launch configs (tuning aid for triton_int4.pick_config)."""
     copies = max(2, min(16, int(400e6 // (n * k * 2))))
     qs = [Int4Tensor.from_hp(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), (1, G))
           for _ in range(copies)]
     nbytes = n * k / 2 + 4 * n * k / G
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        best = None
-        for bm in ([16] if m <= 16 else [m if m <= 64 else 64]):
-            for bn in (32, 64, 128):
-                for sk in (1, 2, 4, 8):
-                    for warps in (4,):
-                        for stages in (3, 4, 6):
-                            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=sk, num_warps=warps,
-                                       num_stages=stages)
-                            try:
-                                t = graph_time_us([lambda q=q, c=cfg: triton_int4.int4_matmul(
-                                    x, q.qdata, q.scale, q.zero_point, G, c) for q in qs], iters=5)
-                            except Exception as e:  # noqa: BLE001 (out of resources, ...)
-                                continue
-                            if best is None or t < best[0]:
-                                best = (t, cfg)
-        t, cfg = best
+        ref = reference.linear(x, qs[0], None)
+        ranked = []
+        for cfg in sweep_configs(m):
+            try:
+                out = triton_int4.int4_matmul(x, qs[0].qdata, qs[0].scale, qs[0].zero_point, G, cfg)
+                if rel_error(ref, out) > 1e-2:
+                    print("WRONG", cfg, rel_error(ref, out))
+                    continue
+                t = graph_time_us([lambda q=q, c=cfg: triton_int4.int4_matmul(
+                    x, q.qdata, q.scale, q.zero_point, G, c) for q in qs], iters=5)
+            except Exception as e:  # noqa: BLE001 (out of resources, ...)
+                print("FAILED", cfg, type(e).__name__, str(e)[:100])
+                continue
+            ranked.append((t, cfg))
+        ranked.sort(key=lambda r: r[0])
         default = graph_time_us([lambda q=q: triton_int4.int4_matmul(
             x, q.qdata, q.scale, q.zero_point, G) for q in qs])
-        print(f"sweep {n}x{k} M={m}: best {t:.2f} us ({nbytes / t / 1e3 / bw * 100:.0f}% copy) "
-              f"{cfg}; pick_config {default:.2f} us", flush=True)
+        print(f"sweep {n}x{k} M={m}: pick_config {default:.2f} us "
+              f"({nbytes / default / 1e3 / bw * 100:.0f}% copy) {triton_int4.pick_config(m, n, k)}")
+        for t, cfg in ranked[:4]:
+            print(f"    {t:.2f} us ({nbytes / t / 1e3 / bw * 100:.0f}% copy) {cfg}", flush=True)
 
 
 def plot(rows, path):
@@ -176,7 +195,7 @@ def main():
     shapes, ms = (SHAPES[:1] + SHAPES[3:4], [1, 16, 128, 1024]) if args.quick else (SHAPES, MS)
     if args.sweep:
         for n, k in shapes:
-            sweep(n, k, [1, 16, 64], bw)
+            sweep(n, k, [1, 4, 16, 64], bw)
         return
     have_fbgemm = fbgemm_backend.is_available()
     rows = []

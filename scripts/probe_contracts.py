@@ -55,7 +55,10 @@ print("== preshuffle_i4 + bf16i4bf16_shuffled (2D)")
 t2 = t3[0]
 x2 = x3[0]
 ref2 = reference.linear(x2, t2, None)
-wq, s_sh = fb.preshuffle_i4(t2.qdata, t2.scale)
+q_before = t2.qdata.clone()
+wq, s_sh = fb.preshuffle_i4(t2.qdata.clone(), t2.scale)
+print('preshuffle_i4 leaves its input alone:', torch.equal(q_before, t2.qdata))
+q_in = t2.qdata.clone(); _ = fb.preshuffle_i4(q_in, t2.scale); print('input modified in place:', not torch.equal(q_in, t2.qdata))
 print("preshuffle_i4 bf16 scale: wq", wq.shape, wq.dtype, "scale", s_sh.shape, s_sh.dtype,
       "scale unchanged:", torch.equal(s_sh, t2.scale) if s_sh.shape == t2.scale.shape else "n/a")
 row = attempt("rowwise 2D", lambda: fb.bf16i4bf16_rowwise(x2, t2.qdata, t2.scale, t2.zero_point), ref2)
@@ -66,14 +69,14 @@ if row is not None and sh is not None:
 print("preshuffled bytes are a permutation:", torch.equal(torch.sort(wq.flatten().view(torch.uint8))[0], torch.sort(t2.qdata.flatten().view(torch.uint8))[0]))
 
 print("== bf16i4bf16_shuffled_batched / grouped")
-shuf = [fb.preshuffle_i4(t3.qdata[b], t3.scale[b]) for b in range(B)]
+shuf = [fb.preshuffle_i4(t3.qdata[b].clone(), t3.scale[b]) for b in range(B)]
 wq3 = torch.stack([a for a, _ in shuf])
 s3 = torch.stack([b_ for _, b_ in shuf])
 attempt("shuffled_batched scale [B,K/G,N]", lambda: fb.bf16i4bf16_shuffled_batched(x3, wq3, s3, t3.zero_point), ref3)
-m_sizes = torch.full((B,), M, dtype=torch.int64, device=dev)
+m_sizes = torch.full((B,), M, dtype=torch.int32, device=dev)
 attempt("shuffled_grouped X [B*M,K] M_sizes int64", lambda: fb.bf16i4bf16_shuffled_grouped(x3.reshape(B * M, K), wq3, s3, t3.zero_point, m_sizes).view(B, M, N), ref3)
 attempt("shuffled_grouped M_sizes int32", lambda: fb.bf16i4bf16_shuffled_grouped(x3.reshape(B * M, K), wq3, s3, t3.zero_point, m_sizes.int()).view(B, M, N), ref3)
-ragged = torch.tensor([3, 0, 20, 9], dtype=torch.int64, device=dev)
+ragged = torch.tensor([3, 0, 20, 9], dtype=torch.int32, device=dev)
 xr = torch.randn(int(ragged.sum()), K, dtype=torch.bfloat16, device=dev)
 refr = torch.cat([reference.linear(part, t3[b], None) for b, part in enumerate(xr.split(ragged.tolist()))])
 attempt("shuffled_grouped ragged M_sizes [3,0,20,9]", lambda: fb.bf16i4bf16_shuffled_grouped(xr, wq3, s3, t3.zero_point, ragged), refr)
@@ -93,7 +96,7 @@ for m in (1, 3, 16, 128):
     attempt(f"f8i4bf16_shuffled M={m}", lambda: fb.f8i4bf16_shuffled(xq, wq8, xs, rs8, gs8), xm.float() @ w2.float().t())
 
 print("== alignment of the shuffled/rowwise kernels")
-for n, k in [(200, 384), (96, 640), (136, 256), (120, 256), (64, 128), (8, 256)]:
+for n, k in [(200, 384), (96, 640), (112, 256), (80, 256), (48, 256), (16, 256), (32, 384), (160, 640)]:
     for m in (1, 3):
         w = torch.randn(n, k, dtype=torch.bfloat16, device=dev)
         t = Int4Tensor.from_hp(w, (1, 128))
@@ -101,7 +104,7 @@ for n, k in [(200, 384), (96, 640), (136, 256), (120, 256), (64, 128), (8, 256)]
         ref = reference.linear(x, t, None)
         attempt(f"rowwise N={n} K={k} M={m}", lambda: fb.bf16i4bf16_rowwise(x, t.qdata, t.scale, t.zero_point), ref)
         try:
-            a, b = fb.preshuffle_i4(t.qdata, t.scale)
+            a, b = fb.preshuffle_i4(t.qdata.clone(), t.scale)
             attempt(f"shuffled N={n} K={k} M={m}", lambda: fb.bf16i4bf16_shuffled(x, a, b, t.zero_point), ref)
         except Exception as e:  # noqa: BLE001
             print(f"preshuffle N={n} K={k} FAILED {type(e).__name__}: {str(e).splitlines()[0][:150]}")
@@ -112,11 +115,24 @@ for g in (32, 64, 256):
     ref = reference.linear(x, t, None)
     attempt(f"rowwise G={g}", lambda: fb.bf16i4bf16_rowwise(x, t.qdata, t.scale, t.zero_point), ref)
     try:
-        a, b = fb.preshuffle_i4(t.qdata, t.scale)
+        a, b = fb.preshuffle_i4(t.qdata.clone(), t.scale)
         attempt(f"shuffled G={g}", lambda: fb.bf16i4bf16_shuffled(x, a, b, t.zero_point), ref)
     except Exception as e:  # noqa: BLE001
         print(f"preshuffle G={g} FAILED {type(e).__name__}: {str(e).splitlines()[0][:150]}")
 
+print("== batched with M=1, and grouped with ragged sizes, bigger shapes")
+B2, N2, K2 = 8, 1024, 2048
+tb = Int4Tensor.from_hp(torch.randn(B2, N2, K2, dtype=torch.bfloat16, device=dev), (1, 1, 128))
+for m in (1, 5, 64):
+    xb = torch.randn(B2, m, K2, dtype=torch.bfloat16, device=dev)
+    refb = reference.bmm(xb, tb)
+    attempt(f"rowwise_batched flattened scale M={m}", lambda: fb.bf16i4bf16_rowwise_batched(xb, tb.qdata, tb.scale.reshape(-1, N2), tb.zero_point.reshape(-1, N2)), refb)
+    sh2 = [fb.preshuffle_i4(tb.qdata[b].clone(), tb.scale[b]) for b in range(B2)]
+    wq2 = torch.stack([a for a, _ in sh2]); s2 = torch.stack([c for _, c in sh2])
+    attempt(f"shuffled_batched 3D scale M={m}", lambda: fb.bf16i4bf16_shuffled_batched(xb, wq2, s2, tb.zero_point), refb)
+    attempt(f"shuffled_batched flattened scale M={m}", lambda: fb.bf16i4bf16_shuffled_batched(xb, wq2, s2.reshape(-1, N2), tb.zero_point.reshape(-1, N2)), refb)
+    ms_ = torch.full((B2,), m, dtype=torch.int32, device=dev)
+    attempt(f"shuffled_grouped M={m}", lambda: fb.bf16i4bf16_shuffled_grouped(xb.reshape(-1, K2), wq2, s2, tb.zero_point, ms_).view(B2, m, N2), refb)
 print("== shuffle_slice source")
 try:
     print(inspect.getsource(fq.shuffle_slice))

@@ -25,12 +25,57 @@ import triton.language as tl
 
 
 @triton.jit
+def _int4_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_qn, stride_sg, stride_om,
+    G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """One activation row per program (grid axis 2), CUDA-core FMAs: for M of 1 to a few.
+
+    Nibbles become float32 without an int->float conversion: the bits 0x4B000000 | u are the
+    float 2**23 + u, so subtracting 2**23 + 8 leaves q = u - 8 exactly."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_n = tl.where(mask_n, offs_n, 0)  # rows past N re-read row 0 instead of masking
+    offs_b = tl.arange(0, G // 2)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    num_groups = K // G
+    groups_per_split = tl.cdiv(num_groups, SPLIT_K)
+    g_start = pid_k * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, num_groups)
+    x_row = x_ptr + m * stride_xm
+    for g in range(g_start, g_end):
+        q = tl.load(q_ptr + offs_n[:, None] * stride_qn + (g * (G // 2) + offs_b)[None, :])
+        q32 = q.to(tl.int32)
+        lo = ((q32 & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+        hi = (((q32 >> 4) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+        x_even = tl.load(x_row + g * G + 2 * offs_b).to(tl.float32)
+        x_odd = tl.load(x_row + g * G + 2 * offs_b + 1).to(tl.float32)
+        dot = tl.sum(lo * x_even[None, :] + hi * x_odd[None, :], axis=1)
+        x_sum = tl.sum(x_even + x_odd, axis=0)
+        s = tl.load(s_ptr + g * stride_sg + offs_n).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_sg + offs_n).to(tl.float32)
+        acc += s * dot + z * x_sum
+    out_ptrs = out_ptr + m * stride_om + offs_n
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask_n, sem="relaxed")
+
+
+@triton.jit
 def _int4_matmul_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_qn, stride_sg, stride_om,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUPS_PER_ITER: tl.constexpr,
 ):
+    """A tile of BLOCK_M activation rows per program, tensor-core dots per group."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -39,29 +84,31 @@ def _int4_matmul_kernel(
     offs_h = tl.arange(0, G // 2)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    offs_n_safe = tl.where(mask_n, offs_n, 0)  # rows past N re-read row 0 instead of masking
+    offs_n_safe = tl.where(mask_n, offs_n, 0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    num_groups = K // G
-    groups_per_split = tl.cdiv(num_groups, SPLIT_K)
-    g_start = pid_k * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, num_groups)
-    for g in range(g_start, g_end):
-        byte0 = g * (G // 2)
-        # packed weights, loaded transposed: [G/2, BLOCK_N] int8
-        q = tl.load(q_ptr + offs_n_safe[None, :] * stride_qn + (byte0 + offs_h)[:, None])
-        q16 = q.to(tl.int16)
-        lo = ((q16 & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True)  # 128 + (q_lo + 8)
-        hi = (((q16 >> 4) & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True)
-        # activations at even / odd K positions: [BLOCK_M, G/2]
-        x_even_ptr = x_ptr + offs_m[:, None] * stride_xm + (2 * (byte0 + offs_h))[None, :]
-        x_even = tl.load(x_even_ptr, mask=mask_m[:, None], other=0.0)
-        x_odd = tl.load(x_even_ptr + 1, mask=mask_m[:, None], other=0.0)
-        dot = tl.dot(x_even, lo) + tl.dot(x_odd, hi)
-        x_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
-        s = tl.load(s_ptr + g * stride_sg + offs_n_safe).to(tl.float32)
-        z = tl.load(z_ptr + g * stride_sg + offs_n_safe).to(tl.float32)
-        acc += s[None, :] * dot + (z - 136.0 * s)[None, :] * x_sum[:, None]
+    num_iters = K // (G * GROUPS_PER_ITER)
+    iters_per_split = tl.cdiv(num_iters, SPLIT_K)
+    i_start = pid_k * iters_per_split
+    i_end = tl.minimum(i_start + iters_per_split, num_iters)
+    for i in range(i_start, i_end):
+        for j in tl.static_range(GROUPS_PER_ITER):
+            g = i * GROUPS_PER_ITER + j
+            byte0 = g * (G // 2)
+            # packed weights, loaded transposed: [G/2, BLOCK_N] int8
+            q = tl.load(q_ptr + offs_n_safe[None, :] * stride_qn + (byte0 + offs_h)[:, None])
+            q16 = q.to(tl.int16)
+            lo = ((q16 & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True)  # bf16 136 + q_lo
+            hi = (((q16 >> 4) & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True)
+            # activations at even / odd K positions: [BLOCK_M, G/2]
+            x_even_ptr = x_ptr + offs_m[:, None] * stride_xm + (2 * (byte0 + offs_h))[None, :]
+            x_even = tl.load(x_even_ptr, mask=mask_m[:, None], other=0.0)
+            x_odd = tl.load(x_even_ptr + 1, mask=mask_m[:, None], other=0.0)
+            dot = tl.dot(x_even, lo) + tl.dot(x_odd, hi)
+            x_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
+            s = tl.load(s_ptr + g * stride_sg + offs_n_safe).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sg + offs_n_safe).to(tl.float32)
+            acc += s[None, :] * dot + (z - 136.0 * s)[None, :] * x_sum[:, None]
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -71,15 +118,27 @@ def _int4_matmul_kernel(
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
 
 
-def pick_config(m: int, n: int, k: int) -> dict:
-    """Launch configuration by shape, chosen from device benchmarks (benchmarks/)."""
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n = 32 if m <= 16 else 64
-    programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+def pick_config(m: int, n: int, k: int, group_size: int = 128) -> dict:
+    """Kernel and launch configuration by shape, chosen from device sweeps
+    (``benchmarks/bench_linear.py --sweep``)."""
+    groups = k // group_size
+    if m <= GEMV_MAX_M:
+        cfg = dict(kernel="gemv", BLOCK_N=64, num_warps=4, num_stages=4)
+        programs = triton.cdiv(n, cfg["BLOCK_N"]) * m
+    else:
+        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        cfg = dict(kernel="mma", BLOCK_M=block_m, BLOCK_N=128 if m <= 16 else 64,
+                   GROUPS_PER_ITER=1, num_warps=4, num_stages=3)
+        programs = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, block_m)
     split_k = 1
-    while programs * split_k < 264 and split_k < 8 and k // 128 >= 2 * split_k * 2:
+    while programs * split_k < 4 * 132 and split_k < 16 and groups >= 4 * split_k:
         split_k *= 2
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k, num_warps=4, num_stages=4)
+    cfg["SPLIT_K"] = split_k
+    return cfg
+
+
+#: activation rows up to which the CUDA-core GEMV kernel is used (tensor-core kernel above)
+GEMV_MAX_M = 4
 
 
 def int4_matmul(
@@ -95,20 +154,23 @@ def int4_matmul(
     Args:
         x: bf16 ``[M, K]``, last dim contiguous.
         qdata: int8 ``[N, K/2]`` contiguous; scale, zero_point: ``[K/G, N]`` contiguous.
+        config: kernel and launch parameters (default: :func:`pick_config`).
     """
     m, k = x.shape
     n = qdata.shape[0]
-    cfg = dict(config or pick_config(m, n, k))
+    cfg = dict(config or pick_config(m, n, k, group_size))
+    kernel = cfg.pop("kernel")
     split_k = cfg["SPLIT_K"]
     if split_k == 1:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     else:
         out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split_k)
-    _int4_matmul_kernel[grid](
-        x, qdata, scale, zero_point, out,
-        m, n, k,
-        x.stride(0), qdata.stride(0), scale.stride(0), out.stride(0),
-        G=group_size, **cfg,
-    )
+    args = (x, qdata, scale, zero_point, out, m, n, k,
+            x.stride(0), qdata.stride(0), scale.stride(0), out.stride(0))
+    if kernel == "gemv":
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, m)
+        _int4_gemv_kernel[grid](*args, G=group_size, **cfg)
+    else:
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split_k)
+        _int4_matmul_kernel[grid](*args, G=group_size, **cfg)
     return out if split_k == 1 else out.to(x.dtype)

@@ -242,3 +242,27 @@ class TestActPreScale:
         x = torch.randn(4, 512, dtype=torch.bfloat16)
         fn = torch.compile(lambda x, w: F.linear(x, w), fullgraph=True)
         assert torch.equal(fn(x, t), F.linear(x, t))
+
+
+class TestAutograd:
+    def test_gradient_flows_to_the_activation(self):
+        w, t = make()
+        x = torch.randn(3, 512, dtype=torch.float32, requires_grad=True)
+        F.linear(x, t).sum().backward()
+        expected = t.dequantize(torch.float32).sum(0).expand(3, -1)
+        assert torch.allclose(x.grad, expected, rtol=1e-5, atol=1e-5)
+
+    def test_custom_op_backward_matches_dense(self):
+        from int4tensor.kernels.custom_ops import _backward, _setup_context
+
+        w, t = make()
+
+        class Ctx:
+            def save_for_backward(self, *tensors):
+                self.saved_tensors = tensors
+
+        ctx = Ctx()
+        x = torch.randn(3, 512, dtype=torch.bfloat16)
+        _setup_context(ctx, (x, t.qdata, t.scale, t.zero_point, 128), None)
+        grad = torch.randn(3, 256, dtype=torch.bfloat16)
+        assert torch.equal(_backward(ctx, grad)[0], grad @ t.dequantize())
