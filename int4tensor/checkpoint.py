@@ -139,7 +139,7 @@ class Checkpoint:
         try:
             return self.format.import_weight(parts, self.format_config, prefix, self.dtype)
         except ValueError as e:
-            raise ValueError(f"{self.path}: {e}") from e
+            raise ValueError(f"{os.path.join(self.dir, self.file_of(name))}: {e}") from e
 
     def file_of(self, name: str) -> str:
         if self.format is not None and self.is_quantized(name):
