@@ -6,13 +6,25 @@
 
 import torch
 
-from int4tensor.config import Int4WeightOnlyConfig
+from int4tensor.config import Float8DynamicActivationInt4WeightConfig, Int4WeightOnlyConfig
+from int4tensor.convert import (
+    convert_model_to_packed_tensors_,
+    convert_to_packed_tensor_based_on_current_hardware,
+)
 from int4tensor.quantize import quantize_
-from int4tensor.tensors import Int4Tensor
+from int4tensor.tensors import Int4PreshuffledTensor, Int4Tensor
 
 __version__ = "0.1.0"
 
-__all__ = ["Int4Tensor", "Int4WeightOnlyConfig", "quantize_"]
+__all__ = [
+    "Float8DynamicActivationInt4WeightConfig",
+    "Int4PreshuffledTensor",
+    "Int4Tensor",
+    "Int4WeightOnlyConfig",
+    "convert_model_to_packed_tensors_",
+    "convert_to_packed_tensor_based_on_current_hardware",
+    "quantize_",
+]
 
 # Lets torch.load(..., weights_only=True) rebuild our tensors.
-torch.serialization.add_safe_globals([Int4Tensor])
+torch.serialization.add_safe_globals([Int4Tensor, Int4PreshuffledTensor])

@@ -8,9 +8,9 @@ import torch
 
 from int4tensor.quant_primitives import SUPPORTED_GROUP_SIZES
 
-__all__ = ["Int4WeightOnlyConfig"]
+__all__ = ["Float8DynamicActivationInt4WeightConfig", "Int4WeightOnlyConfig"]
 
-_PACKING_FORMATS = ("plain",)
+_PACKING_FORMATS = ("plain", "preshuffled")
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,10 @@ class Int4WeightOnlyConfig:
     Args:
         group_size: ``G``, one of 32, 64, 128, 256; K must be a multiple of it.
         version: 2 (the only one): the weight becomes an :class:`~int4tensor.Int4Tensor`.
-        int4_packing_format: ``"plain"``: fbgemm's rowwise layout, ``qdata [N, K/2]``.
+        int4_packing_format: ``"plain"``: the portable layout, ``qdata [N, K/2]``
+            (:class:`~int4tensor.Int4Tensor`); ``"preshuffled"``: fbgemm's Hopper layout
+            (:class:`~int4tensor.Int4PreshuffledTensor`, CUDA with fbgemm-gpu-genai only; the
+            usual flow is to save "plain" and convert after loading).
         int4_choose_qparams_algorithm: how scale/zero are chosen, a name in
             :data:`int4tensor.algorithms.QPARAMS_ALGORITHMS` (default ``"minmax"``, fbgemm's).
         zero_point_domain: ``"float"`` (fbgemm's, default), ``"int"`` (integer zero points,
@@ -94,4 +97,61 @@ class Int4WeightOnlyConfig:
             algorithm=self.int4_choose_qparams_algorithm,
             zero_point_domain=self.zero_point_domain,
         )
+        if self.int4_packing_format == "preshuffled":
+            tensor = _preshuffled(tensor)
         return tensor.transpose(-1, -2) if self.k_dim == -2 else tensor
+
+
+def _preshuffled(tensor):
+    from int4tensor.convert import _preshuffle_supported
+    from int4tensor.tensors import Int4PreshuffledTensor
+
+    if tensor.is_meta:
+        raise ValueError('int4_packing_format="preshuffled" cannot be built on the meta device:'
+                         ' quantize with "plain", load, then call '
+                         "convert_model_to_packed_tensors_(model)")
+    if not _preshuffle_supported(tensor):
+        raise ValueError('int4_packing_format="preshuffled" needs a CUDA sm90+ GPU, '
+                         "fbgemm-gpu-genai, bf16 weights and group_size >= 64; use \"plain\" "
+                         "(runs everywhere)")
+    return Int4PreshuffledTensor.from_int4_tensor(tensor)
+
+
+@dataclass(frozen=True)
+class Float8DynamicActivationInt4WeightConfig:
+    """fp8 (e4m3) activations quantized per row at run time, int4 weights (symmetric, fp8
+    group scales and fp32 row scales), fbgemm's ``f8i4bf16_shuffled`` kernel.
+
+    Args:
+        group_size: 128 (the only size the kernels take).
+        int4_packing_format: ``"preshuffled"`` (``"plain"`` is not implemented yet: it raises).
+    """
+
+    group_size: int = 128
+    int4_packing_format: str = "preshuffled"
+
+    def __post_init__(self):
+        if self.group_size != 128:
+            raise ValueError("Float8DynamicActivationInt4WeightConfig: the fp8 x int4 kernels "
+                             f"take group_size 128 only, got {self.group_size!r}")
+        if self.int4_packing_format == "plain":
+            raise ValueError('Float8DynamicActivationInt4WeightConfig(int4_packing_format='
+                             '"plain") is not implemented; use "preshuffled"')
+        if self.int4_packing_format != "preshuffled":
+            raise ValueError("Float8DynamicActivationInt4WeightConfig: int4_packing_format must "
+                             f'be "preshuffled", got {self.int4_packing_format!r}')
+
+    def can_quantize(self, weight: torch.Tensor) -> str | None:
+        if weight.ndim not in (2, 3):
+            return f"it is {weight.ndim}D (int4 weights are 2D or 3D)"
+        if weight.shape[-1] % self.group_size:
+            return f"K = {weight.shape[-1]} is not a multiple of group_size {self.group_size}"
+        return None
+
+    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        from int4tensor.tensors import Int4PreshuffledTensor
+
+        if not weight.is_cuda:
+            raise ValueError("Float8DynamicActivationInt4WeightConfig quantizes on a CUDA device "
+                             "(fbgemm's fp8 kernels); move the model to the GPU first")
+        return Int4PreshuffledTensor.from_hp_fp8(weight, self.group_size)

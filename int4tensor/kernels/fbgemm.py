@@ -50,3 +50,81 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
                              weight.group_size)
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out + bias if bias is not None else out
+
+
+# ---- preshuffled layout (Int4PreshuffledTensor) ---------------------------------------------
+# Contracts measured on an H200 with fbgemm-gpu-genai 1.6.0 (scripts/probe_contracts.py):
+# * preshuffle_i4 rewrites its input tensor in place: always hand it a copy;
+# * the shuffled kernels give wrong results (no error) unless N % 16 == 0, and for G = 32;
+# * the *_batched kernels want the scales flattened to 2D [B*K/G, N] (a 3D [B, K/G, N] is
+#   silently misread: relative error 0.44);
+# * bf16i4bf16_shuffled is bit-identical to bf16i4bf16_rowwise on the same data.
+N_ALIGN = 16
+
+
+def preshuffle(qdata: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(qdata [N, K/2] int8, scale)`` -> fbgemm's preshuffled ``(qdata, scale)``; 2D only."""
+    import fbgemm_gpu.experimental.gen_ai  # noqa: F401
+
+    return torch.ops.fbgemm.preshuffle_i4(qdata.clone(), scale)
+
+
+def quantize_fp8_weight(weight: torch.Tensor, group_size: int):
+    """bf16 ``[N, K]`` -> preshuffled symmetric int4 with fp8 group scales and fp32 row scales:
+    ``(qdata [N, K/2], group_scale fp8 [K/G, 8, N], row_scale fp32 [N])``."""
+    from fbgemm_gpu.experimental.gen_ai.quantize import quantize_int4_preshuffle
+
+    qdata, (group_scale, row_scale) = quantize_int4_preshuffle(
+        weight.to(torch.bfloat16), group_size, dtype="fp8")
+    return qdata, group_scale, row_scale
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row fp8 (e4m3) quantization of activations, ``x ≈ xq * x_scale[:, None]``.
+
+    Plain torch ops (a few elementwise kernels, fused under torch.compile), which at decode
+    sizes cost a few µs against the 240-380 µs measured for fbgemm's autotuned Triton
+    ``quantize_fp8_row`` called eagerly at M <= 128."""
+    x_scale = x.abs().amax(dim=-1).float().clamp(min=1e-12) / 448.0
+    xq = (x.float() / x_scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return xq, x_scale
+
+
+def shuffled_mm(x2d: torch.Tensor, weight) -> torch.Tensor:
+    """``x [M, K] @ W.T -> [M, N_padded]`` for a 2D Int4PreshuffledTensor."""
+    fb = torch.ops.fbgemm
+    if weight.activation_dtype == "bf16":
+        return fb.bf16i4bf16_shuffled(x2d, weight.qdata, weight.group_scale, weight.group_zero)
+    xq, x_scale = quantize_fp8_rows(x2d)
+    return fb.f8i4bf16_shuffled(xq, weight.qdata, x_scale, weight.row_scale, weight.group_scale)
+
+
+def shuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T -> [B, M, N_padded]`` for a 3D Int4PreshuffledTensor (bf16)."""
+    n = weight.qdata.shape[-2]
+    return torch.ops.fbgemm.bf16i4bf16_shuffled_batched(
+        x.contiguous(), weight.qdata,
+        weight.group_scale.reshape(-1, n), weight.group_zero.reshape(-1, n))
+
+
+def unshuffle_int4(weight) -> torch.Tensor:
+    """Exact int4 values ``q [..., N_padded, K]`` (int8) of a preshuffled weight: the kernel run
+    on an identity input with unit scales and zero zero-points returns q itself."""
+    fb = torch.ops.fbgemm
+    k = weight.qdata.shape[-1] * 2
+    eye = torch.eye(k, device=weight.device, dtype=torch.bfloat16)
+    qs = []
+    for qdata, gs in zip(weight.qdata.reshape(-1, *weight.qdata.shape[-2:]),
+                         weight.group_scale.reshape(-1, *weight.group_scale.shape[-2:])
+                         if weight.activation_dtype == "bf16" else
+                         weight.group_scale.reshape(-1, *weight.group_scale.shape[-3:])):
+        ones = torch.ones_like(gs)
+        if weight.activation_dtype == "bf16":
+            out = fb.bf16i4bf16_shuffled(eye, qdata, ones, torch.zeros_like(gs))
+        else:
+            xq = eye.to(torch.float8_e4m3fn)
+            unit = torch.ones(k, device=weight.device, dtype=torch.float32)
+            rows = torch.ones(qdata.shape[0], device=weight.device, dtype=torch.float32)
+            out = fb.f8i4bf16_shuffled(xq, qdata, unit, rows, ones)
+        qs.append(out.t().round().to(torch.int8))
+    return torch.stack(qs).reshape(*weight.qdata.shape[:-1], k)

@@ -29,37 +29,43 @@ def _int4_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_qn, stride_sg, stride_om,
-    G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUPS_PER_ITER: tl.constexpr,
 ):
     """One activation row per program (grid axis 2), CUDA-core FMAs: for M of 1 to a few.
 
-    Nibbles become float32 without an int->float conversion: the bits 0x4B000000 | u are the
-    float 2**23 + u, so subtracting 2**23 + 8 leaves q = u - 8 exactly."""
+    Each iteration reads GROUPS_PER_ITER consecutive groups of BLOCK_N rows as one 3D tile
+    ``[BLOCK_N, GROUPS_PER_ITER, G/2]`` (long contiguous runs per row). Nibbles become float32
+    without an int->float conversion: the bits 0x4B000000 | u are the float 2**23 + u, so
+    subtracting 2**23 + 8 leaves q = u - 8 exactly."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_n = tl.where(mask_n, offs_n, 0)  # rows past N re-read row 0 instead of masking
+    offs_g = tl.arange(0, GROUPS_PER_ITER)
     offs_b = tl.arange(0, G // 2)
+    tile = offs_g[:, None] * (G // 2) + offs_b[None, :]  # byte offsets within an iteration
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    num_groups = K // G
-    groups_per_split = tl.cdiv(num_groups, SPLIT_K)
-    g_start = pid_k * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, num_groups)
+    num_iters = K // (G * GROUPS_PER_ITER)
+    iters_per_split = tl.cdiv(num_iters, SPLIT_K)
+    i_start = pid_k * iters_per_split
+    i_end = tl.minimum(i_start + iters_per_split, num_iters)
     x_row = x_ptr + m * stride_xm
-    for g in range(g_start, g_end):
-        q = tl.load(q_ptr + offs_n[:, None] * stride_qn + (g * (G // 2) + offs_b)[None, :])
+    for i in range(i_start, i_end):
+        byte0 = i * (GROUPS_PER_ITER * G // 2)
+        q = tl.load(q_ptr + offs_n[:, None, None] * stride_qn + byte0 + tile[None, :, :])
         q32 = q.to(tl.int32)
         lo = ((q32 & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
         hi = (((q32 >> 4) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
-        x_even = tl.load(x_row + g * G + 2 * offs_b).to(tl.float32)
-        x_odd = tl.load(x_row + g * G + 2 * offs_b + 1).to(tl.float32)
-        dot = tl.sum(lo * x_even[None, :] + hi * x_odd[None, :], axis=1)
-        x_sum = tl.sum(x_even + x_odd, axis=0)
-        s = tl.load(s_ptr + g * stride_sg + offs_n).to(tl.float32)
-        z = tl.load(z_ptr + g * stride_sg + offs_n).to(tl.float32)
-        acc += s * dot + z * x_sum
+        x_even = tl.load(x_row + 2 * (byte0 + tile)).to(tl.float32)  # [GPI, G/2]
+        x_odd = tl.load(x_row + 2 * (byte0 + tile) + 1).to(tl.float32)
+        dot = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)  # [BN, GPI]
+        x_sum = tl.sum(x_even + x_odd, axis=1)  # [GPI]
+        g = i * GROUPS_PER_ITER + offs_g
+        s = tl.load(s_ptr + g[None, :] * stride_sg + offs_n[:, None]).to(tl.float32)
+        z = tl.load(z_ptr + g[None, :] * stride_sg + offs_n[:, None]).to(tl.float32)
+        acc += tl.sum(s * dot + z * x_sum[None, :], axis=1)
     out_ptrs = out_ptr + m * stride_om + offs_n
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
@@ -123,8 +129,10 @@ def pick_config(m: int, n: int, k: int, group_size: int = 128) -> dict:
     (``benchmarks/bench_linear.py --sweep``)."""
     groups = k // group_size
     if m <= GEMV_MAX_M:
-        cfg = dict(kernel="gemv", BLOCK_N=64, num_warps=4, num_stages=4)
+        gpi = 4 if groups % 4 == 0 else (2 if groups % 2 == 0 else 1)
+        cfg = dict(kernel="gemv", BLOCK_N=16, GROUPS_PER_ITER=gpi, num_warps=2, num_stages=3)
         programs = triton.cdiv(n, cfg["BLOCK_N"]) * m
+        groups //= gpi
     else:
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
         cfg = dict(kernel="mma", BLOCK_M=block_m, BLOCK_N=128 if m <= 16 else 64,
@@ -138,7 +146,7 @@ def pick_config(m: int, n: int, k: int, group_size: int = 128) -> dict:
 
 
 #: activation rows up to which the CUDA-core GEMV kernel is used (tensor-core kernel above)
-GEMV_MAX_M = 4
+GEMV_MAX_M = 2
 
 
 def int4_matmul(

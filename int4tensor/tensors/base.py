@@ -111,6 +111,14 @@ class Int4BaseTensor(torch.Tensor):
     def __tensor_unflatten__(cls, inner_tensors, attributes, outer_size, outer_stride):
         return cls._build(inner_tensors, attributes)
 
+    def _quantize_like(self, dense: torch.Tensor) -> "Int4BaseTensor":
+        """Hook for ``copy_`` from a dense tensor: a tensor of this class holding ``dense``."""
+        raise TypeError(f"copy_ into {type(self).__name__} from a dense tensor is not supported;"
+                        f" copy from a {type(self).__name__}")
+
+    def _check_to(self, device, dtype) -> None:
+        """Hook: raise if this tensor cannot move to ``device`` / be cast to ``dtype``."""
+
     def _stable_hash_for_caching(self) -> str:
         """Metadata key for torch.compile's AOT autograd cache (values are not part of it)."""
         inner = [(n, str(t.dtype), tuple(t.shape), t.stride(), t.device.type)
@@ -190,6 +198,7 @@ def _(func, args, kwargs):
 
 def _to_copy(self, device=None, dtype=None, non_blocking=False, **_):
     """``.to(device)`` moves every inner tensor; ``.to(float_dtype)`` re-types scale/zero."""
+    self._check_to(device, dtype)
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(
             f"{type(self).__name__} can only be cast to a floating dtype (its scale/zero dtype), "

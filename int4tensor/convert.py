@@ -1,0 +1,54 @@
+"""After loading: move int4 weights to the fastest layout the current hardware runs."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from int4tensor import kernels
+from int4tensor.quantize import replace_parameter
+from int4tensor.tensors import Int4PreshuffledTensor, Int4Tensor
+
+__all__ = [
+    "convert_to_packed_tensor_based_on_current_hardware",
+    "convert_model_to_packed_tensors_",
+]
+
+
+def _preshuffle_supported(t: Int4Tensor) -> bool:
+    return (
+        t.is_cuda
+        and torch.cuda.get_device_capability(t.device) >= (9, 0)
+        and kernels.fbgemm.is_available()
+        and t.scale.dtype == torch.bfloat16
+        and t.group_size >= 64  # fbgemm's int4 kernels are wrong at G = 32 (measured)
+        and t.act_pre_scale is None
+    )
+
+
+def convert_to_packed_tensor_based_on_current_hardware(tensor: torch.Tensor) -> torch.Tensor:
+    """An Int4Tensor on a Hopper GPU with fbgemm-gpu-genai becomes an Int4PreshuffledTensor
+    (bf16 activations; linear outputs are bit-identical before and after); anything else is
+    returned unchanged. Never raises: a failed conversion warns and keeps the tensor."""
+    if not isinstance(tensor, Int4Tensor) or not _preshuffle_supported(tensor):
+        return tensor
+    try:
+        return Int4PreshuffledTensor.from_int4_tensor(tensor)
+    except Exception as e:  # noqa: BLE001  (a kernel library mismatch must not break loading)
+        warnings.warn(f"kept the plain Int4Tensor layout: preshuffling failed ({e})",
+                      stacklevel=2)
+        return tensor
+
+
+def convert_model_to_packed_tensors_(model: nn.Module) -> nn.Module:
+    """Apply :func:`convert_to_packed_tensor_based_on_current_hardware` to every quantized
+    parameter of ``model`` in place, keeping each Parameter's attributes
+    (``weight_loader``, ``input_dim``, ...) and ``requires_grad=False``. Returns ``model``."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            converted = convert_to_packed_tensor_based_on_current_hardware(param)
+            if converted is not param:
+                replace_parameter(module, name, converted)
+    return model

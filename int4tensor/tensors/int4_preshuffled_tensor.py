@@ -1,0 +1,241 @@
+"""``Int4PreshuffledTensor``: fbgemm's Hopper layout, for its fastest int4 kernels.
+
+Checkpoints stay in the plain :class:`~int4tensor.Int4Tensor` layout; after loading,
+:func:`int4tensor.convert_to_packed_tensor_based_on_current_hardware` turns weights into this
+layout on a Hopper GPU with fbgemm-gpu-genai. It only exists on CUDA: the layout is fbgemm's
+and only fbgemm's kernels read it. :meth:`Int4PreshuffledTensor.to_int4_tensor` goes back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from int4tensor import kernels
+from int4tensor.tensors.base import Int4BaseTensor
+from int4tensor.tensors.int4_tensor import Int4Tensor
+
+aten = torch.ops.aten
+
+__all__ = ["Int4PreshuffledTensor"]
+
+ACTIVATION_DTYPES = ("bf16", "fp8")
+
+
+class Int4PreshuffledTensor(Int4BaseTensor):
+    """A weight ``W [..., N, K]`` in fbgemm's preshuffled int4 layout.
+
+    Fields (``Np`` = N rounded up to a multiple of 16, the kernels' alignment; rows past N are
+    zero and sliced off outputs):
+        qdata: int8 ``[..., Np, K/2]``, int4 values reordered by ``fbgemm.preshuffle_i4``.
+        group_scale: bf16 activations: bf16 ``[..., K/G, Np]``; fp8 activations: float8_e4m3
+            ``[..., K/G, 8, Np]`` (fbgemm's packed group scales).
+        group_zero: bf16 activations only, bf16 ``[..., K/G, Np]``.
+        row_scale: fp8 activations only, fp32 ``[..., Np]``.
+        block_size, shape: as for Int4Tensor (a transposed view has block ``(..., G, 1)``).
+        activation_dtype: ``"bf16"`` (``W = q * group_scale + group_zero``, asymmetric) or
+            ``"fp8"`` (``W = q * group_scale * row_scale``, symmetric; activations are quantized
+            to fp8 per row at run time).
+    """
+
+    tensor_data_names = ("qdata", "group_scale")
+    optional_tensor_data_names = ("group_zero", "row_scale")
+    tensor_attribute_names = ("block_size", "shape", "activation_dtype")
+
+    @staticmethod
+    def __new__(cls, qdata, group_scale, block_size, shape, activation_dtype,
+                group_zero=None, row_scale=None):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=torch.bfloat16, device=qdata.device, requires_grad=False)
+
+    def __init__(self, qdata, group_scale, block_size, shape, activation_dtype,
+                 group_zero=None, row_scale=None):
+        if activation_dtype not in ACTIVATION_DTYPES:
+            raise ValueError(f"activation_dtype must be one of {ACTIVATION_DTYPES}, "
+                             f"got {activation_dtype!r}")
+        self.qdata = qdata
+        self.group_scale = group_scale
+        self.group_zero = group_zero
+        self.row_scale = row_scale
+        self.block_size = tuple(int(b) for b in block_size)
+        self.activation_dtype = activation_dtype
+
+    group_size = Int4Tensor.group_size
+    is_transposed = Int4Tensor.is_transposed
+
+    @property
+    def stored_n(self) -> int:
+        """N of the stored (untransposed) weight, without padding."""
+        return self.shape[-1] if self.is_transposed else self.shape[-2]
+
+    def _check_to(self, device, dtype):
+        if device is not None and torch.device(device).type != "cuda":
+            raise ValueError("Int4PreshuffledTensor lives on CUDA (only fbgemm reads its layout);"
+                             " call .to_int4_tensor() first for a portable Int4Tensor")
+        if dtype not in (None, torch.bfloat16):
+            raise TypeError(f"Int4PreshuffledTensor computes in bfloat16, got {dtype}")
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    def from_int4_tensor(cls, t: Int4Tensor) -> "Int4PreshuffledTensor":
+        """Preshuffle a CUDA Int4Tensor (bf16 scale/zero, G >= 64) for bf16 activations.
+        Outputs of linear are bit-identical before and after (measured on an H200)."""
+        if t.is_transposed:
+            return cls.from_int4_tensor(t.mT).mT
+        if t.act_pre_scale is not None or t.scale.dtype != torch.bfloat16 or t.group_size < 64:
+            raise ValueError("Int4PreshuffledTensor needs bf16 scale/zero, group size >= 64 and "
+                             "no act_pre_scale")
+        qdata, scale, zero = (_pad_n(x, dim) for x, dim in
+                              ((t.qdata, -2), (t.scale, -1), (t.zero_point, -1)))
+        shuffled = [kernels.fbgemm.preshuffle(q, s)
+                    for q, s in zip(qdata.reshape(-1, *qdata.shape[-2:]),
+                                    scale.reshape(-1, *scale.shape[-2:]))]
+        qdata = torch.stack([q for q, _ in shuffled]).reshape(qdata.shape)
+        scale = torch.stack([s for _, s in shuffled]).reshape(scale.shape)
+        return cls(qdata, scale, t.block_size, t.shape, "bf16", group_zero=zero)
+
+    @classmethod
+    def from_hp_fp8(cls, weight: torch.Tensor, group_size: int = 128) -> "Int4PreshuffledTensor":
+        """Quantize a CUDA weight ``[N, K]`` / ``[E, N, K]`` for fp8 activations (symmetric
+        int4, fp8 group scales, fp32 row scales; fbgemm's ``quantize_int4_preshuffle``)."""
+        if group_size != 128:
+            raise ValueError(f"fp8-activation int4 kernels take group size 128 only, got "
+                             f"{group_size}")
+        if not weight.is_cuda:
+            raise ValueError("fp8-activation int4 weights are made on a CUDA device")
+        padded = _pad_n(weight, -2)
+        parts = [kernels.fbgemm.quantize_fp8_weight(w, group_size)
+                 for w in padded.reshape(-1, *padded.shape[-2:])]
+        lead = padded.shape[:-2]
+        qdata = torch.stack([p[0] for p in parts]).reshape(*lead, *parts[0][0].shape)
+        group_scale = torch.stack([p[1] for p in parts]).reshape(*lead, *parts[0][1].shape)
+        row_scale = torch.stack([p[2] for p in parts]).reshape(*lead, *parts[0][2].shape)
+        block = (1,) * (weight.ndim - 1) + (group_size,)
+        return cls(qdata, group_scale, block, weight.shape, "fp8", row_scale=row_scale)
+
+    # ---- back to dense / plain -----------------------------------------------------------
+    def to_int4_tensor(self) -> Int4Tensor:
+        """The same weight in the plain layout (exact for bf16 activations; for fp8 the scale
+        becomes ``group_scale * row_scale`` in float32 and the zero point 0)."""
+        if self.is_transposed:
+            return self.mT.to_int4_tensor().mT
+        from int4tensor.quant_primitives import pack_int4
+
+        n = self.stored_n
+        q = kernels.fbgemm.unshuffle_int4(self)[..., :n, :]
+        if self.activation_dtype == "bf16":
+            scale = self.group_scale[..., :n].contiguous()
+            zero = self.group_zero[..., :n].contiguous()
+        else:
+            # group_scale [.., K/G, 8, Np]: the 8 copies hold the same scale per group
+            scale = (self.group_scale[..., 0, :n].float()
+                     * self.row_scale[..., None, :n]).contiguous()
+            zero = torch.zeros_like(scale)
+        return Int4Tensor(pack_int4(q.contiguous()), scale, zero, self.block_size, self.shape)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight in its logical shape (through the plain layout)."""
+        return self.to_int4_tensor().dequantize(dtype or self.dtype)
+
+
+def _pad_n(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zero-pad ``dim`` up to a multiple of the kernels' N alignment."""
+    n = x.shape[dim]
+    pad = -n % kernels.fbgemm.N_ALIGN
+    if pad == 0:
+        return x
+    widths = [0, 0] * (-dim - 1) + [0, pad]
+    return F.pad(x, widths)
+
+
+implements = Int4PreshuffledTensor.implements
+
+
+@implements([F.linear, aten.linear.default])
+def _(func, args, kwargs):
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if w.ndim != 2 or w.is_transposed:
+        return F.linear(x, w.dequantize(x.dtype), bias)
+    return _linear(x, w, bias)
+
+
+def _linear(x: torch.Tensor, w: Int4PreshuffledTensor, bias) -> torch.Tensor:
+    if x.shape[-1] != w.shape[-1]:
+        raise ValueError(f"linear input's last dim must be K = {w.shape[-1]}, got input shape "
+                         f"{list(x.shape)}")
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"Int4PreshuffledTensor takes bf16 activations, got {x.dtype}")
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    out = kernels.fbgemm.shuffled_mm(x2d, w)[:, : w.stored_n]
+    out = out.reshape(*x.shape[:-1], w.stored_n)
+    return out + bias if bias is not None else out
+
+
+def _transposed(t: Int4PreshuffledTensor) -> Int4PreshuffledTensor:
+    bs, shape = t.block_size, tuple(t.shape)
+    return Int4PreshuffledTensor._build(
+        t._tensors(), [(*bs[:-2], bs[-1], bs[-2]), (*shape[:-2], shape[-1], shape[-2]),
+                       t.activation_dtype])
+
+
+@implements([aten.t.default, aten.transpose.int])
+def _(func, args, kwargs):
+    t = args[0]
+    dims = {d % t.ndim for d in args[1:3]} if func is aten.transpose.int else {0, 1}
+    if dims != {t.ndim - 2, t.ndim - 1}:
+        raise NotImplementedError("Int4PreshuffledTensor supports transposing only its last "
+                                  "two dims")
+    return return_and_correct_aliasing(func, args, kwargs, _transposed(t))
+
+
+@implements([aten.select.int, aten.index.Tensor])
+def _(func, args, kwargs):
+    """Expert selection ``w[e]`` / ``w[idx]`` of a 3D weight (dim 0)."""
+    t, index = args[0], args[1:]
+    if t.ndim != 3 or (func is aten.select.int and index[0] % 3 != 0):
+        raise NotImplementedError("Int4PreshuffledTensor supports indexing only the expert dim "
+                                  "of a 3D weight")
+    pick = (lambda x: x.select(0, index[1])) if func is aten.select.int else \
+        (lambda x: x[index[0][0]])
+    fields = {name: pick(x) for name, x in t._tensors().items()}
+    lead = fields["qdata"].shape[:-2]
+    block = t.block_size[1:] if func is aten.select.int else t.block_size
+    return Int4PreshuffledTensor._build(fields, [block, (*lead, *t.shape[1:]),
+                                                 t.activation_dtype])
+
+
+@implements([aten.slice.Tensor])
+def _(func, args, kwargs):
+    """Slices along N or K copy: the layout is re-derived for the slice (exact)."""
+    t, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
+    if t.ndim == 3 and dim % 3 == 0:
+        fields = {name: x[start:end:step] for name, x in t._tensors().items()}
+        shape = (fields["qdata"].shape[0], *t.shape[1:])
+        return Int4PreshuffledTensor._build(fields, [t.block_size, shape, t.activation_dtype])
+    if t.activation_dtype != "bf16":
+        raise NotImplementedError("slicing an fp8-activation Int4PreshuffledTensor along N or K;"
+                                  " slice the plain weight before converting")
+    plain = t.to_int4_tensor()
+    return Int4PreshuffledTensor.from_int4_tensor(aten.slice.Tensor(plain, dim, start, end, step))
+
+
+@implements([aten.bmm.default, aten.mm.default, torch.matmul, torch.Tensor.matmul,
+             torch.Tensor.__matmul__])
+def _(func, args, kwargs):
+    """``x @ W`` for a transposed weight (``W`` logical ``[.., K, N]``) runs the kernels; any
+    other product goes through the dense value."""
+    a, b = args[0], args[1]
+    if isinstance(b, Int4PreshuffledTensor) and b.is_transposed and \
+            not isinstance(a, Int4BaseTensor) and a.dtype == torch.bfloat16:
+        stored = _transposed(b)
+        if b.ndim == 2:
+            return _linear(a, stored, None)
+        if a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0] and b.activation_dtype == "bf16":
+            if a.shape[-1] != stored.shape[-1]:
+                raise ValueError(f"bmm: shapes {list(a.shape)} and {list(b.shape)} cannot be "
+                                 "multiplied")
+            return kernels.fbgemm.shuffled_bmm(a, stored)[..., : stored.stored_n]
+    dense = [x.dequantize(torch.bfloat16) if isinstance(x, Int4BaseTensor) else x for x in (a, b)]
+    return torch.matmul(*dense)

@@ -1,0 +1,182 @@
+"""Int4PreshuffledTensor (fbgemm's Hopper layout) against the plain layout and the float layer."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from int4tensor import (
+    Float8DynamicActivationInt4WeightConfig,
+    Int4PreshuffledTensor,
+    Int4Tensor,
+    Int4WeightOnlyConfig,
+    convert_model_to_packed_tensors_,
+    convert_to_packed_tensor_based_on_current_hardware,
+    quantize_,
+)
+from int4tensor.kernels import fbgemm, reference
+from test.helpers import rel_error, sqnr
+
+
+def hopper_with_fbgemm():
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+            and fbgemm.is_available())
+
+
+gpu = pytest.mark.gpu
+needs_kernels = pytest.mark.skipif(not hopper_with_fbgemm(),
+                                   reason="needs fbgemm-gpu-genai on an sm90+ GPU")
+
+
+def plain(shape, g=128, device="cuda"):
+    w = torch.randn(shape, dtype=torch.bfloat16, device=device) * 0.02
+    return w, Int4Tensor.from_hp(w, (1,) * (len(shape) - 1) + (g,))
+
+
+class TestOnCpu:
+    """What a CPU-only machine sees: conversion is a no-op, preshuffled configs say why not."""
+
+    def test_conversion_leaves_cpu_tensors_alone(self):
+        _, t = plain((256, 512), device="cpu")
+        assert convert_to_packed_tensor_based_on_current_hardware(t) is t
+        dense = torch.randn(4, 4)
+        assert convert_to_packed_tensor_based_on_current_hardware(dense) is dense
+
+    def test_model_conversion_is_a_no_op_on_cpu(self):
+        model = torch.nn.Linear(512, 256, dtype=torch.bfloat16)
+        quantize_(model, Int4WeightOnlyConfig())
+        weight = model.weight
+        convert_model_to_packed_tensors_(model)
+        assert model.weight is weight
+
+    def test_preshuffled_config_on_cpu_says_why(self):
+        model = torch.nn.Linear(512, 256, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="needs a CUDA sm90"):
+            quantize_(model, Int4WeightOnlyConfig(int4_packing_format="preshuffled"))
+
+    def test_fp8_config_validation(self):
+        with pytest.raises(ValueError, match="group_size 128 only"):
+            Float8DynamicActivationInt4WeightConfig(group_size=64)
+        with pytest.raises(ValueError, match="not implemented"):
+            Float8DynamicActivationInt4WeightConfig(int4_packing_format="plain")
+        model = torch.nn.Linear(512, 256, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="CUDA device"):
+            quantize_(model, Float8DynamicActivationInt4WeightConfig())
+
+
+@gpu
+@needs_kernels
+class TestBf16Activations:
+    @pytest.mark.parametrize("n, k", [(256, 512), (4096, 4096), (200, 384), (1000, 2048)])
+    @pytest.mark.parametrize("m", [1, 16, 1000])
+    def test_linear_matches_plain_and_reference(self, m, n, k):
+        w, t = plain((n, k))
+        p = Int4PreshuffledTensor.from_int4_tensor(t)
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        out = F.linear(x, p)
+        assert out.shape == (m, n)
+        ref = reference.linear(x, t, None)
+        assert rel_error(ref, out) < 1e-2
+        assert sqnr(x.double() @ w.double().t(), out) > 18
+        if m > 2:  # same fbgemm GEMM family on both sides: bit-identical
+            assert torch.equal(out, fbgemm.linear(x, t, None))
+
+    def test_leading_dims_bias_and_g64_g256(self):
+        for g in (64, 256):
+            _, t = plain((512, 1024), g)
+            p = convert_to_packed_tensor_based_on_current_hardware(t)
+            assert isinstance(p, Int4PreshuffledTensor)
+            x = torch.randn(2, 3, 1024, dtype=torch.bfloat16, device="cuda")
+            bias = torch.randn(512, dtype=torch.bfloat16, device="cuda")
+            assert rel_error(reference.linear(x, t, bias), F.linear(x, p, bias)) < 1e-2
+
+    def test_g32_is_not_converted(self):
+        _, t = plain((256, 512), g=32)
+        assert convert_to_packed_tensor_based_on_current_hardware(t) is t
+
+    def test_back_to_plain_is_exact(self):
+        for shape in [(200, 512), (3, 128, 256)]:
+            _, t = plain(shape)
+            back = Int4PreshuffledTensor.from_int4_tensor(t).to_int4_tensor()
+            for name in ("qdata", "scale", "zero_point"):
+                assert torch.equal(getattr(back, name), getattr(t, name)), name
+            assert torch.equal(Int4PreshuffledTensor.from_int4_tensor(t).dequantize(), t.dequantize())
+
+    def test_bmm_experts_through_the_batched_kernel(self):
+        w, t = plain((8, 1024, 2048))
+        p = convert_to_packed_tensor_based_on_current_hardware(t)
+        for m in (1, 5, 64):
+            x = torch.randn(8, m, 2048, dtype=torch.bfloat16, device="cuda")
+            out = torch.bmm(x, p.mT)
+            assert out.shape == (8, m, 1024)
+            assert rel_error(reference.bmm(x, t), out) < 1e-2
+            assert sqnr(torch.bmm(x.double(), w.double().mT), out) > 18
+
+    def test_slicing_along_n_and_k_and_experts(self):
+        _, t = plain((4, 512, 1024))
+        p = Int4PreshuffledTensor.from_int4_tensor(t)
+        assert torch.equal(p[1].dequantize(), t[1].dequantize())
+        assert torch.equal(p[:, 64:200].dequantize(), t[:, 64:200].dequantize())
+        assert torch.equal(p[..., 256:768].dequantize(), t[..., 256:768].dequantize())
+        with pytest.raises(ValueError, match="group boundaries"):
+            p[..., 100:300]
+
+    def test_save_load_clone_copy(self):
+        _, t = plain((256, 512))
+        p = Int4PreshuffledTensor.from_int4_tensor(t)
+        buf = io.BytesIO()
+        torch.save(p, buf)
+        buf.seek(0)
+        back = torch.load(buf, weights_only=True)
+        assert type(back) is Int4PreshuffledTensor and torch.equal(back.qdata, p.qdata)
+        c = p.clone()
+        c.copy_(Int4PreshuffledTensor.from_int4_tensor(plain((256, 512))[1]))
+        assert not torch.equal(c.qdata, p.qdata)
+        assert "activation_dtype='bf16'" in repr(p)
+        with pytest.raises(ValueError, match="lives on CUDA"):
+            p.to("cpu")
+
+    def test_model_conversion_keeps_outputs_and_attributes(self):
+        model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.SiLU(),
+                                    torch.nn.Linear(2048, 200)).to("cuda", torch.bfloat16)
+        quantize_(model, Int4WeightOnlyConfig())
+        model[0].weight.weight_loader = print
+        x = torch.randn(32, 1024, dtype=torch.bfloat16, device="cuda")
+        with torch.no_grad():
+            before = model(x)
+            convert_model_to_packed_tensors_(model)
+            after = model(x)
+        assert isinstance(model[0].weight, Int4PreshuffledTensor)
+        assert model[0].weight.weight_loader is print and not model[0].weight.requires_grad
+        assert torch.equal(before, after)
+
+    def test_quantize_directly_preshuffled(self):
+        model = torch.nn.Linear(512, 256, dtype=torch.bfloat16, device="cuda")
+        x = torch.randn(4, 512, dtype=torch.bfloat16, device="cuda")
+        ref = model(x)
+        quantize_(model, Int4WeightOnlyConfig(int4_packing_format="preshuffled"))
+        assert isinstance(model.weight, Int4PreshuffledTensor)
+        assert sqnr(ref, model(x)) > 18
+
+
+@gpu
+@needs_kernels
+class TestFp8Activations:
+    @pytest.mark.parametrize("m", [1, 16, 128, 1024])
+    def test_linear_against_float(self, m):
+        w = torch.randn(1024, 2048, dtype=torch.bfloat16, device="cuda") * 0.02
+        p = Int4PreshuffledTensor.from_hp_fp8(w)
+        x = torch.randn(m, 2048, dtype=torch.bfloat16, device="cuda")
+        out = F.linear(x, p)
+        assert sqnr(x.double() @ w.double().t(), out) > 15
+        # the same int4 values through the plain reference path (bf16 activations)
+        assert rel_error(reference.linear(x, p.to_int4_tensor().to(torch.bfloat16), None), out) < 0.1
+
+    def test_unaligned_n_and_config(self):
+        model = torch.nn.Linear(1024, 200, dtype=torch.bfloat16, device="cuda")
+        x = torch.randn(3, 1024, dtype=torch.bfloat16, device="cuda")
+        ref = model(x)
+        quantize_(model, Float8DynamicActivationInt4WeightConfig())
+        assert model.weight.activation_dtype == "fp8"
+        assert model(x).shape == (3, 200) and sqnr(ref, model(x)) > 15
