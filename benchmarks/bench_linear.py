@@ -51,7 +51,7 @@ def int4_paths(x, t: Int4Tensor, have_fbgemm: bool):
     if have_fbgemm:
         fb = torch.ops.fbgemm
         paths["fbgemm rowwise"] = lambda: fb.bf16i4bf16_rowwise(x, t.qdata, t.scale, t.zero_point)
-        wq, s = fb.preshuffle_i4(t.qdata, t.scale)
+        wq, s = fbgemm_backend.preshuffle(t.qdata, t.scale)  # (preshuffle_i4 writes its input)
         paths["fbgemm shuffled"] = lambda: fb.bf16i4bf16_shuffled(x, wq, s, t.zero_point)
     if x.shape[0] <= 128:
         tg = tinygemm_pack(t)

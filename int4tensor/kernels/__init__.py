@@ -12,8 +12,11 @@ import torch
 
 from int4tensor.kernels import custom_ops, fbgemm, reference
 
-#: Largest number of activation rows (M) sent to the Triton decode kernel; larger M goes to
-#: fbgemm's tensor-core GEMM. Chosen from benchmarks/bench_linear.py on an H200.
+#: Dispatch by the number of activation rows M (from benchmarks/bench_linear.py on an H200):
+#: M = 1 runs our Triton GEMV (1.1-1.5x faster than fbgemm's rowwise kernel there); larger M
+#: runs fbgemm's CUTLASS GEMM on Hopper, or our Triton tensor-core kernel up to
+#: TRITON_MAX_M where fbgemm cannot run (other GPUs, G = 32); beyond that the reference path.
+TRITON_ALWAYS_MAX_M = 1
 TRITON_MAX_M = 16
 
 __all__ = ["int4_bmm", "int4_linear", "linear_backend"]
@@ -36,12 +39,15 @@ def _triton_can_run(x: torch.Tensor, weight) -> bool:
 
 
 def linear_backend(x: torch.Tensor, weight) -> str:
-    """Name of the backend :func:`int4_linear` uses for these arguments: ``"triton"``
-    (decode-sized M on CUDA), ``"fbgemm"`` (Hopper, larger M) or ``"reference"``."""
-    if _triton_can_run(x, weight):
+    """Name of the backend :func:`int4_linear` uses for these arguments: ``"triton"``,
+    ``"fbgemm"`` or ``"reference"`` (see TRITON_ALWAYS_MAX_M)."""
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if rows <= TRITON_ALWAYS_MAX_M and _triton_can_run(x, weight):
         return "triton"
     if fbgemm.can_run_linear(x, weight):
         return "fbgemm"
+    if _triton_can_run(x, weight):
+        return "triton"
     return "reference"
 
 

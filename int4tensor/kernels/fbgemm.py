@@ -108,23 +108,27 @@ def shuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
 
 
 def unshuffle_int4(weight) -> torch.Tensor:
-    """Exact int4 values ``q [..., N_padded, K]`` (int8) of a preshuffled weight: the kernel run
-    on an identity input with unit scales and zero zero-points returns q itself."""
-    fb = torch.ops.fbgemm
+    """Exact int4 values ``q [..., N_padded, K]`` (int8) of a preshuffled bf16-activation
+    weight: the kernel run on an identity input with unit scales and zero zero-points returns
+    q itself (integers in [-8, 7] are exact in bf16)."""
     k = weight.qdata.shape[-1] * 2
     eye = torch.eye(k, device=weight.device, dtype=torch.bfloat16)
-    qs = []
-    for qdata, gs in zip(weight.qdata.reshape(-1, *weight.qdata.shape[-2:]),
-                         weight.group_scale.reshape(-1, *weight.group_scale.shape[-2:])
-                         if weight.activation_dtype == "bf16" else
-                         weight.group_scale.reshape(-1, *weight.group_scale.shape[-3:])):
-        ones = torch.ones_like(gs)
-        if weight.activation_dtype == "bf16":
-            out = fb.bf16i4bf16_shuffled(eye, qdata, ones, torch.zeros_like(gs))
-        else:
-            xq = eye.to(torch.float8_e4m3fn)
-            unit = torch.ones(k, device=weight.device, dtype=torch.float32)
-            rows = torch.ones(qdata.shape[0], device=weight.device, dtype=torch.float32)
-            out = fb.f8i4bf16_shuffled(xq, qdata, unit, rows, ones)
-        qs.append(out.t().round().to(torch.int8))
-    return torch.stack(qs).reshape(*weight.qdata.shape[:-1], k)
+    qs = [torch.ops.fbgemm.bf16i4bf16_shuffled(eye, q, torch.ones_like(s), torch.zeros_like(s))
+          for q, s in zip(weight.qdata.reshape(-1, *weight.qdata.shape[-2:]),
+                          weight.group_scale.reshape(-1, *weight.group_scale.shape[-2:]))]
+    return torch.stack([q.t().round().to(torch.int8) for q in qs]).reshape(
+        *weight.qdata.shape[:-1], k)
+
+
+def dequantize_fp8_weight(weight) -> torch.Tensor:
+    """Dense bf16 ``[..., N_padded, K]`` of a preshuffled fp8-activation weight: the kernel's
+    output for an identity input (x = I exactly in fp8, x_scale = 1)."""
+    k = weight.qdata.shape[-1] * 2
+    eye = torch.eye(k, device=weight.device, dtype=torch.bfloat16).to(torch.float8_e4m3fn)
+    unit = torch.ones(k, device=weight.device, dtype=torch.float32)
+    lead = weight.qdata.shape[:-2]
+    outs = [torch.ops.fbgemm.f8i4bf16_shuffled(eye, q, unit, r, s).t()
+            for q, s, r in zip(weight.qdata.reshape(-1, *weight.qdata.shape[-2:]),
+                               weight.group_scale.reshape(-1, *weight.group_scale.shape[-3:]),
+                               weight.row_scale.reshape(-1, weight.row_scale.shape[-1]))]
+    return torch.stack(outs).reshape(*lead, *outs[0].shape)

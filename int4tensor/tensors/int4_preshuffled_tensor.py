@@ -116,27 +116,30 @@ class Int4PreshuffledTensor(Int4BaseTensor):
 
     # ---- back to dense / plain -----------------------------------------------------------
     def to_int4_tensor(self) -> Int4Tensor:
-        """The same weight in the plain layout (exact for bf16 activations; for fp8 the scale
-        becomes ``group_scale * row_scale`` in float32 and the zero point 0)."""
+        """The same weight in the plain layout, exactly (bf16 activations only: fbgemm packs the
+        fp8 group scales in a layout of its own)."""
+        if self.activation_dtype != "bf16":
+            raise NotImplementedError("to_int4_tensor of an fp8-activation Int4PreshuffledTensor;"
+                                      " dequantize() gives its dense value")
         if self.is_transposed:
             return self.mT.to_int4_tensor().mT
         from int4tensor.quant_primitives import pack_int4
 
         n = self.stored_n
         q = kernels.fbgemm.unshuffle_int4(self)[..., :n, :]
-        if self.activation_dtype == "bf16":
-            scale = self.group_scale[..., :n].contiguous()
-            zero = self.group_zero[..., :n].contiguous()
-        else:
-            # group_scale [.., K/G, 8, Np]: the 8 copies hold the same scale per group
-            scale = (self.group_scale[..., 0, :n].float()
-                     * self.row_scale[..., None, :n]).contiguous()
-            zero = torch.zeros_like(scale)
+        scale = self.group_scale[..., :n].contiguous()
+        zero = self.group_zero[..., :n].contiguous()
         return Int4Tensor(pack_int4(q.contiguous()), scale, zero, self.block_size, self.shape)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight in its logical shape (through the plain layout)."""
-        return self.to_int4_tensor().dequantize(dtype or self.dtype)
+        """The dense weight in its logical shape: through the plain layout (bf16 activations),
+        or as the kernel's own product with an identity input (fp8 activations, bf16 exact
+        to the kernel's rounding)."""
+        dtype = dtype or self.dtype
+        if self.activation_dtype == "bf16":
+            return self.to_int4_tensor().dequantize(dtype)
+        w = kernels.fbgemm.dequantize_fp8_weight(self)[..., : self.stored_n, :].to(dtype)
+        return w.transpose(-1, -2) if self.is_transposed else w
 
 
 def _pad_n(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -56,7 +56,7 @@ def test_linear_fbgemm_leading_dims_and_bias():
     assert rel_error(reference.linear(x, t, bias), out) < 1e-2
 
 
-@pytest.mark.parametrize("m, backend", [(1, "triton"), (16, "triton"), (17, "fbgemm"),
+@pytest.mark.parametrize("m, backend", [(1, "triton"), (2, "fbgemm"), (16, "fbgemm"),
                                         (512, "fbgemm")])
 def test_dispatch_by_batch_size(m, backend):
     needs_fbgemm_hopper()
@@ -64,6 +64,14 @@ def test_dispatch_by_batch_size(m, backend):
     x = torch.randn(m, 512, dtype=torch.bfloat16, device="cuda")
     assert kernels.linear_backend(x, t) == backend
     assert rel_error(reference.linear(x, t, None), F.linear(x, t)) < 1e-2
+
+
+def test_g32_uses_triton_up_to_16_rows_then_reference():
+    t = Int4Tensor.from_hp(torch.randn(256, 512, dtype=torch.bfloat16, device="cuda"), (1, 32))
+    for m, backend in ((1, "triton"), (16, "triton"), (17, "reference")):
+        x = torch.randn(m, 512, dtype=torch.bfloat16, device="cuda")
+        assert kernels.linear_backend(x, t) == backend
+        assert rel_error(reference.linear(x, t, None), F.linear(x, t)) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

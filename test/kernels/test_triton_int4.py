@@ -45,8 +45,14 @@ def test_every_output_is_written():
 
     _, t = quantized(1000, 2048)
     x = torch.randn(7, 2048, dtype=torch.bfloat16, device="cuda")
-    for cfg in ({"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3},
-                {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 4, "num_warps": 4, "num_stages": 3}):
+    for cfg in (dict(kernel="mma", BLOCK_M=16, BLOCK_N=64, SPLIT_K=1, GROUPS_PER_ITER=1,
+                     num_warps=4, num_stages=3),
+                dict(kernel="mma", BLOCK_M=16, BLOCK_N=32, SPLIT_K=4, GROUPS_PER_ITER=2,
+                     num_warps=4, num_stages=3),
+                dict(kernel="gemv", BLOCK_N=64, SPLIT_K=1, GROUPS_PER_ITER=4, num_warps=4,
+                     num_stages=3),
+                dict(kernel="gemv", BLOCK_N=16, SPLIT_K=4, GROUPS_PER_ITER=1, num_warps=2,
+                     num_stages=3)):
         out = triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, 128, cfg)
         assert torch.isfinite(out).all()
         assert rel_error(reference.linear(x, t, None), out) < 1e-2
