@@ -19,7 +19,7 @@ from int4tensor.kernels import custom_ops, fbgemm, reference
 TRITON_ALWAYS_MAX_M = 1
 TRITON_MAX_M = 16
 
-__all__ = ["int4_bmm", "int4_linear", "linear_backend"]
+__all__ = ["bmm_backend", "int4_bmm", "int4_linear", "linear_backend"]
 
 
 def _triton_can_run(x: torch.Tensor, weight) -> bool:
@@ -70,8 +70,17 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
     return reference.linear(x, weight, bias)
 
 
+def bmm_backend(x: torch.Tensor, weight) -> str:
+    """Name of the backend :func:`int4_bmm` uses: ``"fbgemm"`` or ``"reference"``."""
+    if fbgemm.can_run_bmm(x, weight):
+        return "fbgemm"
+    return "reference"
+
+
 def int4_bmm(x: torch.Tensor, weight) -> torch.Tensor:
     """``x [B, M, K] @ W[b].T -> [B, M, N]`` for a stored (not transposed) ``W [B, N, K]``."""
     if weight.act_pre_scale is not None:
         x = x * weight.act_pre_scale.to(x.dtype).unsqueeze(-2)
+    if bmm_backend(x, weight) == "fbgemm":
+        return fbgemm.bmm(x, weight)
     return reference.bmm(x, weight)

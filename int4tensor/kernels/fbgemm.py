@@ -41,6 +41,24 @@ def can_run_linear(x: torch.Tensor, weight) -> bool:
     )
 
 
+def can_run_bmm(x: torch.Tensor, weight) -> bool:
+    """``bf16i4bf16_rowwise_batched``: bf16, contiguous 3D weight fields, sm90+."""
+    return (
+        can_run_linear(x[0] if x.ndim == 3 else x, weight[0] if weight.ndim == 3 else weight)
+        and x.ndim == 3 and weight.ndim == 3
+        and weight.qdata.is_contiguous() and weight.scale.is_contiguous()
+        and weight.zero_point.is_contiguous()
+    )
+
+
+def bmm(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T -> [B, M, N]`` through ``bf16i4bf16_rowwise_batched``, which
+    reads the scales as one 2D ``[B*K/G, N]`` tensor (a 3D one is silently misread)."""
+    n = weight.qdata.shape[-2]
+    return torch.ops.fbgemm.bf16i4bf16_rowwise_batched(
+        x.contiguous(), weight.qdata, weight.scale.reshape(-1, n), weight.zero_point.reshape(-1, n))
+
+
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [*, K]`` bf16 -> ``[*, N]`` bf16 through ``torch.ops.fbgemm.bf16i4bf16_rowwise``."""
     from int4tensor.kernels.custom_ops import int4_matmul_fbgemm

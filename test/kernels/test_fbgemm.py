@@ -41,6 +41,7 @@ def test_linear_fbgemm_matches_reference(m, n, k):
     out = fbgemm.linear(x, t, None)
     ref = reference.linear(x, t, None)
     assert out.shape == (m, n)
+    print(f"linear fbgemm vs reference M={m} N={n} K={k}: rel err {rel_error(ref, out):.2e}")
     assert rel_error(ref, out) < 1e-2
     assert sqnr(x.double() @ w.double().t(), out) > 18
 
@@ -104,3 +105,29 @@ def test_move_cpu_model_to_cuda():
     model.to("cuda")
     assert model.weight.qdata.is_cuda and isinstance(model.weight, Int4Tensor)
     assert rel_error(cpu_out, model(x.cuda()).cpu()) < 1e-2
+
+
+@pytest.mark.parametrize("e, m, n, k", [(8, 1, 1024, 2048), (4, 16, 512, 1024), (8, 64, 256, 4096),
+                                        (3, 5, 200, 384)])
+def test_bmm_batched_kernel_matches_reference(e, m, n, k):
+    needs_fbgemm_hopper()
+    w = torch.randn(e, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    t = Int4Tensor.from_hp(w, (1, 1, 128))
+    x = torch.randn(e, m, k, dtype=torch.bfloat16, device="cuda")
+    assert kernels.bmm_backend(x, t) == "fbgemm"
+    out = torch.bmm(x, t.mT)
+    err = rel_error(reference.bmm(x, t), out)
+    print(f"bmm fbgemm vs reference E={e} M={m} N={n} K={k}: rel err {err:.2e}")
+    assert err < 1e-2
+    assert sqnr(torch.bmm(x.double(), w.double().mT), out) > 18
+
+
+def test_moe_model_quantized_by_name_on_gpu():
+    needs_fbgemm_hopper()
+    w_in = torch.randn(4, 512, 1024, dtype=torch.bfloat16, device="cuda") * 0.05
+    module = torch.nn.Module()
+    module.w_in = torch.nn.Parameter(w_in.clone())
+    x = torch.randn(4, 7, 512, dtype=torch.bfloat16, device="cuda")
+    ref = torch.bmm(x, w_in)
+    quantize_(module, {"w_in": Int4WeightOnlyConfig(k_dim=-2)})
+    assert sqnr(ref, torch.bmm(x, module.w_in)) > 18

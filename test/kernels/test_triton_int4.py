@@ -25,7 +25,9 @@ def test_matches_reference(m, n, k):
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     out = triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, 128)
     assert out.shape == (m, n) and out.dtype == torch.bfloat16
-    assert rel_error(reference.linear(x, t, None), out) < 1e-2
+    err = rel_error(reference.linear(x, t, None), out)
+    print(f"linear triton vs reference M={m} N={n} K={k}: rel err {err:.2e}")
+    assert err < 1e-2
     assert sqnr(x.double() @ w.double().t(), out) > 18
 
 
