@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file as _st_save_file
 
-from int4tensor.tensors import Int4BaseTensor, Int4Tensor
+from int4tensor.tensors import Int4BaseTensor, Int4PreshuffledTensor, Int4Tensor
 
 __all__ = [
     "FORMAT_VERSION",
@@ -106,6 +106,9 @@ def _check_int4_tensor(t: Int4Tensor) -> str | None:
 
 
 register_serializable(Int4Tensor, version=1, check=_check_int4_tensor)
+# fbgemm's preshuffled layout: its fields are opaque here (no layout check); the file records
+# them as they are, and loading on a CPU gives back the same bytes.
+register_serializable(Int4PreshuffledTensor, version=1)
 
 
 def check_layout(t: Int4BaseTensor) -> str | None:

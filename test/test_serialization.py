@@ -137,6 +137,20 @@ class TestGenericMechanism:
         for f in ("packed", "group_scale", "row_scale"):
             assert torch.equal(getattr(back, f), getattr(t, f))
 
+    def test_preshuffled_tensor_round_trip(self, tmp_path):
+        """Int4PreshuffledTensor (other field names, optional fields, a str attribute) needs no
+        code of its own; built directly here since preshuffling itself needs a GPU."""
+        from int4tensor.tensors import Int4PreshuffledTensor
+
+        t = Int4PreshuffledTensor(
+            torch.randint(-128, 127, (64, 32), dtype=torch.int8),
+            torch.randn(2, 64, dtype=torch.bfloat16), (1, 64), (64, 64), "bf16",
+            group_zero=torch.randn(2, 64, dtype=torch.bfloat16))
+        save_file({"p": t}, tmp_path / "m.safetensors")
+        back = load_file(tmp_path / "m.safetensors")["p"]
+        assert_same(t, back)
+        assert back.row_scale is None and back.activation_dtype == "bf16"
+
     def test_register_rejects_non_subclass(self):
         with pytest.raises(TypeError, match="Int4BaseTensor subclass"):
             register_serializable(dict)
