@@ -103,9 +103,16 @@ class Decoder(nn.Module):
 
 
 def time_decode(model, batch, start, steps=32):
-    """Median ms per decode step, replaying one CUDA graph per step."""
-    tokens = torch.randint(0, 1000, (batch, 1), device="cuda")
+    """Median ms per decode step, replaying one CUDA graph per step; also returns the first
+    block's output of the first step (deep random-weight stacks decorrelate any two models'
+    logits, so accuracy is compared where one quantized block acts)."""
+    tokens = torch.randint(0, 1000, (batch, 1), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     pos = torch.tensor([start], device="cuda")
+    captured = []
+    hook = model.blocks[0].register_forward_hook(lambda m, i, o: captured.append(o.float().clone()))
+    with torch.no_grad():
+        model(tokens, pos)
+    hook.remove()
     with torch.no_grad():
         for _ in range(3):  # warm-up: kernel compilation and autotuning happen here
             model(tokens, pos)
@@ -125,7 +132,7 @@ def time_decode(model, batch, start, steps=32):
         tokens.copy_(next_tokens)
         times.append(start_ev.elapsed_time(end_ev))
     times.sort()
-    return times[len(times) // 2], logits.float().clone()
+    return times[len(times) // 2], captured[0]
 
 
 def weight_gb(model):
@@ -163,12 +170,13 @@ def main():
         results["int4 plain (dispatch)"] = (ms, weight_gb(model), err)
         convert_model_to_packed_tensors_(model)
         ms, out = time_decode(model, batch, start)
-        results["int4 preshuffled (fbgemm)"] = (ms, weight_gb(model), float((out - ref).norm() / ref.norm()))
+        results["int4 preshuffled (fbgemm)"] = (ms, weight_gb(model),
+                                                float((out - ref).norm() / ref.norm()))
         base = results["bf16"][0]
         for name, (ms, gb, err) in results.items():
             row = dict(batch=batch, path=name, ms_per_step=round(ms, 3),
                        tokens_per_s=round(batch * 1000 / ms, 1), speedup=round(base / ms, 2),
-                       weights_GB=round(gb, 2), logits_rel_err_vs_bf16=round(err, 4))
+                       weights_GB=round(gb, 2), block0_rel_err_vs_bf16=round(err, 4))
             rows.append(row)
             print(row, flush=True)
         del model
@@ -180,10 +188,10 @@ def main():
         writer.writeheader()
         writer.writerows(rows)
     print(f"\n{device}, {stamp}, Llama-3-8B shapes, {args.layers} layers, CUDA graph per step")
-    print(f"{'batch':>5} {'path':<28} {'ms/step':>8} {'tok/s':>8} {'vs bf16':>7} {'weights GB':>10} {'logit err':>9}")
+    print(f"{'batch':>5} {'path':<28} {'ms/step':>8} {'tok/s':>8} {'vs bf16':>7} {'weights GB':>10} {'blk0 err':>9}")
     for r in rows:
         print(f"{r['batch']:>5} {r['path']:<28} {r['ms_per_step']:>8.3f} {r['tokens_per_s']:>8.1f} "
-              f"{r['speedup']:>6.2f}x {r['weights_GB']:>10.2f} {r['logits_rel_err_vs_bf16']:>9.4f}")
+              f"{r['speedup']:>6.2f}x {r['weights_GB']:>10.2f} {r['block0_rel_err_vs_bf16']:>9.4f}")
 
 
 if __name__ == "__main__":

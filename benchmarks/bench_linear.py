@@ -110,12 +110,12 @@ def bench_shape(n, k, ms, bw, have_fbgemm, rows):
 def sweep_configs(m):
     if m <= 4:
         for bn in (8, 16, 32, 64):
-            for gpi in (1, 2, 4, 8):
-                for sk in (1, 2, 4, 8):
+            for gpi in (1, 2, 4):
+                for sk in (2, 4, 8, 16):
                     for warps in (2, 4):
                         yield dict(kernel="gemv", BLOCK_N=bn, SPLIT_K=sk, num_warps=warps,
                                    num_stages=3, GROUPS_PER_ITER=gpi)
-    if m >= 2:
+    if m >= 2 and m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         for bn in (64, 128):
             for sk in (4, 8, 16):
@@ -195,7 +195,7 @@ def main():
     shapes, ms = (SHAPES[:1] + SHAPES[3:4], [1, 16, 128, 1024]) if args.quick else (SHAPES, MS)
     if args.sweep:
         for n, k in shapes:
-            sweep(n, k, [1, 2, 4], bw)
+            sweep(n, k, [1], bw)
         return
     have_fbgemm = fbgemm_backend.is_available()
     rows = []

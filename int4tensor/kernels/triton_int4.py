@@ -44,8 +44,8 @@ def _int4_gemv_kernel(
     mask_n = offs_n < N
     offs_n = tl.where(mask_n, offs_n, 0)  # rows past N re-read row 0 instead of masking
     offs_g = tl.arange(0, GROUPS_PER_ITER)
-    offs_b = tl.arange(0, G // 2)
-    tile = offs_g[:, None] * (G // 2) + offs_b[None, :]  # byte offsets within an iteration
+    tile_b = offs_g[:, None] * (G // 2) + tl.arange(0, G // 2)[None, :]  # bytes in an iteration
+    tile_k = offs_g[:, None] * G + tl.arange(0, G)[None, :]  # K positions in an iteration
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     num_iters = K // (G * GROUPS_PER_ITER)
     iters_per_split = tl.cdiv(num_iters, SPLIT_K)
@@ -54,14 +54,15 @@ def _int4_gemv_kernel(
     x_row = x_ptr + m * stride_xm
     for i in range(i_start, i_end):
         byte0 = i * (GROUPS_PER_ITER * G // 2)
-        q = tl.load(q_ptr + offs_n[:, None, None] * stride_qn + byte0 + tile[None, :, :])
+        q = tl.load(q_ptr + offs_n[:, None, None] * stride_qn + byte0 + tile_b[None, :, :])
         q32 = q.to(tl.int32)
         lo = ((q32 & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
         hi = (((q32 >> 4) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
-        x_even = tl.load(x_row + 2 * (byte0 + tile)).to(tl.float32)  # [GPI, G/2]
-        x_odd = tl.load(x_row + 2 * (byte0 + tile) + 1).to(tl.float32)
-        dot = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)  # [BN, GPI]
-        x_sum = tl.sum(x_even + x_odd, axis=1)  # [GPI]
+        # interleave in registers (k = 2j, 2j+1) so the activations load contiguously
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, GROUPS_PER_ITER, G))
+        x = tl.load(x_row + 2 * byte0 + tile_k).to(tl.float32)  # [GPI, G]
+        dot = tl.sum(w * x[None, :, :], axis=2)  # [BN, GPI]
+        x_sum = tl.sum(x, axis=1)  # [GPI]
         g = i * GROUPS_PER_ITER + offs_g
         s = tl.load(s_ptr + g[None, :] * stride_sg + offs_n[:, None]).to(tl.float32)
         z = tl.load(z_ptr + g[None, :] * stride_sg + offs_n[:, None]).to(tl.float32)

@@ -1,0 +1,195 @@
+"""Accuracy of each int4 quantization algorithm on the committed tiny byte-level LM.
+
+    python benchmarks/bench_accuracy.py                 # G = 32, 64, 128; all methods
+    python benchmarks/bench_accuracy.py --group-sizes 128 --methods minmax gptq
+
+Model: ``models/tiny_bytelm`` (3.4M parameters, 4 blocks, d_model 256, trained on Python's
+standard-library sources; see its ``train.py``). Every Linear inside the blocks is quantized
+(16 layers, K = 256 or 1024); the embeddings and ``lm_head`` stay in bf16.
+
+Reported per (method, G):
+* ``ppl``: per-byte perplexity on held-out stdlib files (``stdlib_corpus("val")``),
+  ``--eval-windows`` windows of 256 bytes;
+* ``d_ppl``: ``ppl - ppl(bf16)``, and ``d_ppl / d_ppl(minmax)`` at the same G;
+* per-layer SQNR (dB) of each layer's output ``x @ W_q.T`` against ``x @ W.T``, with ``x`` the
+  bf16 model's inputs to that layer on held-out text (table: mean over layers; CSV: each layer).
+
+Calibration (AWQ, GPTQ): ``--calib-windows`` windows of the training split (never the held-out
+text). Writes ``benchmarks/results/accuracy.{md,csv}`` and ``accuracy_layers.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import math
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from int4tensor import Int4WeightOnlyConfig, quantize_  # noqa: E402
+from int4tensor.algorithms.awq import awq_quantize_  # noqa: E402
+from int4tensor.algorithms.gptq import gptq_quantize_  # noqa: E402
+
+METHODS = ("minmax", "mse", "hqq", "awq", "gptq", "gptq-act")
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def load_bytelm():
+    """The ``models/tiny_bytelm/model.py`` module (not a package, so load it by path)."""
+    spec = importlib.util.spec_from_file_location(
+        "tiny_bytelm", ROOT / "models" / "tiny_bytelm" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def quantized_model(bytelm, method: str, group_size: int, calib: list, device, domain: str):
+    model = bytelm.load_model(torch.bfloat16, device)
+    if method == "bf16":
+        return model
+    filt = bytelm.is_block_linear
+    if method in ("minmax", "mse", "hqq"):
+        quantize_(model, Int4WeightOnlyConfig(group_size=group_size,
+                                              int4_choose_qparams_algorithm=method,
+                                              zero_point_domain=domain), filt)
+        return model
+    config = Int4WeightOnlyConfig(group_size=group_size, zero_point_domain=domain)
+    if method == "awq":
+        return awq_quantize_(model, calib, config, filter_fn=filt, progress_bar=False)
+    if method in ("gptq", "gptq-act"):
+        return gptq_quantize_(model, calib, config, act_order=method == "gptq-act",
+                              filter_fn=filt, progress_bar=False)
+    raise ValueError(f"unknown method {method!r}; choose from bf16, {', '.join(METHODS)}")
+
+
+@torch.no_grad()
+def layer_inputs(model, tokens: torch.Tensor, filt) -> dict[str, torch.Tensor]:
+    """``fqn -> [rows, K]`` bf16 inputs of each selected Linear on ``tokens [B, T]``."""
+    out, hooks = {}, []
+    for fqn, mod in model.named_modules():
+        if filt(mod, fqn):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, args, fqn=fqn: out.__setitem__(fqn, args[0].reshape(-1, args[0].shape[-1]))))
+    model(tokens)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
+
+
+@torch.no_grad()
+def per_layer_sqnr(model, ref_model, inputs: dict, filt) -> dict[str, float]:
+    ref_mods = dict(ref_model.named_modules())
+    res = {}
+    for fqn, mod in model.named_modules():
+        if fqn in inputs:
+            x = inputs[fqn]
+            ref = F.linear(x.float(), ref_mods[fqn].weight.float())
+            res[fqn] = sqnr_db(ref, F.linear(x, mod.weight).float())
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--zero-point-domain", default="float", choices=["float", "int", "none"])
+    p.add_argument("--eval-windows", type=int, default=256)
+    p.add_argument("--calib-windows", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=str(RESULTS / "accuracy"),
+                   help="output prefix (.md, .csv, _layers.csv are appended)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    bytelm = load_bytelm()
+    seq = bytelm.ByteLMConfig().max_seq_len
+    evalset = bytelm.windows(bytelm.stdlib_corpus("val"), seq, args.eval_windows)
+    calib_w = bytelm.windows(bytelm.stdlib_corpus("train"), seq, args.calib_windows)
+    calib = [b[:, :-1].to(args.device) for b in calib_w.split(8)]
+    ref_model = bytelm.load_model(torch.bfloat16, args.device)
+    inputs = layer_inputs(ref_model, evalset[:16, :-1].to(args.device), bytelm.is_block_linear)
+    ppl_bf16 = bytelm.perplexity(ref_model, evalset)
+    print(f"bf16 ppl {ppl_bf16:.4f} on {evalset.shape[0]} x {seq} held-out bytes "
+          f"({args.device}, zero_point_domain={args.zero_point_domain})", flush=True)
+
+    rows = [{"method": "bf16", "group_size": "-", "ppl": ppl_bf16, "d_ppl": 0.0,
+             "rel_minmax": float("nan"), "sqnr_mean": float("inf"), "sqnr_min": float("inf"),
+             "seconds": 0.0}]
+    layer_rows = []
+    for G in args.group_sizes:
+        minmax_delta = None
+        for method in args.methods:
+            t0 = time.perf_counter()
+            model = quantized_model(bytelm, method, G, calib, args.device, args.zero_point_domain)
+            secs = time.perf_counter() - t0
+            ppl = bytelm.perplexity(model, evalset)
+            sq = per_layer_sqnr(model, ref_model, inputs, bytelm.is_block_linear)
+            delta = ppl - ppl_bf16
+            if method == "minmax":
+                minmax_delta = delta
+            rel = delta / minmax_delta if minmax_delta else float("nan")
+            rows.append({"method": method, "group_size": G, "ppl": ppl, "d_ppl": delta,
+                         "rel_minmax": rel, "sqnr_mean": sum(sq.values()) / len(sq),
+                         "sqnr_min": min(sq.values()), "seconds": secs})
+            layer_rows += [{"method": method, "group_size": G, "layer": k, "sqnr_db": v}
+                           for k, v in sq.items()]
+            print(f"G={G:3d} {method:9s} ppl {ppl:.4f}  d_ppl {delta:+.4f}  "
+                  f"x minmax {rel:.2f}  layer SQNR mean {rows[-1]['sqnr_mean']:.2f} dB "
+                  f"min {rows[-1]['sqnr_min']:.2f} dB  ({secs:.1f} s)", flush=True)
+
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{out}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(f"{out}_layers.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(layer_rows[0]) if layer_rows else ["method"])
+        w.writeheader()
+        w.writerows(layer_rows)
+    md = markdown_table(rows, ppl_bf16, evalset.shape[0] * seq, args)
+    pathlib.Path(f"{out}.md").write_text(md)
+    print("\n" + md)
+
+
+def _fmt(v, spec):
+    return "—" if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) else format(v, spec)
+
+
+def markdown_table(rows, ppl_bf16, n_bytes, args) -> str:
+    lines = [
+        f"Tiny byte-level LM (models/tiny_bytelm), held-out perplexity over {n_bytes} bytes, "
+        f"bf16 = {ppl_bf16:.4f}; zero_point_domain = {args.zero_point_domain}; "
+        f"device = {args.device}; calibration = {args.calib_windows} x 256 training bytes.",
+        "",
+        "| method | G | ppl | Δppl vs bf16 | Δppl / Δppl(minmax) | layer SQNR mean (dB) "
+        "| layer SQNR min (dB) | quantize time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['group_size']} | {r['ppl']:.4f} | "
+                     f"{r['d_ppl']:+.4f} | {_fmt(r['rel_minmax'], '.2f')} | "
+                     f"{_fmt(r['sqnr_mean'], '.2f')} | {_fmt(r['sqnr_min'], '.2f')} | "
+                     f"{r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
