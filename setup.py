@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "safetensors>=0.4", "tqdm"],
     extras_require={
-        "test": ["pytest>=7", "expecttest", "hypothesis"],
+        # transformers and compressed-tensors: interop tests load our exports with them
+        "test": ["pytest>=7", "expecttest", "hypothesis", "transformers", "compressed-tensors"],
         "gpu": ["fbgemm-gpu-genai"],
     },
     entry_points={"console_scripts": ["int4tensor=int4tensor.cli:main"]},

@@ -12,6 +12,7 @@ from int4tensor.convert import (
     convert_to_packed_tensor_based_on_current_hardware,
 )
 from int4tensor.quantize import quantize_
+from int4tensor.serialization import load_file, save_file
 from int4tensor.tensors import Int4PreshuffledTensor, Int4Tensor
 
 __version__ = "0.1.0"
@@ -23,7 +24,9 @@ __all__ = [
     "Int4WeightOnlyConfig",
     "convert_model_to_packed_tensors_",
     "convert_to_packed_tensor_based_on_current_hardware",
+    "load_file",
     "quantize_",
+    "save_file",
 ]
 
 # Lets torch.load(..., weights_only=True) rebuild our tensors.
