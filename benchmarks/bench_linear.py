@@ -127,6 +127,9 @@ def sweep_configs(m):
 
 def sweep(n, k, ms, bw):
     """Time Triton kernel/launch configs (tuning aid for triton_int4.pick_config)."""
+    zero_cast = graph_time_us([lambda: torch.zeros(1, n, device="cuda").to(torch.bfloat16)] * 8)
+    print(f"sweep {n}x{k}: split-K overhead (zero-init + cast of the [1, N] output): "
+          f"{zero_cast:.2f} us", flush=True)
     copies = max(2, min(16, int(400e6 // (n * k * 2))))
     qs = [Int4Tensor.from_hp(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), (1, G))
           for _ in range(copies)]
