@@ -102,7 +102,7 @@ class Decoder(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def time_decode(model, batch, start, steps=32):
+def time_decode(model, batch, start, steps=32, compile=False):
     """Median ms per decode step, replaying one CUDA graph per step; also returns the first
     block's output of the first step (deep random-weight stacks decorrelate any two models'
     logits, so accuracy is compared where one quantized block acts)."""
@@ -113,13 +113,14 @@ def time_decode(model, batch, start, steps=32):
     with torch.no_grad():
         model(tokens, pos)
     hook.remove()
+    step = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
     with torch.no_grad():
         for _ in range(3):  # warm-up: kernel compilation and autotuning happen here
-            model(tokens, pos)
+            step(tokens, pos)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = model(tokens, pos)
+            logits = step(tokens, pos)
             next_tokens = logits[:, -1].argmax(-1, keepdim=True)
     times = []
     for i in range(steps):
@@ -148,6 +149,9 @@ def main():
     parser.add_argument("--layers", type=int, default=LLAMA3_8B["layers"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each model (fuses the small ops) before graph capture")
+    parser.add_argument("--no-preshuffled", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     os.makedirs(args.out, exist_ok=True)
@@ -161,17 +165,18 @@ def main():
         for p in model.parameters():  # weights of a trained model's scale, not N(0, 1)
             p.data.normal_(0, 0.02) if p.ndim > 1 else None
         results = {}
-        ms, ref = time_decode(model, batch, start)
+        ms, ref = time_decode(model, batch, start, compile=args.compile)
         results["bf16"] = (ms, weight_gb(model), 0.0)
         quantize_(model, Int4WeightOnlyConfig(group_size=128))
         torch.cuda.empty_cache()
-        ms, out = time_decode(model, batch, start)
+        ms, out = time_decode(model, batch, start, compile=args.compile)
         err = float((out - ref).norm() / ref.norm())
         results["int4 plain (dispatch)"] = (ms, weight_gb(model), err)
-        convert_model_to_packed_tensors_(model)
-        ms, out = time_decode(model, batch, start)
-        results["int4 preshuffled (fbgemm)"] = (ms, weight_gb(model),
-                                                float((out - ref).norm() / ref.norm()))
+        if not args.no_preshuffled:
+            convert_model_to_packed_tensors_(model)
+            ms, out = time_decode(model, batch, start, compile=args.compile)
+            results["int4 preshuffled (fbgemm)"] = (ms, weight_gb(model),
+                                                    float((out - ref).norm() / ref.norm()))
         base = results["bf16"][0]
         for name, (ms, gb, err) in results.items():
             row = dict(batch=batch, path=name, ms_per_step=round(ms, 3),
@@ -182,12 +187,15 @@ def main():
         del model
         torch.cuda.empty_cache()
     stamp = datetime.date.today().isoformat()
-    with open(os.path.join(args.out, "bench_decode.csv"), "w", newline="") as f:
-        f.write(f"# {device}, {stamp}, torch {torch.__version__}, layers={args.layers}\n")
+    name = "bench_decode_compiled.csv" if args.compile else "bench_decode.csv"
+    with open(os.path.join(args.out, name), "w", newline="") as f:
+        f.write(f"# {device}, {stamp}, torch {torch.__version__}, layers={args.layers}, "
+                f"compile={args.compile}\n")
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\n{device}, {stamp}, Llama-3-8B shapes, {args.layers} layers, CUDA graph per step")
+    print(f"\n{device}, {stamp}, Llama-3-8B shapes, {args.layers} layers, CUDA graph per step"
+          f"{', torch.compile' if args.compile else ''}")
     print(f"{'batch':>5} {'path':<28} {'ms/step':>8} {'tok/s':>8} {'vs bf16':>7} {'weights GB':>10} {'blk0 err':>9}")
     for r in rows:
         print(f"{r['batch']:>5} {r['path']:<28} {r['ms_per_step']:>8.3f} {r['tokens_per_s']:>8.1f} "
