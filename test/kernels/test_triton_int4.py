@@ -75,3 +75,32 @@ def test_custom_op_under_compile_and_cuda_graph():
         custom_ops.int4_matmul_triton,
         (x, model[0].weight.qdata, model[0].weight.scale, model[0].weight.zero_point, 128),
     ) is not None
+
+
+def test_split_k_reduction_is_right_call_after_call_and_in_a_cuda_graph():
+    """The GEMV's last split reduces and resets its tile counter: many calls, shapes and a
+    graph replay must all stay exact against the reference path."""
+    from int4tensor.kernels import triton_int4
+
+    weights = [quantized(n, k)[1] for n, k in ((4096, 4096), (1000, 2048), (8192, 1024))]
+    for i in range(12):
+        t = weights[i % 3]
+        x = torch.randn(1, t.shape[1], dtype=torch.bfloat16, device="cuda")
+        out = triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, 128)
+        assert rel_error(reference.linear(x, t, None), out) < 1e-2
+    t = weights[0]
+    x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, 128)  # compile before capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, 128)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, 128)
+    for _ in range(5):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_error(reference.linear(x, t, None), out) < 1e-2
