@@ -26,7 +26,7 @@ import triton.language as tl
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_qn, stride_sg, stride_om,
     G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUPS_PER_ITER: tl.constexpr,
@@ -71,20 +71,7 @@ def _int4_gemv_kernel(
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
-        # Split-K without extra kernels: each split writes its partial sums to a workspace;
-        # the split that arrives last (a per-tile counter) adds them up in a fixed order,
-        # writes the bf16 output and resets the counter to 0 for the next call.
-        tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n)
-        tl.debug_barrier()
-        counter = cnt_ptr + m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for split in range(SPLIT_K):
-                total += tl.load(ws_ptr + (split * M + m) * N + offs_n, mask=mask_n, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask_n)
-            tl.atomic_xchg(counter, 0)
+        tl.atomic_add(out_ptrs, acc, mask=mask_n, sem="relaxed")
 
 
 @triton.jit
@@ -164,22 +151,6 @@ def pick_config(m: int, n: int, k: int, group_size: int = 128) -> dict:
     return cfg
 
 
-# Per (device, stream) tile counters for the GEMV's in-kernel split-K reduction. Every
-# launch leaves them at zero again (the last split of a tile resets its counter), so they are
-# zeroed once; one buffer per stream keeps concurrent streams from sharing counters.
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _zeroed_counters(device: torch.device, size: int) -> torch.Tensor:
-    key = (device.index if device.index is not None else torch.cuda.current_device(),
-           torch.cuda.current_stream(device).cuda_stream)
-    counters = _COUNTERS.get(key)
-    if counters is None or counters.numel() < size:
-        counters = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[key] = counters
-    return counters
-
-
 #: activation rows up to which the CUDA-core GEMV kernel is used (tensor-core kernel above)
 GEMV_MAX_M = 1
 
@@ -204,22 +175,16 @@ def int4_matmul(
     cfg = dict(config or pick_config(m, n, k, group_size))
     kernel = cfg.pop("kernel")
     split_k = cfg["SPLIT_K"]
-    if kernel == "gemv":
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
-        workspace = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-        counters = _zeroed_counters(x.device, n_tiles * m)
-        grid = (n_tiles, split_k, m)
-        _int4_gemv_kernel[grid](x, qdata, scale, zero_point, out, workspace, counters, m, n, k,
-                                x.stride(0), qdata.stride(0), scale.stride(0), out.stride(0),
-                                G=group_size, **cfg)
-        return out
     if split_k == 1:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     else:
         out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     args = (x, qdata, scale, zero_point, out, m, n, k,
             x.stride(0), qdata.stride(0), scale.stride(0), out.stride(0))
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split_k)
-    _int4_matmul_kernel[grid](*args, G=group_size, **cfg)
+    if kernel == "gemv":
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, m)
+        _int4_gemv_kernel[grid](*args, G=group_size, **cfg)
+    else:
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split_k)
+        _int4_matmul_kernel[grid](*args, G=group_size, **cfg)
     return out if split_k == 1 else out.to(x.dtype)

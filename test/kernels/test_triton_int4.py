@@ -77,9 +77,9 @@ def test_custom_op_under_compile_and_cuda_graph():
     ) is not None
 
 
-def test_split_k_reduction_is_right_call_after_call_and_in_a_cuda_graph():
-    """The GEMV's last split reduces and resets its tile counter: many calls, shapes and a
-    graph replay must all stay exact against the reference path."""
+def test_split_k_is_right_call_after_call_and_in_a_cuda_graph():
+    """Split-K partial sums (atomic adds into a zeroed buffer): many calls, shapes and a graph
+    replay with new inputs must all agree with the reference path."""
     from int4tensor.kernels import triton_int4
 
     weights = [quantized(n, k)[1] for n, k in ((4096, 4096), (1000, 2048), (8192, 1024))]
