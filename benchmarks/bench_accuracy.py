@@ -11,6 +11,10 @@ Reported per (method, G):
 * ``ppl``: per-byte perplexity on held-out stdlib files (``stdlib_corpus("val")``),
   ``--eval-windows`` windows of 256 bytes;
 * ``d_ppl``: ``ppl - ppl(bf16)``, and ``d_ppl / d_ppl(minmax)`` at the same G;
+* ``kl``: mean per-byte ``KL(p_bf16 || p_int4)`` of the next-byte distributions on the same
+  text, in millinats. Unlike ``d_ppl`` it has no first-order term (the bf16 model is not at a
+  minimum of the held-out loss, so a small weight perturbation can move ppl either way), so it
+  ranks methods more reliably when the ppl differences are tiny;
 * per-layer SQNR (dB) of each layer's output ``x @ W_q.T`` against ``x @ W.T``, with ``x`` the
   bf16 model's inputs to that layer on held-out text (table: mean over layers; CSV: each layer).
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import json
 import math
 import pathlib
 import sys
@@ -38,7 +43,8 @@ from int4tensor import Int4WeightOnlyConfig, quantize_  # noqa: E402
 from int4tensor.algorithms.awq import awq_quantize_  # noqa: E402
 from int4tensor.algorithms.gptq import gptq_quantize_  # noqa: E402
 
-METHODS = ("minmax", "mse", "hqq", "awq", "gptq", "gptq-act")
+#: "awq+mse"/"gptq+mse": the calibration method with the "mse" clip search for each group.
+METHODS = ("minmax", "mse", "hqq", "awq", "awq+mse", "gptq", "gptq-act", "gptq+mse")
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -62,11 +68,13 @@ def quantized_model(bytelm, method: str, group_size: int, calib: list, device, d
                                               int4_choose_qparams_algorithm=method,
                                               zero_point_domain=domain), filt)
         return model
-    config = Int4WeightOnlyConfig(group_size=group_size, zero_point_domain=domain)
-    if method == "awq":
+    base, _, inner = method.partition("+")
+    config = Int4WeightOnlyConfig(group_size=group_size, zero_point_domain=domain,
+                                  int4_choose_qparams_algorithm=inner or "minmax")
+    if base == "awq":
         return awq_quantize_(model, calib, config, filter_fn=filt, progress_bar=False)
-    if method in ("gptq", "gptq-act"):
-        return gptq_quantize_(model, calib, config, act_order=method == "gptq-act",
+    if base in ("gptq", "gptq-act"):
+        return gptq_quantize_(model, calib, config, act_order=base == "gptq-act",
                               filter_fn=filt, progress_bar=False)
     raise ValueError(f"unknown method {method!r}; choose from bf16, {', '.join(METHODS)}")
 
@@ -78,11 +86,33 @@ def layer_inputs(model, tokens: torch.Tensor, filt) -> dict[str, torch.Tensor]:
     for fqn, mod in model.named_modules():
         if filt(mod, fqn):
             hooks.append(mod.register_forward_pre_hook(
-                lambda m, args, fqn=fqn: out.__setitem__(fqn, args[0].reshape(-1, args[0].shape[-1]))))
+                lambda m, args, fqn=fqn: out.__setitem__(fqn, args[0].flatten(0, -2))))
     model(tokens)
     for h in hooks:
         h.remove()
     return out
+
+
+@torch.no_grad()
+def reference_logprobs(model, evalset: torch.Tensor, batch_size: int = 16) -> list[torch.Tensor]:
+    """bf16 model's float32 log-probabilities ``[B, T, 256]`` per eval chunk."""
+    device = next(model.parameters()).device
+    return [F.log_softmax(model(chunk[:, :-1].to(device)).float(), -1)
+            for chunk in evalset.split(batch_size)]
+
+
+@torch.no_grad()
+def ppl_and_kl(model, evalset: torch.Tensor, ref_logprobs: list, batch_size: int = 16):
+    """``(perplexity, mean KL(ref || model) per byte in nats)`` on ``evalset [W, T + 1]``."""
+    device = next(model.parameters()).device
+    nll, kl, count = 0.0, 0.0, 0
+    for chunk, ref in zip(evalset.split(batch_size), ref_logprobs):
+        chunk = chunk.to(device)
+        logp = F.log_softmax(model(chunk[:, :-1]).float(), -1)
+        nll -= logp.gather(-1, chunk[:, 1:, None]).sum().item()
+        kl += (ref.exp() * (ref - logp)).sum().item()
+        count += chunk[:, 1:].numel()
+    return math.exp(nll / count), kl / count
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -120,18 +150,25 @@ def main() -> None:
 
     bytelm = load_bytelm()
     seq = bytelm.ByteLMConfig().max_seq_len
-    evalset = bytelm.windows(bytelm.stdlib_corpus("val"), seq, args.eval_windows)
+    val = bytelm.stdlib_corpus("val")
+    meta = json.loads(bytelm.CONFIG.read_text())
+    if bytelm.corpus_sha256(val) != meta["val_sha256"]:
+        print(f"warning: this Python's stdlib differs from the one the model was trained on "
+              f"(Python {meta['python']}); perplexities are not comparable with the committed "
+              f"table", file=sys.stderr)
+    evalset = bytelm.windows(val, seq, args.eval_windows)
     calib_w = bytelm.windows(bytelm.stdlib_corpus("train"), seq, args.calib_windows)
     calib = [b[:, :-1].to(args.device) for b in calib_w.split(8)]
     ref_model = bytelm.load_model(torch.bfloat16, args.device)
     inputs = layer_inputs(ref_model, evalset[:16, :-1].to(args.device), bytelm.is_block_linear)
-    ppl_bf16 = bytelm.perplexity(ref_model, evalset)
+    ref_logprobs = reference_logprobs(ref_model, evalset)
+    ppl_bf16, _ = ppl_and_kl(ref_model, evalset, ref_logprobs)
     print(f"bf16 ppl {ppl_bf16:.4f} on {evalset.shape[0]} x {seq} held-out bytes "
           f"({args.device}, zero_point_domain={args.zero_point_domain})", flush=True)
 
     rows = [{"method": "bf16", "group_size": "-", "ppl": ppl_bf16, "d_ppl": 0.0,
-             "rel_minmax": float("nan"), "sqnr_mean": float("inf"), "sqnr_min": float("inf"),
-             "seconds": 0.0}]
+             "rel_minmax": float("nan"), "kl_mnats": 0.0, "sqnr_mean": float("inf"),
+             "sqnr_min": float("inf"), "seconds": 0.0}]
     layer_rows = []
     for G in args.group_sizes:
         minmax_delta = None
@@ -139,19 +176,21 @@ def main() -> None:
             t0 = time.perf_counter()
             model = quantized_model(bytelm, method, G, calib, args.device, args.zero_point_domain)
             secs = time.perf_counter() - t0
-            ppl = bytelm.perplexity(model, evalset)
+            ppl, kl = ppl_and_kl(model, evalset, ref_logprobs)
             sq = per_layer_sqnr(model, ref_model, inputs, bytelm.is_block_linear)
             delta = ppl - ppl_bf16
             if method == "minmax":
                 minmax_delta = delta
             rel = delta / minmax_delta if minmax_delta else float("nan")
             rows.append({"method": method, "group_size": G, "ppl": ppl, "d_ppl": delta,
-                         "rel_minmax": rel, "sqnr_mean": sum(sq.values()) / len(sq),
-                         "sqnr_min": min(sq.values()), "seconds": secs})
+                         "rel_minmax": rel, "kl_mnats": 1000 * kl,
+                         "sqnr_mean": sum(sq.values()) / len(sq), "sqnr_min": min(sq.values()),
+                         "seconds": secs})
             layer_rows += [{"method": method, "group_size": G, "layer": k, "sqnr_db": v}
                            for k, v in sq.items()]
             print(f"G={G:3d} {method:9s} ppl {ppl:.4f}  d_ppl {delta:+.4f}  "
-                  f"x minmax {rel:.2f}  layer SQNR mean {rows[-1]['sqnr_mean']:.2f} dB "
+                  f"x minmax {rel:.2f}  KL {1000 * kl:.3f} mnats  "
+                  f"layer SQNR mean {rows[-1]['sqnr_mean']:.2f} dB "
                   f"min {rows[-1]['sqnr_min']:.2f} dB  ({secs:.1f} s)", flush=True)
 
     out = pathlib.Path(args.out)
@@ -179,13 +218,13 @@ def markdown_table(rows, ppl_bf16, n_bytes, args) -> str:
         f"bf16 = {ppl_bf16:.4f}; zero_point_domain = {args.zero_point_domain}; "
         f"device = {args.device}; calibration = {args.calib_windows} x 256 training bytes.",
         "",
-        "| method | G | ppl | Δppl vs bf16 | Δppl / Δppl(minmax) | layer SQNR mean (dB) "
-        "| layer SQNR min (dB) | quantize time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | G | ppl | Δppl vs bf16 | Δppl / Δppl(minmax) | KL (mnats/byte) "
+        "| layer SQNR mean (dB) | layer SQNR min (dB) | quantize time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {r['group_size']} | {r['ppl']:.4f} | "
-                     f"{r['d_ppl']:+.4f} | {_fmt(r['rel_minmax'], '.2f')} | "
+                     f"{r['d_ppl']:+.4f} | {_fmt(r['rel_minmax'], '.2f')} | {r['kl_mnats']:.3f} | "
                      f"{_fmt(r['sqnr_mean'], '.2f')} | {_fmt(r['sqnr_min'], '.2f')} | "
                      f"{r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -132,7 +132,8 @@ def perplexity(model: nn.Module, batches: torch.Tensor, batch_size: int = 16) ->
     for i in range(0, batches.shape[0], batch_size):
         chunk = batches[i:i + batch_size].to(next(model.parameters()).device)
         logits = model(chunk[:, :-1]).float()
-        total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+        total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(),
+                                 reduction="sum").item()
         count += chunk[:, 1:].numel()
     return math.exp(total / count)
 
