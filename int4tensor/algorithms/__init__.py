@@ -26,7 +26,8 @@ from int4tensor.algorithms.hqq import choose_qparams_hqq
 from int4tensor.algorithms.mse import choose_qparams_mse
 from int4tensor.quant_primitives import ZERO_POINT_DOMAINS, choose_qparams_minmax
 
-__all__ = ["QPARAMS_ALGORITHMS", "choose_qparams", "choose_qparams_mse", "choose_qparams_hqq"]
+__all__ = ["QPARAMS_ALGORITHMS", "choose_qparams", "choose_qparams_mse", "choose_qparams_hqq",
+           "awq_quantize_", "gptq_quantize_"]
 
 QParamsFn = Callable[[torch.Tensor, int, str], tuple[torch.Tensor, torch.Tensor]]
 
@@ -49,3 +50,8 @@ def choose_qparams(
         raise ValueError(f"zero_point_domain must be one of {ZERO_POINT_DOMAINS}, "
                          f"got {zero_point_domain!r}")
     return QPARAMS_ALGORITHMS[algorithm](w, group_size, zero_point_domain)
+
+
+# Imported last: they use choose_qparams from this module.
+from int4tensor.algorithms.awq import awq_quantize_  # noqa: E402
+from int4tensor.algorithms.gptq import gptq_quantize_  # noqa: E402

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from int4tensor import Int4Tensor, Int4WeightOnlyConfig, quantize_
-from int4tensor.algorithms.awq import awq_quantize_
-from int4tensor.algorithms.gptq import gptq_quantize_, gptq_quantize_weight
+from int4tensor.algorithms import awq_quantize_
+from int4tensor.algorithms import gptq_quantize_
+from int4tensor.algorithms.gptq import gptq_quantize_weight
 from test.helpers import sqnr
 
 
