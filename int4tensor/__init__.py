@@ -6,6 +6,7 @@
 
 import torch
 
+from int4tensor.algorithms import awq_quantize_, gptq_quantize_
 from int4tensor.config import Float8DynamicActivationInt4WeightConfig, Int4WeightOnlyConfig
 from int4tensor.convert import (
     convert_model_to_packed_tensors_,
@@ -22,8 +23,10 @@ __all__ = [
     "Int4PreshuffledTensor",
     "Int4Tensor",
     "Int4WeightOnlyConfig",
+    "awq_quantize_",
     "convert_model_to_packed_tensors_",
     "convert_to_packed_tensor_based_on_current_hardware",
+    "gptq_quantize_",
     "load_file",
     "quantize_",
     "save_file",

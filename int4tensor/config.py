@@ -25,7 +25,8 @@ class Int4WeightOnlyConfig:
             (:class:`~int4tensor.Int4PreshuffledTensor`, CUDA with fbgemm-gpu-genai only; the
             usual flow is to save "plain" and convert after loading).
         int4_choose_qparams_algorithm: how scale/zero are chosen, a name in
-            :data:`int4tensor.algorithms.QPARAMS_ALGORITHMS` (default ``"minmax"``, fbgemm's).
+            :data:`int4tensor.algorithms.QPARAMS_ALGORITHMS`: ``"minmax"`` (default, fbgemm's,
+            bit-identical), ``"mse"`` (clip-range search) or ``"hqq"`` (half-quadratic).
         zero_point_domain: ``"float"`` (fbgemm's, default), ``"int"`` (integer zero points,
             exportable losslessly to AWQ/GPTQ/compressed-tensors) or ``"none"`` (symmetric).
         k_dim: which dim of the weight is K, the input features that are reduced over:
