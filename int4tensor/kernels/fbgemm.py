@@ -16,10 +16,12 @@ def is_available() -> bool:
     """True when ``fbgemm_gpu.experimental.gen_ai`` imports and registers its int4 ops."""
     try:
         import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers torch.ops.fbgemm.*)
-        # registers the ops' fake (shape) implementations, which torch.compile needs
-        import fbgemm_gpu.experimental.gen_ai.quantize_ops  # noqa: F401
     except Exception:  # ImportError, or a wheel built for another torch/CUDA
         return False
+    try:  # the ops' fake (shape) implementations, which torch.compile needs
+        import fbgemm_gpu.experimental.gen_ai.quantize_ops  # noqa: F401
+    except Exception:  # not importable in every build (e.g. 1.6.0 with torch 2.11): eager works
+        pass
     return hasattr(torch.ops.fbgemm, "bf16i4bf16_rowwise")
 
 
