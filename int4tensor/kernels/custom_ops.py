@@ -32,20 +32,6 @@ def int4_matmul_fbgemm(
     return torch.ops.fbgemm.bf16i4bf16_rowwise(x, qdata, scale, zero_point)
 
 
-@torch.library.custom_op("int4tensor::quantize_fp8_rows", mutates_args=())
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row fp8 quantization of activations, one Triton kernel (see triton_int4.py)."""
-    from int4tensor.kernels import triton_int4
-
-    return triton_int4.quantize_fp8_rows(x)
-
-
-@quantize_fp8_rows.register_fake
-def _(x):
-    return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
-            x.new_empty(x.shape[0], dtype=torch.float32))
-
-
 def _fake(x, qdata, scale, zero_point, group_size):
     return x.new_empty(x.shape[0], qdata.shape[0])
 

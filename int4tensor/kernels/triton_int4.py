@@ -188,34 +188,3 @@ def int4_matmul(
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split_k)
         _int4_matmul_kernel[grid](*args, G=group_size, **cfg)
     return out if split_k == 1 else out.to(x.dtype)
-
-
-@triton.jit
-def _fp8_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
-    """One row per program: amax, then ``xq = x / (amax / 448)`` as float8_e4m3."""
-    row = tl.program_id(0)
-    x_row = x_ptr + row * stride_x
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
-    tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        q = tl.clamp(x / scale, -448.0, 448.0)
-        tl.store(xq_ptr + row * stride_q + offs, q.to(tl.float8e4nv), mask=offs < K)
-
-
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row fp8 (e4m3) quantization in one kernel: ``x [M, K]`` bf16 ->
-    ``(xq float8_e4m3fn [M, K], x_scale float32 [M])`` with ``x ≈ xq * x_scale[:, None]``."""
-    m, k = x.shape
-    xq = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x.device)
-    if m:
-        _fp8_rows_kernel[(m,)](x, xq, scale, k, x.stride(0), xq.stride(0), BLOCK_K=1024,
-                               num_warps=4)
-    return xq, scale
