@@ -32,6 +32,64 @@ def int4_matmul_fbgemm(
     return torch.ops.fbgemm.bf16i4bf16_rowwise(x, qdata, scale, zero_point)
 
 
+# fbgemm 1.6.0 declares its ops' fake implementations in a module it does not ship
+# (fbgemm_gpu.experimental.gen_ai.quantize_ops), so torch.compile cannot trace them; these
+# wrappers give the preshuffled kernels fake implementations of ours.
+
+
+@torch.library.custom_op("int4tensor::fbgemm_bf16i4_shuffled", mutates_args=())
+def fbgemm_bf16i4_shuffled(
+    x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor
+) -> torch.Tensor:
+    """``x [M, K] @ W.T -> [M, Np]`` (fbgemm ``bf16i4bf16_shuffled``)."""
+    return torch.ops.fbgemm.bf16i4bf16_shuffled(x, qdata, group_scale, group_zero)
+
+
+@fbgemm_bf16i4_shuffled.register_fake
+def _(x, qdata, group_scale, group_zero):
+    return x.new_empty(x.shape[0], qdata.shape[0])
+
+
+@torch.library.custom_op("int4tensor::fbgemm_bf16i4_shuffled_batched", mutates_args=())
+def fbgemm_bf16i4_shuffled_batched(
+    x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor
+) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T -> [B, M, Np]``; scales flattened to ``[B*K/G, Np]``."""
+    return torch.ops.fbgemm.bf16i4bf16_shuffled_batched(x, qdata, group_scale, group_zero)
+
+
+@fbgemm_bf16i4_shuffled_batched.register_fake
+def _(x, qdata, group_scale, group_zero):
+    return x.new_empty(x.shape[0], x.shape[1], qdata.shape[-2])
+
+
+@torch.library.custom_op("int4tensor::fbgemm_bf16i4_rowwise_batched", mutates_args=())
+def fbgemm_bf16i4_rowwise_batched(
+    x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T -> [B, M, N]``; scales flattened to ``[B*K/G, N]``."""
+    return torch.ops.fbgemm.bf16i4bf16_rowwise_batched(x, qdata, scale, zero_point)
+
+
+@fbgemm_bf16i4_rowwise_batched.register_fake
+def _(x, qdata, scale, zero_point):
+    return x.new_empty(x.shape[0], x.shape[1], qdata.shape[-2])
+
+
+@torch.library.custom_op("int4tensor::fbgemm_f8i4_shuffled", mutates_args=())
+def fbgemm_f8i4_shuffled(
+    xq: torch.Tensor, qdata: torch.Tensor, x_scale: torch.Tensor, row_scale: torch.Tensor,
+    group_scale: torch.Tensor,
+) -> torch.Tensor:
+    """fp8 ``xq [M, K]`` @ int4 ``W.T`` -> bf16 ``[M, Np]`` (fbgemm ``f8i4bf16_shuffled``)."""
+    return torch.ops.fbgemm.f8i4bf16_shuffled(xq, qdata, x_scale, row_scale, group_scale)
+
+
+@fbgemm_f8i4_shuffled.register_fake
+def _(xq, qdata, x_scale, row_scale, group_scale):
+    return xq.new_empty(xq.shape[0], qdata.shape[0], dtype=torch.bfloat16)
+
+
 def _fake(x, qdata, scale, zero_point, group_size):
     return x.new_empty(x.shape[0], qdata.shape[0])
 

@@ -18,10 +18,6 @@ def is_available() -> bool:
         import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers torch.ops.fbgemm.*)
     except Exception:  # ImportError, or a wheel built for another torch/CUDA
         return False
-    try:  # the ops' fake (shape) implementations, which torch.compile needs
-        import fbgemm_gpu.experimental.gen_ai.quantize_ops  # noqa: F401
-    except Exception:  # not importable in every build (e.g. 1.6.0 with torch 2.11): eager works
-        pass
     return hasattr(torch.ops.fbgemm, "bf16i4bf16_rowwise")
 
 
@@ -58,8 +54,10 @@ def can_run_bmm(x: torch.Tensor, weight) -> bool:
 def bmm(x: torch.Tensor, weight) -> torch.Tensor:
     """``x [B, M, K] @ W[b].T -> [B, M, N]`` through ``bf16i4bf16_rowwise_batched``, which
     reads the scales as one 2D ``[B*K/G, N]`` tensor (a 3D one is silently misread)."""
+    from int4tensor.kernels import custom_ops
+
     n = weight.qdata.shape[-2]
-    return torch.ops.fbgemm.bf16i4bf16_rowwise_batched(
+    return custom_ops.fbgemm_bf16i4_rowwise_batched(
         x.contiguous(), weight.qdata, weight.scale.reshape(-1, n), weight.zero_point.reshape(-1, n))
 
 
@@ -114,17 +112,22 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def shuffled_mm(x2d: torch.Tensor, weight) -> torch.Tensor:
     """``x [M, K] @ W.T -> [M, N_padded]`` for a 2D Int4PreshuffledTensor."""
-    fb = torch.ops.fbgemm
+    from int4tensor.kernels import custom_ops
+
     if weight.activation_dtype == "bf16":
-        return fb.bf16i4bf16_shuffled(x2d, weight.qdata, weight.group_scale, weight.group_zero)
+        return custom_ops.fbgemm_bf16i4_shuffled(
+            x2d, weight.qdata, weight.group_scale, weight.group_zero)
     xq, x_scale = quantize_fp8_rows(x2d)
-    return fb.f8i4bf16_shuffled(xq, weight.qdata, x_scale, weight.row_scale, weight.group_scale)
+    return custom_ops.fbgemm_f8i4_shuffled(
+        xq, weight.qdata, x_scale, weight.row_scale, weight.group_scale)
 
 
 def shuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
     """``x [B, M, K] @ W[b].T -> [B, M, N_padded]`` for a 3D Int4PreshuffledTensor (bf16)."""
+    from int4tensor.kernels import custom_ops
+
     n = weight.qdata.shape[-2]
-    return torch.ops.fbgemm.bf16i4bf16_shuffled_batched(
+    return custom_ops.fbgemm_bf16i4_shuffled_batched(
         x.contiguous(), weight.qdata,
         weight.group_scale.reshape(-1, n), weight.group_zero.reshape(-1, n))
 

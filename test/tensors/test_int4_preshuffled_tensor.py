@@ -181,3 +181,30 @@ class TestFp8Activations:
         quantize_(model, Float8DynamicActivationInt4WeightConfig())
         assert model.weight.activation_dtype == "fp8"
         assert model(x).shape == (3, 200) and sqnr(ref, model(x)) > 15
+
+
+@gpu
+@needs_kernels
+def test_compiled_preshuffled_model_matches_eager():
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.SiLU(),
+                                torch.nn.Linear(2048, 512)).to("cuda", torch.bfloat16)
+    quantize_(model, Int4WeightOnlyConfig())
+    convert_model_to_packed_tensors_(model)
+    assert isinstance(model[0].weight, Int4PreshuffledTensor)
+    x = torch.randn(4, 1024, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert rel_error(eager, compiled) < 1e-2
+
+
+@gpu
+@needs_kernels
+def test_compiled_bmm_experts():
+    _, t = plain((4, 256, 512))
+    p = Int4PreshuffledTensor.from_int4_tensor(t).mT
+    x = torch.randn(4, 3, 512, dtype=torch.bfloat16, device="cuda")
+    fn = torch.compile(lambda x, w: torch.bmm(x, w), fullgraph=True)
+    assert rel_error(torch.bmm(x, p), fn(x, p)) < 1e-2
+    fn2 = torch.compile(lambda x, w: torch.bmm(x, w), fullgraph=True)
+    assert rel_error(torch.bmm(x, t.mT), fn2(x, t.mT)) < 1e-2
