@@ -46,6 +46,9 @@ def tinygemm_pack(t: Int4Tensor):
 def int4_paths(x, t: Int4Tensor, have_fbgemm: bool):
     """name -> zero-arg callable computing x @ W.T for one quantized weight ``t``."""
     paths = {"int4 (dispatch)": lambda: F.linear(x, t)}
+    t_fp8 = Int4Tensor(t.qdata, t.scale, t.zero_point, t.block_size, t.shape,
+                       activation_dtype="fp8")
+    paths["int4 plain, fp8 activations"] = lambda: F.linear(x, t_fp8)
     if x.shape[0] <= 256:
         paths["int4 triton"] = lambda: triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, G)
     if have_fbgemm:

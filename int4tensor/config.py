@@ -120,12 +120,17 @@ def _preshuffled(tensor):
 
 @dataclass(frozen=True)
 class Float8DynamicActivationInt4WeightConfig:
-    """fp8 (e4m3) activations quantized per row at run time, int4 weights (symmetric, fp8
-    group scales and fp32 row scales), fbgemm's ``f8i4bf16_shuffled`` kernel.
+    """fp8 (e4m3) activations quantized per row at run time, int4 weights.
 
     Args:
         group_size: 128 (the only size the kernels take).
-        int4_packing_format: ``"preshuffled"`` (``"plain"`` is not implemented yet: it raises).
+        int4_packing_format:
+            ``"preshuffled"`` (default): an :class:`~int4tensor.Int4PreshuffledTensor` with
+            symmetric int4, fp8 group scales and fp32 row scales (fbgemm's
+            ``quantize_int4_preshuffle``), run by ``f8i4bf16_shuffled``; CUDA only.
+            ``"plain"``: an :class:`~int4tensor.Int4Tensor` (asymmetric, the portable layout)
+            with ``activation_dtype="fp8"``, run by ``f8i4bf16_rowwise`` on Hopper and by the
+            reference path (with the same activation rounding) everywhere else.
     """
 
     group_size: int = 128
@@ -135,12 +140,9 @@ class Float8DynamicActivationInt4WeightConfig:
         if self.group_size != 128:
             raise ValueError("Float8DynamicActivationInt4WeightConfig: the fp8 x int4 kernels "
                              f"take group_size 128 only, got {self.group_size!r}")
-        if self.int4_packing_format == "plain":
-            raise ValueError('Float8DynamicActivationInt4WeightConfig(int4_packing_format='
-                             '"plain") is not implemented; use "preshuffled"')
-        if self.int4_packing_format != "preshuffled":
+        if self.int4_packing_format not in ("plain", "preshuffled"):
             raise ValueError("Float8DynamicActivationInt4WeightConfig: int4_packing_format must "
-                             f'be "preshuffled", got {self.int4_packing_format!r}')
+                             f'be "plain" or "preshuffled", got {self.int4_packing_format!r}')
 
     def can_quantize(self, weight: torch.Tensor) -> str | None:
         if weight.ndim not in (2, 3):
@@ -150,8 +152,11 @@ class Float8DynamicActivationInt4WeightConfig:
         return None
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        from int4tensor.tensors import Int4PreshuffledTensor
+        from int4tensor.tensors import Int4PreshuffledTensor, Int4Tensor
 
+        if self.int4_packing_format == "plain":
+            block_size = (1,) * (weight.ndim - 1) + (self.group_size,)
+            return Int4Tensor.from_hp(weight, block_size, activation_dtype="fp8")
         if not weight.is_cuda:
             raise ValueError("Float8DynamicActivationInt4WeightConfig quantizes on a CUDA device "
                              "(fbgemm's fp8 kernels); move the model to the GPU first")

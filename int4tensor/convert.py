@@ -25,6 +25,7 @@ def _preshuffle_supported(t: Int4Tensor) -> bool:
         and t.scale.dtype == torch.bfloat16
         and t.group_size >= 64  # fbgemm's int4 kernels are wrong at G = 32 (measured)
         and t.act_pre_scale is None
+        and t.activation_dtype == "bf16"  # fp8 plain weights are asymmetric: no exact shuffle
     )
 
 

@@ -71,7 +71,8 @@ class TestRoundTrip:
         assert ours["format_version"] == 1
         assert ours["tensors"]["e"] == {
             "type": "Int4Tensor", "version": 1, "fields": ["qdata", "scale", "zero_point"],
-            "attributes": {"block_size": [1, 1, 32], "shape": [3, 32, 128]},
+            "attributes": {"block_size": [1, 1, 32], "shape": [3, 32, 128],
+                           "activation_dtype": "bf16"},
             "shape": [3, 32, 128], "dtype": "bfloat16"}
 
     def test_plain_file_without_our_metadata(self, tmp_path):

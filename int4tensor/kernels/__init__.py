@@ -58,6 +58,8 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
     """
     if weight.act_pre_scale is not None:
         x = x * weight.act_pre_scale.to(x.dtype)
+    if weight.activation_dtype == "fp8":
+        return _fp8_linear(x, weight, bias)
     backend = linear_backend(x, weight)
     if backend == "triton":
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
@@ -68,6 +70,22 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
     if backend == "fbgemm":
         return fbgemm.linear(x, weight, bias)
     return reference.linear(x, weight, bias)
+
+
+def _fp8_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp8 activations: ``x`` quantized per row to float8 e4m3, then fbgemm's
+    ``f8i4bf16_rowwise`` on the plain layout, or (anywhere else) the reference path on the
+    fp8-rounded activations, so every device computes the same function."""
+    x2d = x.reshape(-1, x.shape[-1])
+    xq, x_scale = fbgemm.quantize_fp8_rows(x2d)
+    if fbgemm.can_run_fp8_linear(x2d, weight):
+        out = custom_ops.fbgemm_f8i4_rowwise(
+            xq, weight.qdata, x_scale, weight.scale, weight.zero_point)
+    else:
+        x_rounded = (xq.float() * x_scale.unsqueeze(-1)).to(x.dtype)
+        out = reference.linear(x_rounded, weight, None)
+    out = out.reshape(*x.shape[:-1], out.shape[-1])
+    return out + bias if bias is not None else out
 
 
 def bmm_backend(x: torch.Tensor, weight) -> str:
@@ -81,6 +99,9 @@ def int4_bmm(x: torch.Tensor, weight) -> torch.Tensor:
     """``x [B, M, K] @ W[b].T -> [B, M, N]`` for a stored (not transposed) ``W [B, N, K]``."""
     if weight.act_pre_scale is not None:
         x = x * weight.act_pre_scale.to(x.dtype).unsqueeze(-2)
+    if weight.activation_dtype == "fp8":  # the same activation rounding as linear, then bf16
+        xq, x_scale = fbgemm.quantize_fp8_rows(x.reshape(-1, x.shape[-1]))
+        x = (xq.float() * x_scale.unsqueeze(-1)).to(x.dtype).reshape(x.shape)
     if bmm_backend(x, weight) == "fbgemm":
         return fbgemm.bmm(x, weight)
     return reference.bmm(x, weight)

@@ -76,6 +76,21 @@ def _(x, qdata, scale, zero_point):
     return x.new_empty(x.shape[0], x.shape[1], qdata.shape[-2])
 
 
+@torch.library.custom_op("int4tensor::fbgemm_f8i4_rowwise", mutates_args=())
+def fbgemm_f8i4_rowwise(
+    xq: torch.Tensor, qdata: torch.Tensor, x_scale: torch.Tensor, scale: torch.Tensor,
+    zero_point: torch.Tensor,
+) -> torch.Tensor:
+    """fp8 ``xq [M, K]`` @ plain int4 ``W.T`` -> bf16 ``[M, N]`` (fbgemm ``f8i4bf16_rowwise``:
+    scale/zero ``[K/G, N]`` as Int4Tensor stores them; measured on an H200)."""
+    return torch.ops.fbgemm.f8i4bf16_rowwise(xq, qdata, x_scale, scale, zero_point)
+
+
+@fbgemm_f8i4_rowwise.register_fake
+def _(xq, qdata, x_scale, scale, zero_point):
+    return xq.new_empty(xq.shape[0], qdata.shape[0], dtype=torch.bfloat16)
+
+
 @torch.library.custom_op("int4tensor::fbgemm_f8i4_shuffled", mutates_args=())
 def fbgemm_f8i4_shuffled(
     xq: torch.Tensor, qdata: torch.Tensor, x_scale: torch.Tensor, row_scale: torch.Tensor,

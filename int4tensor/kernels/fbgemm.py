@@ -41,6 +41,11 @@ def can_run_linear(x: torch.Tensor, weight) -> bool:
     )
 
 
+def can_run_fp8_linear(x: torch.Tensor, weight) -> bool:
+    """``f8i4bf16_rowwise`` reads the plain layout (bf16 scale/zero ``[K/G, N]``), G = 128."""
+    return can_run_linear(x, weight) and weight.group_size == 128
+
+
 def can_run_bmm(x: torch.Tensor, weight) -> bool:
     """``bf16i4bf16_rowwise_batched``: bf16, contiguous 3D weight fields, sm90+."""
     return (
@@ -102,9 +107,9 @@ def quantize_fp8_weight(weight: torch.Tensor, group_size: int):
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row fp8 (e4m3) quantization of activations, ``x ≈ xq * x_scale[:, None]``.
 
-    Plain torch ops (a few elementwise kernels, fused under torch.compile), which at decode
-    sizes cost a few µs against the 240-380 µs measured for fbgemm's autotuned Triton
-    ``quantize_fp8_row`` called eagerly at M <= 128."""
+    Plain torch ops (a few elementwise kernels, fused under torch.compile; they run on the CPU
+    too), which at decode sizes cost a few µs against the 240-380 µs measured for fbgemm's
+    autotuned Triton ``quantize_fp8_row`` called eagerly at M <= 128."""
     x_scale = x.abs().amax(dim=-1).float().clamp(min=1e-12) / 448.0
     xq = (x.float() / x_scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     return xq, x_scale

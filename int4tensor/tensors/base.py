@@ -86,7 +86,8 @@ class Int4BaseTensor(torch.Tensor):
         )
 
     # ---- fields ----------------------------------------------------------------------------
-    # Constructors take ``cls(*tensor_data, *attributes, **optional_tensor_data)``.
+    # Constructors take ``cls(*tensor_data, **attributes, **optional_tensor_data)``, with
+    # parameters named as the declared fields.
     def _tensors(self) -> dict[str, torch.Tensor]:
         """Inner tensors by name, required first, absent optional ones left out."""
         names = self.tensor_data_names + self.optional_tensor_data_names
@@ -98,7 +99,8 @@ class Int4BaseTensor(torch.Tensor):
     @classmethod
     def _build(cls, tensors: dict[str, torch.Tensor], attributes: list[Any]) -> "Int4BaseTensor":
         optional = {n: tensors.get(n) for n in cls.optional_tensor_data_names}
-        return cls(*[tensors[n] for n in cls.tensor_data_names], *attributes, **optional)
+        named = dict(zip(cls.tensor_attribute_names, attributes))
+        return cls(*[tensors[n] for n in cls.tensor_data_names], **named, **optional)
 
     def _with_data(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int4BaseTensor":
         """A new tensor of the same class and metadata with ``fn`` applied to each inner tensor."""

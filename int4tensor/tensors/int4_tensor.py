@@ -36,6 +36,9 @@ class Int4Tensor(Int4BaseTensor):
         shape: the logical shape, ``(..., N, K)``, or ``(..., K, N)`` when transposed.
         act_pre_scale: optional ``[..., K]`` per-input-channel factor (AWQ-style activation
             scaling): ``linear`` multiplies the activation by it before the int4 matmul.
+        activation_dtype: ``"bf16"`` (default) or ``"fp8"``: ``linear`` first quantizes the
+            activation per row to float8 e4m3 (fbgemm's ``f8i4bf16_rowwise`` on Hopper; the same
+            rounding emulated by the reference path elsewhere).
 
     The stored weight is ``W[..., n, k] = (q[..., n, k] * scale[..., k // G, n]
     + zero_point[..., k // G, n]) * act_pre_scale[..., k]`` (the last factor only when set);
@@ -44,19 +47,25 @@ class Int4Tensor(Int4BaseTensor):
 
     tensor_data_names = ("qdata", "scale", "zero_point")
     optional_tensor_data_names = ("act_pre_scale",)
-    tensor_attribute_names = ("block_size", "shape")
+    tensor_attribute_names = ("block_size", "shape", "activation_dtype")
 
     @staticmethod
-    def __new__(cls, qdata, scale, zero_point, block_size, shape, act_pre_scale=None):
+    def __new__(cls, qdata, scale, zero_point, block_size, shape, act_pre_scale=None,
+                activation_dtype="bf16"):
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=scale.dtype, device=qdata.device, requires_grad=False
         )
 
-    def __init__(self, qdata, scale, zero_point, block_size, shape, act_pre_scale=None):
+    def __init__(self, qdata, scale, zero_point, block_size, shape, act_pre_scale=None,
+                 activation_dtype="bf16"):
+        activation_dtype = activation_dtype or "bf16"  # files written before the attribute
+        if activation_dtype not in ("bf16", "fp8"):
+            raise ValueError(f"activation_dtype must be 'bf16' or 'fp8', got {activation_dtype!r}")
         self.qdata = qdata
         self.scale = scale
         self.zero_point = zero_point
         self.act_pre_scale = act_pre_scale
+        self.activation_dtype = activation_dtype
         self.block_size = tuple(int(b) for b in block_size)
         # ``shape`` is not stored: the wrapper already carries it (and pickles it).
 
@@ -77,6 +86,7 @@ class Int4Tensor(Int4BaseTensor):
         *,
         algorithm: str = "minmax",
         zero_point_domain: str = "float",
+        activation_dtype: str = "bf16",
     ) -> "Int4Tensor":
         """Quantize a high-precision weight group-wise along its last dim.
 
@@ -88,12 +98,15 @@ class Int4Tensor(Int4BaseTensor):
                 ``int4_row_quantize_zp``, bit for bit.
             zero_point_domain: ``"float"``, ``"int"`` (integer zero points) or ``"none"``
                 (symmetric).
+            activation_dtype: ``"bf16"`` or ``"fp8"`` (activations quantized per row at run
+                time).
         """
         group_size = _check_block_size(weight, block_size)
         _check_weight(weight, group_size)
         scale, minimum = choose_qparams(weight, group_size, algorithm, zero_point_domain)
         qdata, scale, zero_point = quantize_with_qparams(weight, scale, minimum, group_size)
-        return cls(qdata, scale, zero_point, tuple(block_size), weight.shape)
+        return cls(qdata, scale, zero_point, tuple(block_size), weight.shape,
+                   activation_dtype=activation_dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense tensor this one stands for, in its logical shape, in ``dtype`` (default:
@@ -121,7 +134,8 @@ class Int4Tensor(Int4BaseTensor):
                              "ambiguous; quantize the source with the same pre-scale first")
         stored = dense.transpose(-1, -2) if self.is_transposed else dense
         block = (1,) * (self.ndim - 1) + (self.group_size,)
-        out = Int4Tensor.from_hp(stored.to(self.dtype), block)
+        out = Int4Tensor.from_hp(stored.to(self.dtype), block,
+                                 activation_dtype=self.activation_dtype)
         return _transposed(out) if self.is_transposed else out
 
 
@@ -195,7 +209,8 @@ def _field_dims(t: Int4Tensor, dim: int) -> dict[str, tuple[int, int]]:
 
 def _replace(t: Int4Tensor, shape, block_size=None, **tensors) -> Int4Tensor:
     fields = {**t._tensors(), **tensors}
-    return Int4Tensor._build(fields, [tuple(block_size or t.block_size), tuple(shape)])
+    return Int4Tensor._build(
+        fields, [tuple(block_size or t.block_size), tuple(shape), t.activation_dtype])
 
 
 def _transposed(t: Int4Tensor) -> Int4Tensor:

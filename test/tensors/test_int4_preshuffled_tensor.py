@@ -34,6 +34,42 @@ def plain(shape, g=128, device="cuda"):
     return w, Int4Tensor.from_hp(w, (1,) * (len(shape) - 1) + (g,))
 
 
+class TestFp8PlainEverywhere:
+    """Float8DynamicActivationInt4WeightConfig(int4_packing_format="plain"): an Int4Tensor whose
+    linear rounds activations to fp8 per row; the same function on every device."""
+
+    def test_quantize_run_and_keep_the_flag(self):
+        model = torch.nn.Linear(512, 256, dtype=torch.bfloat16)
+        x = torch.randn(4, 512, dtype=torch.bfloat16)
+        ref = model(x)
+        quantize_(model, Float8DynamicActivationInt4WeightConfig(int4_packing_format="plain"))
+        w = model.weight
+        assert isinstance(w, Int4Tensor) and w.activation_dtype == "fp8"
+        out = model(x)
+        assert sqnr(ref, out) > 15
+        # exactly: x rounded to fp8 per row, then the bf16 reference path
+        xq, xs = fbgemm.quantize_fp8_rows(x)
+        rounded = (xq.float() * xs[:, None]).to(torch.bfloat16)
+        assert torch.equal(out, F.linear(rounded, w.dequantize()) + model.bias)
+        assert not torch.equal(out, F.linear(x, w.dequantize()) + model.bias)
+        for view in (w[:128], w[:, 128:], w.t().t(), w.clone()):
+            assert view.activation_dtype == "fp8"
+        buf = io.BytesIO()
+        torch.save(w, buf)
+        buf.seek(0)
+        assert torch.load(buf, weights_only=True).activation_dtype == "fp8"
+
+    def test_copy_between_activation_dtypes_is_refused(self):
+        _, bf16 = plain((256, 512), device="cpu")
+        fp8 = Int4Tensor.from_hp(torch.randn(256, 512, dtype=torch.bfloat16), (1, 128),
+                                 activation_dtype="fp8")
+        with pytest.raises(ValueError, match="activation_dtype"):
+            bf16.copy_(fp8)
+        with pytest.raises(ValueError, match="activation_dtype"):
+            Int4Tensor(fp8.qdata, fp8.scale, fp8.zero_point, (1, 128), (256, 512),
+                       activation_dtype="int8")
+
+
 class TestOnCpu:
     """What a CPU-only machine sees: conversion is a no-op, preshuffled configs say why not."""
 
@@ -58,8 +94,8 @@ class TestOnCpu:
     def test_fp8_config_validation(self):
         with pytest.raises(ValueError, match="group_size 128 only"):
             Float8DynamicActivationInt4WeightConfig(group_size=64)
-        with pytest.raises(ValueError, match="not implemented"):
-            Float8DynamicActivationInt4WeightConfig(int4_packing_format="plain")
+        with pytest.raises(ValueError, match="must be"):
+            Float8DynamicActivationInt4WeightConfig(int4_packing_format="tiled")
         model = torch.nn.Linear(512, 256, dtype=torch.bfloat16)
         with pytest.raises(ValueError, match="CUDA device"):
             quantize_(model, Float8DynamicActivationInt4WeightConfig())
@@ -158,6 +194,28 @@ class TestBf16Activations:
         quantize_(model, Int4WeightOnlyConfig(int4_packing_format="preshuffled"))
         assert isinstance(model.weight, Int4PreshuffledTensor)
         assert sqnr(ref, model(x)) > 18
+
+
+@gpu
+@needs_kernels
+class TestFp8PlainOnHopper:
+    @pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (16, 512, 1024), (128, 200, 384)])
+    def test_f8i4_rowwise_matches_the_reference_emulation(self, m, n, k):
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+        t = Int4Tensor.from_hp(w, (1, 128), activation_dtype="fp8")
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        out = F.linear(x, t)
+        xq, xs = fbgemm.quantize_fp8_rows(x)
+        emulated = reference.linear((xq.float() * xs[:, None]).to(torch.bfloat16), t, None)
+        err = rel_error(emulated, out)
+        print(f"fp8 plain f8i4bf16_rowwise vs reference emulation M={m} N={n} K={k}: rel err {err:.2e}")
+        assert err < 1e-2
+        assert sqnr(x.double() @ w.double().t(), out) > 15
+
+    def test_not_converted_to_preshuffled(self):
+        t = Int4Tensor.from_hp(torch.randn(256, 512, dtype=torch.bfloat16, device="cuda"),
+                               (1, 128), activation_dtype="fp8")
+        assert convert_to_packed_tensor_based_on_current_hardware(t) is t
 
 
 @gpu

@@ -163,7 +163,7 @@ class TestCommonOps:
 class TestRepr(expecttest.TestCase):
     def test_repr(self):
         t = Int4Tensor.from_hp(torch.randn(64, 256, dtype=torch.bfloat16), (1, 128))
-        self.assertExpectedInline(repr(t), """Int4Tensor(block_size=[1, 128], shape=[64, 256], dtype=torch.bfloat16, device=cpu, qdata=int8[64, 128], scale=bfloat16[2, 64], zero_point=bfloat16[2, 64])""")
+        self.assertExpectedInline(repr(t), """Int4Tensor(block_size=[1, 128], shape=[64, 256], activation_dtype='bf16', dtype=torch.bfloat16, device=cpu, qdata=int8[64, 128], scale=bfloat16[2, 64], zero_point=bfloat16[2, 64])""")
 
 
 class TestBadInput:
