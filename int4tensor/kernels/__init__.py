@@ -75,7 +75,8 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
 def _fp8_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """fp8 activations: ``x`` quantized per row to float8 e4m3, then fbgemm's
     ``f8i4bf16_rowwise`` on the plain layout, or (anywhere else) the reference path on the
-    fp8-rounded activations, so every device computes the same function."""
+    fp8-rounded activations. The fbgemm kernel also rounds the dequantized weights to fp8
+    (3.3% relative difference from the reference path, measured on an H200)."""
     x2d = x.reshape(-1, x.shape[-1])
     xq, x_scale = fbgemm.quantize_fp8_rows(x2d)
     if fbgemm.can_run_fp8_linear(x2d, weight):

@@ -37,8 +37,8 @@ class Int4Tensor(Int4BaseTensor):
         act_pre_scale: optional ``[..., K]`` per-input-channel factor (AWQ-style activation
             scaling): ``linear`` multiplies the activation by it before the int4 matmul.
         activation_dtype: ``"bf16"`` (default) or ``"fp8"``: ``linear`` first quantizes the
-            activation per row to float8 e4m3 (fbgemm's ``f8i4bf16_rowwise`` on Hopper; the same
-            rounding emulated by the reference path elsewhere).
+            activation per row to float8 e4m3 (fbgemm's ``f8i4bf16_rowwise`` on Hopper; the
+            reference path elsewhere applies the same activation rounding).
 
     The stored weight is ``W[..., n, k] = (q[..., n, k] * scale[..., k // G, n]
     + zero_point[..., k // G, n]) * act_pre_scale[..., k]`` (the last factor only when set);

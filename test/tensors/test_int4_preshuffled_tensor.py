@@ -209,7 +209,9 @@ class TestFp8PlainOnHopper:
         emulated = reference.linear((xq.float() * xs[:, None]).to(torch.bfloat16), t, None)
         err = rel_error(emulated, out)
         print(f"fp8 plain f8i4bf16_rowwise vs reference emulation M={m} N={n} K={k}: rel err {err:.2e}")
-        assert err < 1e-2
+        # the kernel also rounds the dequantized weights to fp8 (measured: 3.3e-2 on an H200),
+        # which the reference path does not emulate
+        assert err < 0.05
         assert sqnr(x.double() @ w.double().t(), out) > 15
 
     def test_not_converted_to_preshuffled(self):
