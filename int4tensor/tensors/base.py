@@ -164,6 +164,13 @@ class Int4BaseTensor(torch.Tensor):
 implements = Int4BaseTensor.implements
 
 
+def op_args(args: tuple, kwargs: dict, *defaults: tuple[str, Any]) -> list[Any]:
+    """An aten op's arguments after the first few positional ones, by position or keyword,
+    with defaults: ``dim, start = op_args(args[1:], kwargs, ("dim", 0), ("start", None))``."""
+    return [args[i] if i < len(args) else kwargs.get(name, default)
+            for i, (name, default) in enumerate(defaults)]
+
+
 @implements([aten.detach.default, aten.alias.default])
 def _(func, args, kwargs):
     return return_and_correct_aliasing(func, args, kwargs, args[0]._with_data(func))

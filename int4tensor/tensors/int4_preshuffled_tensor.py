@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from int4tensor import kernels
-from int4tensor.tensors.base import Int4BaseTensor
+from int4tensor.tensors.base import Int4BaseTensor, op_args
 from int4tensor.tensors.int4_tensor import Int4Tensor
 
 aten = torch.ops.aten
@@ -212,7 +212,9 @@ def _(func, args, kwargs):
 @implements([aten.slice.Tensor])
 def _(func, args, kwargs):
     """Slices along N or K copy: the layout is re-derived for the slice (exact)."""
-    t, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
+    t = args[0]
+    dim, start, end, step = op_args(args[1:], kwargs, ("dim", 0), ("start", None),
+                                    ("end", None), ("step", 1))
     if t.ndim == 3 and dim % 3 == 0:
         fields = {name: x[start:end:step] for name, x in t._tensors().items()}
         shape = (fields["qdata"].shape[0], *t.shape[1:])

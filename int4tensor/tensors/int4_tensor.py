@@ -15,7 +15,7 @@ from int4tensor.quant_primitives import (
     dequantize_int4,
     quantize_with_qparams,
 )
-from int4tensor.tensors.base import Int4BaseTensor
+from int4tensor.tensors.base import Int4BaseTensor, op_args
 
 aten = torch.ops.aten
 
@@ -268,9 +268,8 @@ def _reshape(t: Int4Tensor, shape) -> Int4Tensor:
     if shape[-1] != k:
         raise NotImplementedError(
             f"Int4Tensor views must keep the packed last dim K = {k}: {list(t.shape)} -> {shape}")
-    if t.act_pre_scale is not None and t.act_pre_scale.ndim != 1 or (
-            t.act_pre_scale is not None and len(shape) == 3 and shape[0] != 1):
-        raise NotImplementedError("reshaping an Int4Tensor with a per-expert act_pre_scale")
+    if t.act_pre_scale is not None:  # it would have to be regrouped per expert too
+        raise NotImplementedError("reshaping an Int4Tensor that has an act_pre_scale")
     rows = t.numel() // k
     # to rows: qdata [R, K/2], scale [K/G, R]
     qdata = t.qdata.reshape(rows, k // 2)
@@ -291,7 +290,9 @@ def _view_op(func, args, kwargs, out):
 
 @Int4Tensor.implements([aten.slice.Tensor])
 def _(func, args, kwargs):
-    t, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
+    t = args[0]
+    dim, start, end, step = op_args(args[1:], kwargs, ("dim", 0), ("start", None),
+                                    ("end", None), ("step", 1))
     dim = _normalize_dim(dim, t.ndim)
     start = 0 if start is None else start
     end = t.shape[dim] if end is None else end
@@ -300,8 +301,9 @@ def _(func, args, kwargs):
 
 @Int4Tensor.implements([aten.split.Tensor, aten.split_with_sizes.default])
 def _(func, args, kwargs):
-    t, sizes, dim = (list(args) + [0][len(args) - 2:])[:3]
-    dim = _normalize_dim(kwargs.get("dim", dim), t.ndim)
+    t, sizes = args[0], args[1]
+    (dim,) = op_args(args[2:], kwargs, ("dim", 0))
+    dim = _normalize_dim(dim, t.ndim)
     if isinstance(sizes, int):
         sizes = [min(sizes, t.shape[dim] - s) for s in range(0, t.shape[dim], sizes)]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -321,7 +323,8 @@ def _(func, args, kwargs):
 
 @Int4Tensor.implements([aten.unbind.int])
 def _(func, args, kwargs):
-    t, dim = (list(args) + [0])[:2]
+    t = args[0]
+    (dim,) = op_args(args[1:], kwargs, ("dim", 0))
     return [t.select(dim, i) for i in range(t.shape[dim])]
 
 
@@ -338,12 +341,12 @@ def _(func, args, kwargs):
 
 @Int4Tensor.implements([aten.cat.default])
 def _(func, args, kwargs):
-    tensors, dim = (list(args) + [0])[:2]
-    tensors = [x for x in tensors]
+    tensors = list(args[0])
+    (dim,) = op_args(args[1:], kwargs, ("dim", 0))
     first = tensors[0]
     if not all(isinstance(x, Int4Tensor) for x in tensors):
         raise NotImplementedError("cat of an Int4Tensor with a dense tensor: quantize it first")
-    dim = _normalize_dim(kwargs.get("dim", dim), first.ndim)
+    dim = _normalize_dim(dim, first.ndim)
     for x in tensors[1:]:
         problem = _cat_mismatch(first, x, dim)
         if problem:
@@ -372,8 +375,8 @@ def _cat_mismatch(a: Int4Tensor, b: Int4Tensor, dim: int) -> str | None:
 
 @Int4Tensor.implements([aten.stack.default])
 def _(func, args, kwargs):
-    tensors, dim = (list(args) + [0])[:2]
-    dim = kwargs.get("dim", dim)
+    tensors = list(args[0])
+    (dim,) = op_args(args[1:], kwargs, ("dim", 0))
     ndim = tensors[0].ndim + 1
     if dim % ndim != 0 or ndim != 3:
         raise NotImplementedError("Int4Tensor supports stack only of 2D weights along a new "
