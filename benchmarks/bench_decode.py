@@ -14,9 +14,7 @@ convert_model_to_packed_tensors_ (fbgemm's preshuffled layout).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import math
 import os
 import sys
 
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import write_csv  # noqa: E402
 from int4tensor import (  # noqa: E402
     Int4WeightOnlyConfig,
     convert_model_to_packed_tensors_,
@@ -188,12 +187,9 @@ def main():
         torch.cuda.empty_cache()
     stamp = datetime.date.today().isoformat()
     name = "bench_decode_compiled.csv" if args.compile else "bench_decode.csv"
-    with open(os.path.join(args.out, name), "w", newline="") as f:
-        f.write(f"# {device}, {stamp}, torch {torch.__version__}, layers={args.layers}, "
-                f"compile={args.compile}\n")
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(os.path.join(args.out, name),
+              f"{device}, {stamp}, torch {torch.__version__}, layers={args.layers}, "
+              f"compile={args.compile}", rows)
     print(f"\n{device}, {stamp}, Llama-3-8B shapes, {args.layers} layers, CUDA graph per step"
           f"{', torch.compile' if args.compile else ''}")
     print(f"{'batch':>5} {'path':<28} {'ms/step':>8} {'tok/s':>8} {'vs bf16':>7} {'weights GB':>10} {'blk0 err':>9}")

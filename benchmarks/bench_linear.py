@@ -12,7 +12,6 @@ flushed). Writes bench_linear.csv and bench_linear.png to --out and prints a tab
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
@@ -21,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import copy_bandwidth_gbs, do_bench_us, graph_time_us, rel_error  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    copy_bandwidth_gbs, do_bench_us, graph_time_us, rel_error, write_csv)
 from int4tensor import Int4Tensor  # noqa: E402
 from int4tensor.kernels import fbgemm as fbgemm_backend  # noqa: E402
 from int4tensor.kernels import reference, triton_int4  # noqa: E402
@@ -208,11 +208,8 @@ def main():
     for n, k in shapes:
         bench_shape(n, k, ms, bw, have_fbgemm, rows)
     stamp = datetime.date.today().isoformat()
-    with open(os.path.join(args.out, "bench_linear.csv"), "w", newline="") as f:
-        f.write(f"# {device}, copy bandwidth {bw:.0f} GB/s, {stamp}, torch {torch.__version__}\n")
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(os.path.join(args.out, "bench_linear.csv"),
+              f"{device}, copy bandwidth {bw:.0f} GB/s, {stamp}, torch {torch.__version__}", rows)
     plot(rows, os.path.join(args.out, "bench_linear.png"))
     print(f"\n{device}, copy {bw:.0f} GB/s, {stamp}")
     print(f"{'N':>6} {'K':>6} {'M':>5} {'path':<32} {'us':>9} {'vs bf16':>7} {'%copy':>6} {'rel err':>8}")

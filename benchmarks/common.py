@@ -52,6 +52,17 @@ def do_bench_us(fn) -> float:
     return triton.testing.do_bench(fn, return_mode="median") * 1e3
 
 
+def write_csv(path: str, comment: str, rows: list[dict]) -> None:
+    """``rows`` as CSV under a ``# comment`` line (device, date, versions)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        f.write(f"# {comment}\n")
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def rel_error(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.double(), out.double()
     return float((ref - out).norm() / ref.norm())
