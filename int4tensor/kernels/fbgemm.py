@@ -10,6 +10,8 @@ import functools
 
 import torch
 
+from int4tensor.kernels import custom_ops
+
 
 @functools.cache
 def is_available() -> bool:
@@ -59,8 +61,6 @@ def can_run_bmm(x: torch.Tensor, weight) -> bool:
 def bmm(x: torch.Tensor, weight) -> torch.Tensor:
     """``x [B, M, K] @ W[b].T -> [B, M, N]`` through ``bf16i4bf16_rowwise_batched``, which
     reads the scales as one 2D ``[B*K/G, N]`` tensor (a 3D one is silently misread)."""
-    from int4tensor.kernels import custom_ops
-
     n = weight.qdata.shape[-2]
     return custom_ops.fbgemm_bf16i4_rowwise_batched(
         x.contiguous(), weight.qdata, weight.scale.reshape(-1, n), weight.zero_point.reshape(-1, n))
@@ -68,10 +68,8 @@ def bmm(x: torch.Tensor, weight) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [*, K]`` bf16 -> ``[*, N]`` bf16 through ``torch.ops.fbgemm.bf16i4bf16_rowwise``."""
-    from int4tensor.kernels.custom_ops import int4_matmul_fbgemm
-
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    out = int4_matmul_fbgemm(x2d, weight.qdata, weight.scale, weight.zero_point,
+    out = custom_ops.int4_matmul_fbgemm(x2d, weight.qdata, weight.scale, weight.zero_point,
                              weight.group_size)
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out + bias if bias is not None else out
@@ -117,8 +115,6 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def shuffled_mm(x2d: torch.Tensor, weight) -> torch.Tensor:
     """``x [M, K] @ W.T -> [M, N_padded]`` for a 2D Int4PreshuffledTensor."""
-    from int4tensor.kernels import custom_ops
-
     if weight.activation_dtype == "bf16":
         return custom_ops.fbgemm_bf16i4_shuffled(
             x2d, weight.qdata, weight.group_scale, weight.group_zero)
@@ -129,8 +125,6 @@ def shuffled_mm(x2d: torch.Tensor, weight) -> torch.Tensor:
 
 def shuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
     """``x [B, M, K] @ W[b].T -> [B, M, N_padded]`` for a 3D Int4PreshuffledTensor (bf16)."""
-    from int4tensor.kernels import custom_ops
-
     n = weight.qdata.shape[-2]
     return custom_ops.fbgemm_bf16i4_shuffled_batched(
         x.contiguous(), weight.qdata,
