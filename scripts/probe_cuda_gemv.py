@@ -1,0 +1,119 @@
+"""Device probe for the CUDA GEMV (int4tensor/kernels/cuda_gemv.py): correctness against the
+reference path over shapes, M, group sizes and unaligned N/K, then a config sweep timed inside
+CUDA graphs next to bf16 and the Triton kernels. Usage: python scripts/probe_cuda_gemv.py"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, ".")
+from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error  # noqa: E402
+from int4tensor import Int4Tensor  # noqa: E402
+from int4tensor.kernels import cuda_gemv, reference, triton_int4  # noqa: E402
+
+
+def check():
+    worst = 0.0
+    t0 = time.time()
+    cases = [(n, k, g, m) for (n, k) in [(256, 1024), (200, 384), (1000, 4096 + 128), (4096, 4096),
+                                          (96, 640)]
+             for g in (32, 64, 128, 256) if k % g == 0 for m in (1, 2, 3, 4, 8)]
+    for n, k, g, m in cases:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        t = Int4Tensor.from_hp(w, (1, g))
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = reference.linear(x, t, None)
+        for cfg in (None, dict(R=2, U=2, SLICES=4), dict(R=8, U=2, SLICES=2)):
+            out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, g, cfg)
+            err = rel_error(ref, out)
+            worst = max(worst, err)
+            if err > 1e-2:
+                print(f"WRONG n={n} k={k} g={g} m={m} cfg={cfg}: rel err {err:.4f}", flush=True)
+    print(f"check: {len(cases)} cases x 3 configs, worst rel err vs reference {worst:.2e} "
+          f"({time.time() - t0:.1f} s incl. compile)", flush=True)
+
+
+def sweep(bw):
+    shapes = [(8192, 8192), (28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096),
+              (4096, 14336), (1024, 4096), (6144, 4096)]
+    if "--quick" in sys.argv:
+        shapes = [(8192, 8192), (4096, 4096), (1024, 4096)]
+    for n, k in shapes:
+        copies = max(2, min(16, int(400e6 // (n * k * 2))))
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        qs = [Int4Tensor.from_hp(w, (1, 128)) for w in ws]
+        nbytes = n * k / 2 + 4 * n * k / 128
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for m in ((1, 2, 4) if "--quick" in sys.argv else (1, 2, 4, 8, 16)):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            pct = lambda t: nbytes / t / 1e3 / bw * 100  # noqa: E731
+            t_bf16 = graph_time_us([lambda w=w: F.linear(x, w) for w in ws])
+            t_tri = graph_time_us([lambda q=q: triton_int4.int4_matmul(
+                x, q.qdata, q.scale, q.zero_point, 128) for q in qs])
+            line = f"{n}x{k} M={m}: bf16 {t_bf16:.2f} | triton {t_tri:.2f} ({t_bf16 / t_tri:.2f}x)"
+            if m <= cuda_gemv.MAX_M:
+                ranked = []
+                for r in (1, 2, 4):
+                    for u in (2, 4, 8):
+                        if r * u > 32:
+                            continue
+                        for sl in (1, 2, 4):
+                            cfg = dict(R=r, U=u, SLICES=sl)
+                            t = graph_time_us([lambda q=q, c=cfg: cuda_gemv.int4_gemv(
+                                x, q.qdata, q.scale, q.zero_point, 128, c) for q in qs], iters=5)
+                            ranked.append((t, cfg))
+                ranked.sort(key=lambda r: r[0])
+                d = cuda_gemv.pick_config(m, n, k, sms)
+                t_def = graph_time_us([lambda q=q: cuda_gemv.int4_gemv(
+                    x, q.qdata, q.scale, q.zero_point, 128) for q in qs])
+                line += (f" | cuda default {t_def:.2f} ({t_bf16 / t_def:.2f}x, {pct(t_def):.0f}% copy)"
+                         f" {d} | best {ranked[0][0]:.2f} ({pct(ranked[0][0]):.0f}%) {ranked[0][1]},"
+                         f" {ranked[1][0]:.2f} {ranked[1][1]}, {ranked[2][0]:.2f} {ranked[2][1]}")
+            print(line, flush=True)
+        del ws, qs
+        torch.cuda.empty_cache()
+
+
+LOAD_ONLY = r"""
+extern "C" __global__ void load_only(const uint4* __restrict__ q, unsigned* out, int N, int K, int R, int U) {
+  const int lane = threadIdx.x;
+  const int row0 = (blockIdx.x * 4 + threadIdx.y) * R;
+  const int steps = K >> 10, len = K >> 5;
+  unsigned acc = 0;
+  for (int s0 = 0; s0 < steps; s0 += U) {
+    uint4 w[16];
+    for (int i = 0; i < 16; ++i) if (i < U * R) {
+      int r = i %% R, u = i / R;
+      w[i] = (s0 + u < steps) ? q[(size_t)(row0 + r) * len + ((s0 + u) << 5) + lane] : make_uint4(0,0,0,0);
+    }
+    for (int i = 0; i < 16; ++i) if (i < U * R) acc ^= w[i].x ^ w[i].y ^ w[i].z ^ w[i].w;
+  }
+  if (acc == 0x12345678u) out[0] = acc;
+}
+""".replace("%%", "%")
+
+
+def load_only(bw):
+    kern = torch.cuda._compile_kernel(LOAD_ONLY, "load_only")
+    for n, k in [(8192, 8192), (28672, 8192), (4096, 4096)]:
+        qs = [torch.randint(-128, 127, (n, k // 2), dtype=torch.int8, device="cuda") for _ in range(4)]
+        out = torch.zeros(1, dtype=torch.int32, device="cuda")
+        for r, u in [(4, 2), (4, 4), (2, 4), (2, 8), (1, 8), (1, 16), (4, 1)]:
+            t = graph_time_us([lambda q=q: kern(grid=(n // (4 * r), 1, 1), block=(32, 4, 1),
+                                                args=[q, out, n, k, r, u]) for q in qs])
+            print(f"load-only {n}x{k} R={r} U={u}: {t:.2f} us, {n * k / 2 / t / 1e3 / bw * 100:.0f}% copy",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    check()
+    bw = copy_bandwidth_gbs()
+    print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    load_only(bw)
+    sweep(bw)
+
