@@ -24,11 +24,11 @@ from benchmarks.common import (  # noqa: E402
     copy_bandwidth_gbs, do_bench_us, graph_time_us, rel_error, write_csv)
 from int4tensor import Int4Tensor  # noqa: E402
 from int4tensor.kernels import fbgemm as fbgemm_backend  # noqa: E402
-from int4tensor.kernels import reference, triton_int4  # noqa: E402
+from int4tensor.kernels import cuda_gemv, reference, triton_int4  # noqa: E402
 
 G = 128
 SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096), (4096, 14336)]
-MS = [1, 4, 16, 32, 64, 128, 1024, 8192]
+MS = [1, 4, 8, 16, 32, 64, 128, 1024, 8192]
 
 
 def tinygemm_pack(t: Int4Tensor):
@@ -49,6 +49,9 @@ def int4_paths(x, t: Int4Tensor, have_fbgemm: bool):
     t_fp8 = Int4Tensor(t.qdata, t.scale, t.zero_point, t.block_size, t.shape,
                        activation_dtype="fp8")
     paths["int4 plain, fp8 activations"] = lambda: F.linear(x, t_fp8)
+    if x.shape[0] <= cuda_gemv.MAX_M:
+        paths["int4 cuda tc-gemv"] = lambda: cuda_gemv.int4_gemv(
+            x, t.qdata, t.scale, t.zero_point, G)
     if x.shape[0] <= 256:
         paths["int4 triton"] = lambda: triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, G)
     if have_fbgemm:

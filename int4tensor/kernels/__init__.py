@@ -1,6 +1,7 @@
 """Kernel dispatch: the one place that decides which backend computes an int4 op.
 
-Backends live one per module (:mod:`.reference`, :mod:`.fbgemm`) and take the tensor
+Backends live one per module (:mod:`.reference`, :mod:`.fbgemm`, :mod:`.cuda_gemv`,
+:mod:`.triton_int4`) and take the tensor
 subclass's fields; the tensor classes call only the functions here, so a backend can be
 added or swapped without touching them. Inputs are validated by the caller (the op
 implementation) before they get here.
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from int4tensor.kernels import custom_ops, fbgemm, reference
+from int4tensor.kernels import cuda_gemv, custom_ops, fbgemm, reference
 
-#: Dispatch by the number of activation rows M (from benchmarks/bench_linear.py on an H200):
-#: M = 1 runs our Triton GEMV (1.1-1.5x faster than fbgemm's rowwise kernel there); larger M
-#: runs fbgemm's CUTLASS GEMM on Hopper, or our Triton tensor-core kernel up to
-#: TRITON_MAX_M where fbgemm cannot run (other GPUs, G = 32); beyond that the reference path.
+#: Dispatch by the number of activation rows M (from benchmarks/bench_linear.py and
+#: scripts/probe_cuda_gemv.py on an H200): up to CUDA_GEMV_MAX_M rows run our tensor-core
+#: GEMV (G = 128/256; faster than fbgemm and Triton there on every shape measured); where it
+#: cannot run, M = 1 runs our Triton GEMV. Larger M runs fbgemm's CUTLASS GEMM on Hopper, or
+#: our Triton tensor-core kernel up to TRITON_MAX_M where fbgemm cannot run (other GPUs,
+#: G = 32); beyond that the reference path.
+CUDA_GEMV_MAX_M = 8
 TRITON_ALWAYS_MAX_M = 1
 TRITON_MAX_M = 16
 
@@ -38,10 +42,28 @@ def _triton_can_run(x: torch.Tensor, weight) -> bool:
     )
 
 
-def linear_backend(x: torch.Tensor, weight) -> str:
-    """Name of the backend :func:`int4_linear` uses for these arguments: ``"triton"``,
-    ``"fbgemm"`` or ``"reference"`` (see TRITON_ALWAYS_MAX_M)."""
+def _cuda_gemv_can_run(x: torch.Tensor, weight) -> bool:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
+    return (
+        0 < rows <= CUDA_GEMV_MAX_M
+        and weight.ndim == 2
+        and x.is_cuda
+        and x.stride(-1) == 1
+        and cuda_gemv.is_available()
+        and cuda_gemv.can_run(x.reshape(-1, x.shape[-1]), weight.qdata, weight.scale,
+                              weight.zero_point, weight.group_size)
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)  # mma.m16n8k16 bf16
+        and cuda_gemv.can_compile(x.device.index if x.device.index is not None
+                                  else torch.cuda.current_device())
+    )
+
+
+def linear_backend(x: torch.Tensor, weight) -> str:
+    """Name of the backend :func:`int4_linear` uses for these arguments: ``"cuda"``,
+    ``"triton"``, ``"fbgemm"`` or ``"reference"`` (see CUDA_GEMV_MAX_M)."""
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if _cuda_gemv_can_run(x, weight):
+        return "cuda"
     if rows <= TRITON_ALWAYS_MAX_M and _triton_can_run(x, weight):
         return "triton"
     if fbgemm.can_run_linear(x, weight):
@@ -61,6 +83,12 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
     if weight.activation_dtype == "fp8":
         return _fp8_linear(x, weight, bias)
     backend = linear_backend(x, weight)
+    if backend == "cuda":
+        x2d = x.reshape(-1, x.shape[-1])
+        out = custom_ops.int4_gemv_cuda(
+            x2d, weight.qdata, weight.scale, weight.zero_point, weight.group_size)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        return out + bias if bias is not None else out
     if backend == "triton":
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         out = custom_ops.int4_matmul_triton(

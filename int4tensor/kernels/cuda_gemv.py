@@ -1,29 +1,32 @@
-"""CUDA GEMV over the plain Int4Tensor layout, for decode (M = 1 to a few rows).
+"""CUDA tensor-core GEMV over the plain Int4Tensor layout, for decode (M = 1 to 16 rows).
 
-At decode sizes a linear layer is bound by reading its weights, and what keeps an int4 kernel
-from the bandwidth limit is (a) too few bytes in flight per multiprocessor and (b) too many
-instructions per weight to unpack nibbles. This kernel:
+At decode sizes a linear layer is bound by reading its weights. What keeps int4 kernels from
+the bandwidth limit is the work per weight: unpacking and multiplying on CUDA cores takes ~4
+instructions per weight, which at full bandwidth is more than a multiprocessor can issue. This
+kernel hands the multiplies to the tensor cores (``mma.m16n8k16`` bf16, fp32 accumulate) even
+at M = 1, which leaves under one instruction per weight for the unpacking:
 
-* has every lane load 16 bytes (32 weights) of a row at a time, ``U`` loads for each of ``R``
-  rows issued before any is used, so a warp keeps ``U * R * 512`` bytes in flight;
-* turns nibbles into float32 with one bitwise op each and no int->float conversion: for a
-  nibble ``u`` sitting at bits ``p..p+3 <= 22`` of a 32-bit word (inside the mantissa),
-  ``(word & (0xF << p)) | 0x3F800000`` is the float ``1 + u * 2**(p - 23)``. Three cheap
-  shifts/permutes per word place every odd nibble at bit 12 and every even one at bit 16, so
-  each product is ``x * (1 + u * 2**-c)`` for ``c`` = 11 or 7, and
-  ``sum x * u = (sum x * f - sum x) * 2**c`` is recovered once per 32 weights (relative
-  rounding ~1e-4, below the bf16 output's);
-* factors the group scale and zero point out of the inner product:
-  ``sum_k x_k w_k = s * sum_k x_k u_k + (z - 8 s) * sum_k x_k`` for ``w = (u - 8) * s + z``
-  (``q = u - 8`` is the stored signed value), so the per-weight work is one bitwise op and one
-  FMA per activation row.
+* A warp owns 16 weight rows; lane ``(g, t)`` (``g = lane / 4``, ``t = lane % 4``) loads 16
+  bytes (32 weights) of rows ``g`` and ``g + 8`` per 128-wide K chunk, so the four lanes of a
+  row read its 64 contiguous bytes. ``U`` chunks are loaded before any is used.
+* A lane's registers are used in place as the mma's A fragment. The fragment wants each lane to
+  hold K positions ``2t, 2t+1, 2t+8, 2t+9`` of its two rows; a dot product does not care how K
+  is ordered as long as the activations (the B fragment) follow the same order, so K slot
+  ``(t, e)`` of each of the 8 mma steps is mapped to a nibble of the lane's own 32, and each
+  lane permutes its activations (``prmt``) to match. No shuffles, no shared memory.
+* One ``lop3`` turns two nibbles (bits ``s`` and ``s + 16`` of a word, two's complement ``q``)
+  into the bf16 pair ``(136 + q)``: ``(w & 0x000F000F) ^ 0x43084308``. The product with ``x``
+  is exact in the fp32 accumulator.
+* Per chunk (one group when G = 128, half of one when G = 256) the group scale and zero point
+  are applied to the accumulator:
+  ``sum_k x_k w_k = s * (sum_k x_k (136 + q_k)) + (z - 136 s) * sum_k x_k``
+  for ``w = q * s + z``; the activation sums per chunk are computed once per block into shared
+  memory.
 
-Rows of a block share the 32-byte sectors that hold their scales (``scale [K/G, N]`` is
-N-contiguous), so the scale reads cost ~6% of the weight bytes, as the format does.
-
-The source is compiled at first use with NVRTC through ``torch.cuda._compile_kernel``, so it
-needs no compiler at install time. Where that is missing or fails, :func:`is_available` is False
-and the dispatcher picks the Triton kernels instead. This module imports nothing but torch.
+K may be split over ``SLICES`` warps of a block (partial sums reduced in shared memory, no
+atomics, no zero-init). The source is compiled at first use with NVRTC through
+``torch.cuda._compile_kernel``, so no compiler is needed at install time; where that is missing
+or fails, the dispatcher uses the Triton kernels instead. This module imports nothing but torch.
 """
 
 from __future__ import annotations
@@ -32,21 +35,18 @@ import functools
 
 import torch
 
-#: warps per block along N; each covers ``R`` consecutive rows (4 * 4 = 16 rows = the 32-byte
-#: sector of bf16 scales)
-WARPS_N = 4
-#: the largest number of activation rows the kernel is compiled for
-MAX_M = 8
-#: the most K slices (warps splitting one row's K) a block may have: the register budget
-#: (__launch_bounds__) is set by the block size, and 4 slices leave 128 registers per thread
-MAX_SLICES = 4
+#: the most activation rows (two 8-wide mma tiles)
+MAX_M = 16
+#: K chunk per mma sweep: 4 lanes x 32 weights of one row
+CHUNK = 128
+#: block size cap (warps), which sets the register budget through __launch_bounds__
+MAX_WARPS = 8
 
 _SOURCE = r"""
-#define M_ROWS %(m)d
-#define R %(r)d
+#define M_TILES %(m_tiles)d
 #define U %(u)d
 #define WARPS_N %(warps_n)d
-#define MAX_SLICES %(max_slices)d
+#define MAX_WARPS %(max_warps)d
 
 typedef unsigned short bf16_t;
 
@@ -59,133 +59,159 @@ __device__ __forceinline__ bf16_t f_to_bf16(float f) {  // round to nearest even
   u += 0x7fffu + ((u >> 16) & 1u);
   return (bf16_t)(u >> 16);
 }
-// 1 + u * 2**(P - 23) for the nibble u at bits P..P+3 of v
-#define NIB(v, P) __uint_as_float(((v) & (0xFu << (P))) | 0x3F800000u)
+// nibbles at bits 0..3 and 16..19 of w (two's complement q) -> bf16x2 (136 + q): (w & m) ^ c
+__device__ __forceinline__ unsigned nibbles_to_bf16x2(unsigned w) {
+  unsigned r;
+  asm("lop3.b32 %%0, %%1, %%2, %%3, 0x6a;" : "=r"(r) : "r"(w), "n"(0x000F000F), "n"(0x43084308));
+  return r;
+}
+__device__ __forceinline__ void mma_bf16(float* d, unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%%0,%%1,%%2,%%3}, "
+      "{%%4,%%5,%%6,%%7}, {%%8,%%9}, {%%0,%%1,%%2,%%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned word(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
 
-extern "C" __global__ void __launch_bounds__(32 * WARPS_N * MAX_SLICES)
+extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS)
 %(name)s(const bf16_t* __restrict__ x, const uint4* __restrict__ q,
          const bf16_t* __restrict__ scale, const bf16_t* __restrict__ zero,
-         bf16_t* __restrict__ out, int N, int K, int ldx, int lds, int ldo, int group_shift) {
-  // block (32, WARPS_N, KS): lane, row group, K slice; each step covers 1024 K positions
-  const int lane = threadIdx.x;
-  const int slice = threadIdx.z;
-  const int slices = blockDim.z;
-  const int row0 = (blockIdx.x * WARPS_N + threadIdx.y) * R;
-  const int steps = (K + 1023) >> 10;
-  const int q_row_len = K >> 5;  // uint4 per row
-  int rows[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) rows[r] = min(row0 + r, N - 1);
+         bf16_t* __restrict__ out, int M, int N, int K, int ldx, int lds, int ldo,
+         int group_shift) {
+  // block (32, WARPS_N, SLICES): lane, 16-row tile, K slice
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+  const int slice = threadIdx.z, slices = blockDim.z;
+  const int warp = threadIdx.y + WARPS_N * threadIdx.z;
+  const int chunks = K >> 7;
+  const int MP = 8 * M_TILES;
 
-  float acc[M_ROWS][R];
-#pragma unroll
-  for (int m = 0; m < M_ROWS; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+  // activation sums per 128-wide chunk, shared by every row: xsum[c * MP + m]
+  float* xsum = smem;
+  for (int i = lane + 32 * warp; i < chunks * MP; i += 32 * WARPS_N * slices) {
+    const int c = i / MP, m = i %% MP;
+    float sum = 0.f;
+    if (m < M) {
+      const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + (c << 7));
+#pragma unroll 4
+      for (int j = 0; j < 16; ++j) {
+        const uint4 v = __ldg(xp + j);
+        sum += ((bf16_lo(v.x) + bf16_hi(v.x)) + (bf16_lo(v.y) + bf16_hi(v.y))) +
+               ((bf16_lo(v.z) + bf16_hi(v.z)) + (bf16_lo(v.w) + bf16_hi(v.w)));
+      }
+    }
+    xsum[i] = sum;
+  }
+  __syncthreads();
 
-  for (int s0 = slice; s0 < steps; s0 += slices * U) {
-    uint4 w[U][R];
+  const int r0 = (blockIdx.x * WARPS_N + threadIdx.y) * 16;
+  const int ra = min(r0 + g, N - 1), rb = min(r0 + g + 8, N - 1);
+  const int row_len = K >> 5;  // uint4 per row
+  const uint4* qa = q + (size_t)ra * row_len + t;
+  const uint4* qb = q + (size_t)rb * row_len + t;
+
+  float acc[M_TILES][4];
 #pragma unroll
-    for (int i = 0; i < U; ++i) {
-      const int k0 = ((s0 + i * slices) << 10) + (lane << 5);
-      const bool valid = (s0 + i * slices) < steps && k0 < K;
+  for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-        w[i][r] = valid ? q[(size_t)rows[r] * q_row_len + (k0 >> 5)] : make_uint4(0, 0, 0, 0);
+    for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
+
+  for (int c0 = slice; c0 < chunks; c0 += slices * U) {
+    uint4 wa[U], wb[U];  // U chunks of both rows, all in flight before any is used
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * slices;
+      const bool ok = c < chunks;
+      wa[u] = ok ? qa[c * 4] : make_uint4(0, 0, 0, 0);
+      wb[u] = ok ? qb[c * 4] : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int i = 0; i < U; ++i) {
-      const int k0 = ((s0 + i * slices) << 10) + (lane << 5);
-      if ((s0 + i * slices) >= steps || k0 >= K) continue;
-      // keep the compiler from hoisting every step's activation loads (register spills at M > 1);
-      // the weight loads above are already in flight
-      asm volatile("" ::: "memory");
-      const int g = k0 >> group_shift;
-      float s[R], zc[R];
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * slices;
+      if (c >= chunks) break;  // the same for the whole warp
+      const int kc = (c << 7) + (t << 5);  // this lane's 32 K positions
+      uint4 xv[M_TILES][4];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        s[r] = bf16_to_f(scale[(size_t)g * lds + rows[r]]);
-        zc[r] = bf16_to_f(zero[(size_t)g * lds + rows[r]]) - 8.f * s[r];
+      for (int mt = 0; mt < M_TILES; ++mt) {
+        const int m = g + 8 * mt;
+        const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)min(m, M - 1) * ldx + kc);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) xv[mt][j] = m < M ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
       }
-      // per activation row m and weight row r: sums of x * f over odd / even nibbles
-      float a12[M_ROWS][R], a16[M_ROWS][R], c12[M_ROWS], c16[M_ROWS];
+      float d[M_TILES][4];
 #pragma unroll
-      for (int m = 0; m < M_ROWS; ++m) {
-        c12[m] = 0.f; c16[m] = 0.f;
+      for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-        for (int r = 0; r < R; ++r) { a12[m][r] = 0.f; a16[m][r] = 0.f; }
-      }
+        for (int i = 0; i < 4; ++i) d[mt][i] = 0.f;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {  // word j of each lane's 16 bytes: k0 + 8j .. k0 + 8j + 7
-        float xf[M_ROWS][8];
+      for (int j = 0; j < 4; ++j) {  // word j: K positions kc + 8j .. kc + 8j + 7
+        const unsigned a = word(wa[u], j), b = word(wb[u], j);
+        // pair p holds nibbles (p, p + 4) of the word: K offsets 8j + p and 8j + p + 4
+        const unsigned a0 = nibbles_to_bf16x2(a), a1 = nibbles_to_bf16x2(a >> 4);
+        const unsigned a2 = nibbles_to_bf16x2(a >> 8), a3 = nibbles_to_bf16x2(a >> 12);
+        const unsigned b0 = nibbles_to_bf16x2(b), b1 = nibbles_to_bf16x2(b >> 4);
+        const unsigned b2 = nibbles_to_bf16x2(b >> 8), b3 = nibbles_to_bf16x2(b >> 12);
 #pragma unroll
-        for (int m = 0; m < M_ROWS; ++m) {
-          const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * ldx + k0) + j);
-          xf[m][0] = bf16_lo(xv.x); xf[m][1] = bf16_hi(xv.x); xf[m][2] = bf16_lo(xv.y); xf[m][3] = bf16_hi(xv.y);
-          xf[m][4] = bf16_lo(xv.z); xf[m][5] = bf16_hi(xv.z); xf[m][6] = bf16_lo(xv.w); xf[m][7] = bf16_hi(xv.w);
-          c12[m] += (xf[m][1] + xf[m][3]) + (xf[m][5] + xf[m][7]);
-          c16[m] += (xf[m][0] + xf[m][2]) + (xf[m][4] + xf[m][6]);
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          // two's-complement nibbles b; b ^ 8 = q + 8 = u
-          const unsigned v0 = ((j == 0) ? w[i][r].x : (j == 1) ? w[i][r].y : (j == 2) ? w[i][r].z : w[i][r].w) ^ 0x88888888u;
-          // nibble n of v0 holds k = k0 + 8j + n; odd nibbles go to bit 12, even ones to 16
-          const unsigned v1 = __byte_perm(v0, 0, 0x1032);  // n7 -> 12, n0 -> 16
-          const unsigned v2 = v0 << 8;                      // n1 -> 12, n2 -> 16
-          const unsigned v3 = v0 >> 8;                      // n5 -> 12, n6 -> 16
-          const float f1 = NIB(v2, 12), f3 = NIB(v0, 12), f5 = NIB(v3, 12), f7 = NIB(v1, 12);
-          const float f0 = NIB(v1, 16), f2 = NIB(v2, 16), f4 = NIB(v0, 16), f6 = NIB(v3, 16);
-#pragma unroll
-          for (int m = 0; m < M_ROWS; ++m) {
-            a12[m][r] = fmaf(xf[m][1], f1, fmaf(xf[m][3], f3, fmaf(xf[m][5], f5, fmaf(xf[m][7], f7, a12[m][r]))));
-            a16[m][r] = fmaf(xf[m][0], f0, fmaf(xf[m][2], f2, fmaf(xf[m][4], f4, fmaf(xf[m][6], f6, a16[m][r]))));
-          }
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          const uint4 X = xv[mt][j];  // (x0, x1), (x2, x3), (x4, x5), (x6, x7)
+          const unsigned x04 = __byte_perm(X.x, X.z, 0x5410), x15 = __byte_perm(X.x, X.z, 0x7632);
+          const unsigned x26 = __byte_perm(X.y, X.w, 0x5410), x37 = __byte_perm(X.y, X.w, 0x7632);
+          mma_bf16(d[mt], a0, b0, a1, b1, x04, x15);
+          mma_bf16(d[mt], a2, b2, a3, b3, x26, x37);
         }
       }
+      const int gi = (c << 7) >> group_shift;
+      const float sa = bf16_to_f(scale[(size_t)gi * lds + ra]);
+      const float sb = bf16_to_f(scale[(size_t)gi * lds + rb]);
+      const float za = bf16_to_f(zero[(size_t)gi * lds + ra]) - 136.f * sa;
+      const float zb = bf16_to_f(zero[(size_t)gi * lds + rb]) - 136.f * sb;
 #pragma unroll
-      for (int m = 0; m < M_ROWS; ++m)
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float dot = (a12[m][r] - c12[m]) * 2048.f + (a16[m][r] - c16[m]) * 128.f;
-          acc[m][r] = fmaf(s[r], dot, fmaf(zc[r], c12[m] + c16[m], acc[m][r]));
-        }
+      for (int mt = 0; mt < M_TILES; ++mt) {
+        const float xs0 = xsum[c * MP + 8 * mt + 2 * t], xs1 = xsum[c * MP + 8 * mt + 2 * t + 1];
+        acc[mt][0] = fmaf(sa, d[mt][0], fmaf(za, xs0, acc[mt][0]));
+        acc[mt][1] = fmaf(sa, d[mt][1], fmaf(za, xs1, acc[mt][1]));
+        acc[mt][2] = fmaf(sb, d[mt][2], fmaf(zb, xs0, acc[mt][2]));
+        acc[mt][3] = fmaf(sb, d[mt][3], fmaf(zb, xs1, acc[mt][3]));
+      }
     }
   }
 
-  // reduce over the 32 lanes, then over the K slices through shared memory
-  __shared__ float partial[MAX_SLICES][WARPS_N][M_ROWS * R];
-#pragma unroll
-  for (int m = 0; m < M_ROWS; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float v = acc[m][r];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      acc[m][r] = v;
-    }
+  // C fragment: acc[mt][i] is out[m = 8 mt + 2t + (i & 1)][n = r0 + g + 8 (i >> 1)]
   if (slices > 1) {
-    if (lane == 0)
+    float* partial = smem + chunks * MP;
+    const int me = (slice * WARPS_N + threadIdx.y) * 32 + lane;
 #pragma unroll
-      for (int i = 0; i < M_ROWS * R; ++i) partial[slice][threadIdx.y][i] = acc[i / R][i %% R];
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[me * 4 * M_TILES + mt * 4 + i] = acc[mt][i];
     __syncthreads();
     if (slice != 0) return;
-    for (int i = lane; i < M_ROWS * R; i += 32) {
-      float v = 0.f;
-      for (int z = 0; z < slices; ++z) v += partial[z][threadIdx.y][i];
-      const int m = i / R, r = i %% R;
-      if (row0 + r < N) out[(size_t)m * ldo + row0 + r] = f_to_bf16(v);
+    for (int z = 1; z < slices; ++z) {
+      const int other = (z * WARPS_N + threadIdx.y) * 32 + lane;
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mt][i] += partial[other * 4 * M_TILES + mt * 4 + i];
     }
-    return;
   }
-  if (lane == 0)
 #pragma unroll
-    for (int m = 0; m < M_ROWS; ++m)
+  for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (row0 + r < N) out[(size_t)m * ldo + row0 + r] = f_to_bf16(acc[m][r]);
+    for (int i = 0; i < 4; ++i) {
+      const int m = 8 * mt + 2 * t + (i & 1), n = r0 + g + 8 * (i >> 1);
+      if (m < M && n < N) out[(size_t)m * ldo + n] = f_to_bf16(acc[mt][i]);
+    }
 }
 """
+
+
+def _smem_bytes(m_tiles: int, k: int, warps_n: int, slices: int) -> int:
+    """Dynamic shared memory: activation sums per chunk, then the K-slice partial sums."""
+    partial = 32 * warps_n * slices * 4 * m_tiles if slices > 1 else 0
+    return 4 * ((k // CHUNK) * 8 * m_tiles + partial)
 
 
 def is_available() -> bool:
@@ -194,35 +220,62 @@ def is_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(m: int, r: int, u: int, capability: tuple[int, int]):
-    """The kernel for ``m`` activation rows, ``r`` weight rows per warp and ``u`` loads per row
-    in flight, compiled for one GPU architecture (NVRTC, about a second, once per process)."""
-    name = f"int4_gemv_m{m}_r{r}_u{u}"
-    source = _SOURCE % dict(m=m, r=r, u=u, warps_n=WARPS_N, max_slices=MAX_SLICES, name=name)
-    return torch.cuda._compile_kernel(
+def _compiled(m_tiles: int, warps_n: int, u: int, capability: tuple[int, int]):
+    """The kernel for ``8 * m_tiles`` activation rows, ``warps_n`` row tiles per block and ``u``
+    chunks in flight per warp, for one GPU architecture (NVRTC, ~1 s, once per process)."""
+    name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}"
+    source = _SOURCE % dict(m_tiles=m_tiles, u=u, warps_n=warps_n, max_warps=MAX_WARPS, name=name)
+    kernel = torch.cuda._compile_kernel(
         source, name, compute_capability=f"{capability[0]}{capability[1]}")
+    return kernel
 
 
 @functools.lru_cache(maxsize=None)
 def can_compile(device_index: int) -> bool:
-    """Whether the kernel compiles on this device (probed once per device)."""
+    """Whether the kernel compiles and loads on this device (tried once per device)."""
     try:
-        _compiled(1, 4, 4, torch.cuda.get_device_capability(device_index))
+        _compiled(1, 2, 4, torch.cuda.get_device_capability(device_index))
         return True
     except Exception:  # no NVRTC, an old driver: the dispatcher falls back to Triton
         return False
 
 
 def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
-    """Rows per warp, loads in flight and K slices per block for one call: enough warps to keep
-    every multiprocessor's memory pipe full (~16 warps each), no more K slices than steps."""
-    r, u = 4, 4
-    blocks = -(-n // (WARPS_N * r))
-    steps = -(-k // 1024)
-    slices = 1
-    while blocks * WARPS_N * slices < 16 * num_sms and slices < MAX_SLICES and steps >= 2 * slices * u:
+    """Block shape and chunks in flight for one call (from the device sweep in
+    ``scripts/probe_cuda_gemv.py`` on an H200): 8 warps per block; K split over the fewest
+    slices (2 to 8) that give ~13 warps per multiprocessor; 4 chunks in flight per warp when
+    each warp has at least 16 chunks to do, else 2."""
+    tiles = -(-n // 16)
+    chunks = k // CHUNK
+    slices = 2
+    while tiles * slices < 13 * num_sms and slices < MAX_WARPS and chunks >= 4 * slices:
         slices *= 2
-    return dict(R=r, U=u, SLICES=slices)
+    return dict(WARPS_N=MAX_WARPS // slices, U=4 if chunks >= 16 * slices else 2, SLICES=slices)
+
+
+def can_run(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+            zero_point: torch.Tensor, group_size: int) -> bool:
+    """The kernel's contract, checked without touching the GPU: bf16 ``x [M <= 16, K]`` with
+    16-byte aligned rows, contiguous aligned ``qdata``, bf16 N-contiguous scales, G = 128 or
+    256 (a chunk of 128 must not straddle groups), K small enough for the shared memory."""
+    return (
+        x2d.is_cuda
+        and x2d.dtype == torch.bfloat16
+        and 1 <= x2d.shape[0] <= MAX_M
+        and x2d.stride(-1) == 1
+        and x2d.stride(0) % 8 == 0
+        and x2d.data_ptr() % 16 == 0
+        and qdata.is_contiguous()
+        and qdata.data_ptr() % 16 == 0
+        and qdata.shape[-1] * 2 == x2d.shape[-1]
+        and x2d.shape[-1] % CHUNK == 0
+        and scale.dtype == torch.bfloat16
+        and zero_point.dtype == torch.bfloat16
+        and scale.stride(-1) == 1
+        and zero_point.stride() == scale.stride()
+        and group_size in (128, 256)
+        and _smem_bytes(2, x2d.shape[-1], 1, MAX_WARPS) <= 48 * 1024
+    )
 
 
 def int4_gemv(
@@ -236,11 +289,10 @@ def int4_gemv(
     """``x [M, K] @ W.T -> [M, N]`` for ``W = q * scale + zero_point`` in the plain layout.
 
     Args:
-        x: bf16 ``[M, K]`` with ``1 <= M <= MAX_M``, contiguous, 16-byte aligned.
-        qdata: int8 ``[N, K/2]`` contiguous, 16-byte aligned.
-        scale, zero_point: bf16 ``[K/G, N]``, last dim contiguous.
-        group_size: G, a power of two >= 32 (each lane's 32 weights lie in one group).
-        config: ``R``, ``U``, ``SLICES`` (default :func:`pick_config`).
+        x: bf16 ``[M, K]``, ``1 <= M <= 16``, rows 16-byte aligned (see :func:`can_run`).
+        qdata: int8 ``[N, K/2]`` contiguous (two's complement nibbles, element 2i low).
+        scale, zero_point: bf16 ``[K/G, N]``, last dim contiguous; G = 128 or 256.
+        config: ``WARPS_N``, ``U``, ``SLICES`` (default :func:`pick_config`).
 
     Returns:
         bf16 ``[M, N]``.
@@ -249,34 +301,14 @@ def int4_gemv(
     n = qdata.shape[0]
     props = torch.cuda.get_device_properties(x.device)
     cfg = config or pick_config(m, n, k, props.multi_processor_count)
-    kernel = _compiled(m, cfg["R"], cfg["U"], (props.major, props.minor))
+    m_tiles = 1 if m <= 8 else 2
+    kernel = _compiled(m_tiles, cfg["WARPS_N"], cfg["U"], (props.major, props.minor))
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
-    blocks = -(-n // (WARPS_N * cfg["R"]))
     kernel(
-        grid=(blocks, 1, 1),
-        block=(32, WARPS_N, cfg["SLICES"]),
-        args=[x, qdata, scale, zero_point, out, n, k, x.stride(0), scale.stride(0),
+        grid=(-(-n // (16 * cfg["WARPS_N"])), 1, 1),
+        block=(32, cfg["WARPS_N"], cfg["SLICES"]),
+        args=[x, qdata, scale, zero_point, out, m, n, k, x.stride(0), scale.stride(0),
               out.stride(0), group_size.bit_length() - 1],
+        shared_mem=_smem_bytes(m_tiles, k, cfg["WARPS_N"], cfg["SLICES"]),
     )
     return out
-
-
-def can_run(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-            zero_point: torch.Tensor, group_size: int) -> bool:
-    """The kernel's contract, checked without touching the GPU."""
-    return (
-        x2d.is_cuda
-        and x2d.dtype == torch.bfloat16
-        and 1 <= x2d.shape[0] <= MAX_M
-        and x2d.stride(-1) == 1
-        and x2d.stride(0) % 8 == 0
-        and x2d.data_ptr() % 16 == 0
-        and qdata.is_contiguous()
-        and qdata.data_ptr() % 16 == 0
-        and scale.dtype == torch.bfloat16
-        and zero_point.dtype == torch.bfloat16
-        and scale.stride(-1) == 1
-        and zero_point.stride() == scale.stride()
-        and group_size >= 32
-        and group_size & (group_size - 1) == 0
-    )

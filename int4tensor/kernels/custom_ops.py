@@ -21,6 +21,17 @@ def int4_matmul_triton(
     return triton_int4.int4_matmul(x, qdata, scale, zero_point, group_size)
 
 
+@torch.library.custom_op("int4tensor::int4_gemv_cuda", mutates_args=())
+def int4_gemv_cuda(
+    x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """``x [M <= 16, K] @ W.T -> [M, N]`` through our tensor-core GEMV (see cuda_gemv.py)."""
+    from int4tensor.kernels import cuda_gemv
+
+    return cuda_gemv.int4_gemv(x, qdata, scale, zero_point, group_size)
+
+
 @torch.library.custom_op("int4tensor::int4_matmul_fbgemm", mutates_args=())
 def int4_matmul_fbgemm(
     x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -123,6 +134,6 @@ def _backward(ctx, grad_out):
     return grad_out @ weight, None, None, None, None
 
 
-for _op in (int4_matmul_triton, int4_matmul_fbgemm):
+for _op in (int4_matmul_triton, int4_gemv_cuda, int4_matmul_fbgemm):
     _op.register_fake(_fake)
     _op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,149 @@
+"""The tensor-core decode GEMV (int4tensor/kernels/cuda_gemv.py) against the reference path on
+random inputs, its dispatch, and its use under CUDA graphs and torch.compile (CUDA only,
+except the contract checks at the end)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from int4tensor import Int4Tensor, Int4WeightOnlyConfig, kernels, quantize_
+from int4tensor.kernels import cuda_gemv, custom_ops, reference
+from test.helpers import rel_error, sqnr
+
+gpu = pytest.mark.gpu
+
+
+def quantized(n, k, g=128, domain="float"):
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    return w, Int4Tensor.from_hp(w, (1, g), zero_point_domain=domain)
+
+
+@gpu
+@pytest.mark.parametrize("n, k", [(4096, 4096), (8192, 1024), (200, 384), (96, 640),
+                                  (1000, 4224), (28672, 256)])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 16])
+def test_matches_reference(m, n, k):
+    w, t = quantized(n, k)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, 128)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    err = rel_error(reference.linear(x, t, None), out)
+    print(f"cuda gemv vs reference M={m} N={n} K={k}: rel err {err:.2e}")
+    assert err < 1e-2
+    assert sqnr(x.double() @ w.double().t(), out) > 18
+
+
+@gpu
+@pytest.mark.parametrize("g", [128, 256])
+@pytest.mark.parametrize("domain", ["float", "int", "none"])
+def test_group_sizes_and_zero_point_domains(g, domain):
+    _, t = quantized(512, 2048, g, domain)
+    x = torch.randn(3, 2048, dtype=torch.bfloat16, device="cuda")
+    out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, g)
+    assert rel_error(reference.linear(x, t, None), out) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("cfg", [dict(WARPS_N=1, U=2, SLICES=8), dict(WARPS_N=8, U=8, SLICES=1),
+                                 dict(WARPS_N=2, U=4, SLICES=4), dict(WARPS_N=4, U=2, SLICES=2)])
+def test_every_launch_config_writes_every_output(cfg):
+    """K slices that get no chunk, rows past N, chunks past K: all outputs right."""
+    _, t = quantized(1000, 1152)
+    for m in (1, 7, 16):
+        x = torch.randn(m, 1152, dtype=torch.bfloat16, device="cuda")
+        out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, 128, cfg)
+        assert torch.isfinite(out).all()
+        assert rel_error(reference.linear(x, t, None), out) < 1e-2
+
+
+@gpu
+def test_large_and_tiny_activations_stay_accurate():
+    """Activation sums are factored out per chunk: rows of very different scale, and a row of
+    zeros, must each be right on their own."""
+    _, t = quantized(512, 4096)
+    x = torch.randn(4, 4096, dtype=torch.bfloat16, device="cuda")
+    x[0] *= 1e3
+    x[1] *= 1e-3
+    x[2] = 0
+    out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, 128)
+    ref = reference.linear(x, t, None)
+    for row in (0, 1, 3):
+        assert rel_error(ref[row], out[row]) < 1e-2
+    assert out[2].abs().max() == 0
+
+
+@gpu
+@pytest.mark.parametrize("m, backend", [(1, "cuda"), (8, "cuda"), (17, None)])
+def test_dispatch_takes_it_for_decode_sizes(m, backend):
+    _, t = quantized(256, 512)
+    x = torch.randn(m, 512, dtype=torch.bfloat16, device="cuda")
+    if backend is None:
+        assert kernels.linear_backend(x, t) != "cuda"
+    else:
+        assert kernels.linear_backend(x, t) == backend
+    assert rel_error(reference.linear(x, t, None), F.linear(x, t)) < 1e-2
+
+
+@gpu
+def test_dispatch_skips_it_where_the_contract_fails():
+    _, t64 = quantized(256, 512, g=64)  # a chunk of 128 would straddle two groups
+    x = torch.randn(1, 512, dtype=torch.bfloat16, device="cuda")
+    assert kernels.linear_backend(x, t64) != "cuda"
+    _, t = quantized(256, 512)
+    assert kernels.linear_backend(x.half(), t) != "cuda"
+    x_offset = torch.randn(1, 520, dtype=torch.bfloat16, device="cuda")[:, 8:]  # 16-byte aligned
+    assert kernels.linear_backend(x_offset, t) == "cuda"
+    x_odd = torch.randn(1, 513, dtype=torch.bfloat16, device="cuda")[:, 1:]  # not aligned
+    assert kernels.linear_backend(x_odd, t) != "cuda"
+    assert rel_error(reference.linear(x_odd, t, None), F.linear(x_odd, t)) < 1e-2
+
+
+@gpu
+def test_three_dim_input_and_bias_through_linear():
+    w, t = quantized(384, 1024)
+    x = torch.randn(2, 3, 1024, dtype=torch.bfloat16, device="cuda")
+    bias = torch.randn(384, dtype=torch.bfloat16, device="cuda")
+    out = F.linear(x, t, bias)
+    assert out.shape == (2, 3, 384)
+    assert rel_error(reference.linear(x, t, bias), out) < 1e-2
+
+
+@gpu
+def test_in_a_cuda_graph_and_compiled():
+    weights = [quantized(n, k)[1] for n, k in ((4096, 4096), (1000, 2048))]
+    t = weights[0]
+    x = torch.randn(2, 4096, dtype=torch.bfloat16, device="cuda")
+    cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, 128)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, 128)
+    for _ in range(4):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_error(reference.linear(x, t, None), out) < 1e-2
+
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 2048, bias=True), torch.nn.SiLU(),
+                                torch.nn.Linear(2048, 512)).to("cuda", torch.bfloat16)
+    quantize_(model, Int4WeightOnlyConfig())
+    x = torch.randn(1, 1024, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):
+            out = compiled(x)
+    assert rel_error(eager, out) < 1e-2
+    assert torch.library.opcheck(
+        custom_ops.int4_gemv_cuda,
+        (x, model[0].weight.qdata, model[0].weight.scale, model[0].weight.zero_point, 128),
+    ) is not None
+
+
+def test_contract_rejects_cpu_and_unsupported_inputs_without_compiling():
+    """Runs everywhere: the contract check never touches a GPU or compiles anything."""
+    t = Int4Tensor.from_hp(torch.randn(64, 256, dtype=torch.bfloat16), (1, 128))
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    assert not cuda_gemv.can_run(x, t.qdata, t.scale, t.zero_point, 128)
+    assert cuda_gemv.pick_config(1, 8192, 8192, 132) == dict(WARPS_N=2, U=4, SLICES=4)
+    assert cuda_gemv._compiled.cache_info().currsize == 0
+    assert kernels.linear_backend(x, t) == "reference"
