@@ -264,9 +264,9 @@ def can_run(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
         and 1 <= x2d.shape[0] <= MAX_M
         and x2d.stride(-1) == 1
         and x2d.stride(0) % 8 == 0
-        and x2d.data_ptr() % 16 == 0
+        and x2d.storage_offset() % 8 == 0  # 16-byte aligned rows (allocations are aligned)
         and qdata.is_contiguous()
-        and qdata.data_ptr() % 16 == 0
+        and qdata.storage_offset() % 16 == 0
         and qdata.shape[-1] * 2 == x2d.shape[-1]
         and x2d.shape[-1] % CHUNK == 0
         and scale.dtype == torch.bfloat16
