@@ -83,16 +83,10 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
     if weight.activation_dtype == "fp8":
         return _fp8_linear(x, weight, bias)
     backend = linear_backend(x, weight)
-    if backend == "cuda":
-        x2d = x.reshape(-1, x.shape[-1])
-        out = custom_ops.int4_gemv_cuda(
-            x2d, weight.qdata, weight.scale, weight.zero_point, weight.group_size)
-        out = out.reshape(*x.shape[:-1], out.shape[-1])
-        return out + bias if bias is not None else out
-    if backend == "triton":
+    if backend in ("cuda", "triton"):
+        op = custom_ops.int4_gemv_cuda if backend == "cuda" else custom_ops.int4_matmul_triton
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        out = custom_ops.int4_matmul_triton(
-            x2d, weight.qdata, weight.scale, weight.zero_point, weight.group_size)
+        out = op(x2d, weight.qdata, weight.scale, weight.zero_point, weight.group_size)
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         return out + bias if bias is not None else out
     if backend == "fbgemm":

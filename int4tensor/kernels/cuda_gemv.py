@@ -225,9 +225,8 @@ def _compiled(m_tiles: int, warps_n: int, u: int, capability: tuple[int, int]):
     chunks in flight per warp, for one GPU architecture (NVRTC, ~1 s, once per process)."""
     name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}"
     source = _SOURCE % dict(m_tiles=m_tiles, u=u, warps_n=warps_n, max_warps=MAX_WARPS, name=name)
-    kernel = torch.cuda._compile_kernel(
+    return torch.cuda._compile_kernel(
         source, name, compute_capability=f"{capability[0]}{capability[1]}")
-    return kernel
 
 
 @functools.lru_cache(maxsize=None)

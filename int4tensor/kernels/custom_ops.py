@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from int4tensor.kernels import cuda_gemv  # imports only torch; compiles nothing until called
 from int4tensor.quant_primitives import dequantize_int4
 
 
@@ -27,8 +28,6 @@ def int4_gemv_cuda(
     group_size: int,
 ) -> torch.Tensor:
     """``x [M <= 16, K] @ W.T -> [M, N]`` through our tensor-core GEMV (see cuda_gemv.py)."""
-    from int4tensor.kernels import cuda_gemv
-
     return cuda_gemv.int4_gemv(x, qdata, scale, zero_point, group_size)
 
 
