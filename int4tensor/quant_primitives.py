@@ -25,6 +25,8 @@ __all__ = [
     "quantize_with_qparams",
     "dequantize_int4",
     "quantize_minmax",
+    "quantize_fp8_rows",
+    "round_fp8_rows",
 ]
 
 #: Group sizes accepted by :class:`~int4tensor.Int4Tensor` (fbgemm's kernels take these).
@@ -180,3 +182,33 @@ def dequantize_int4(
     s = scale.transpose(-1, -2).to(torch.float32).unsqueeze(-1)
     z = zero_point.transpose(-1, -2).to(torch.float32).unsqueeze(-1)
     return (q * s + z).flatten(-2).to(dtype)
+
+
+# ---- fp8 activations ------------------------------------------------------------------------
+FP8_E4M3_MAX = 448.0
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row fp8 (e4m3) quantization of activations, ``x ≈ xq * x_scale[..., None]``.
+
+    Args:
+        x: ``[..., K]`` float.
+
+    Returns:
+        ``xq`` float8_e4m3fn ``[..., K]`` and ``x_scale`` fp32 ``[...]`` with
+        ``x_scale = max(max_k |x|, 1e-12) * fp32(1/448)`` and
+        ``xq = e4m3(clamp(x / x_scale, ±448))``. The scale is a product with the fp32
+        reciprocal, not a quotient: that is what torch computes on CUDA for a tensor divided by
+        a number, and it is then the same bits on every device. (The CUDA kernel in
+        ``kernels/cuda_fp8_rows.py`` computes the same bits in one pass.)
+    """
+    x_scale = x.abs().amax(dim=-1).float().clamp(min=1e-12) * (1.0 / FP8_E4M3_MAX)
+    xq = (x.float() / x_scale.unsqueeze(-1)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return xq.to(torch.float8_e4m3fn), x_scale
+
+
+def round_fp8_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded through its per-row fp8 quantization and back, in ``x.dtype``:
+    ``(float(xq) * x_scale).to(x.dtype)``, the activations an fp8 kernel sees."""
+    xq, x_scale = quantize_fp8_rows(x)
+    return (xq.float() * x_scale.unsqueeze(-1)).to(x.dtype)

@@ -1,7 +1,7 @@
 """Kernel dispatch: the one place that decides which backend computes an int4 op.
 
 Backends live one per module (:mod:`.reference`, :mod:`.fbgemm`, :mod:`.cuda_gemv`,
-:mod:`.triton_int4`) and take the tensor
+:mod:`.cuda_fp8_rows`, :mod:`.triton_int4`) and take the tensor
 subclass's fields; the tensor classes call only the functions here, so a backend can be
 added or swapped without touching them. Inputs are validated by the caller (the op
 implementation) before they get here.
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from int4tensor.kernels import cuda_gemv, custom_ops, fbgemm, reference
+from int4tensor import quant_primitives
+from int4tensor.kernels import cuda_fp8_rows, cuda_gemv, custom_ops, fbgemm, reference
 
 #: Dispatch by the number of activation rows M (from benchmarks/bench_linear.py and
 #: scripts/probe_cuda_gemv.py on an H200): up to CUDA_GEMV_MAX_M rows run our tensor-core
@@ -22,8 +23,13 @@ from int4tensor.kernels import cuda_gemv, custom_ops, fbgemm, reference
 CUDA_GEMV_MAX_M = 8
 TRITON_ALWAYS_MAX_M = 1
 TRITON_MAX_M = 16
+#: fp8 activations on the plain layout: from this many rows fbgemm's f8i4bf16_rowwise runs;
+#: below, the bf16 kernels above run on the fp8-rounded activations, which is faster there
+#: (the weight read dominates; scripts/probe_fp8.py and bench_linear.py on an H200).
+FP8_ROWWISE_MIN_M = 64
 
-__all__ = ["bmm_backend", "int4_bmm", "int4_linear", "linear_backend"]
+__all__ = ["bmm_backend", "int4_bmm", "int4_linear", "linear_backend", "preshuffled_bmm",
+           "preshuffled_linear", "quantize_fp8_rows", "round_fp8_rows"]
 
 
 def _triton_can_run(x: torch.Tensor, weight) -> bool:
@@ -77,16 +83,27 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
     """``x [*, K] @ W.T + bias -> [*, N]`` for an ``Int4Tensor`` ``W [N, K]``.
 
     Backends see the int4 part only: an ``act_pre_scale`` is applied to ``x`` here, once.
+    fp8 activations (``W.activation_dtype == "fp8"``) are quantized per row; from
+    FP8_ROWWISE_MIN_M rows fbgemm's ``f8i4bf16_rowwise`` takes them (it also rounds the
+    dequantized weights to fp8: 3.3% from the reference path, measured on an H200), otherwise
+    the bf16 backends run on the fp8-rounded activations, as the reference path does.
     """
     if weight.act_pre_scale is not None:
         x = x * weight.act_pre_scale.to(x.dtype)
+    x2d = x.reshape(-1, x.shape[-1])
     if weight.activation_dtype == "fp8":
-        return _fp8_linear(x, weight, bias)
+        if x2d.shape[0] >= FP8_ROWWISE_MIN_M and fbgemm.can_run_fp8_linear(x2d, weight):
+            xq, x_scale = quantize_fp8_rows(x2d)
+            out = custom_ops.fbgemm_f8i4_rowwise(
+                xq, weight.qdata, x_scale, weight.scale, weight.zero_point)
+            out = out.reshape(*x.shape[:-1], out.shape[-1])
+            return out + bias if bias is not None else out
+        x = round_fp8_rows(x2d).reshape(x.shape)
     backend = linear_backend(x, weight)
     if backend in ("cuda", "triton"):
         op = custom_ops.int4_gemv_cuda if backend == "cuda" else custom_ops.int4_matmul_triton
-        x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        out = op(x2d, weight.qdata, weight.scale, weight.zero_point, weight.group_size)
+        out = op(x.reshape(-1, x.shape[-1]).contiguous(), weight.qdata, weight.scale,
+                 weight.zero_point, weight.group_size)
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         return out + bias if bias is not None else out
     if backend == "fbgemm":
@@ -94,21 +111,48 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
     return reference.linear(x, weight, bias)
 
 
-def _fp8_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp8 activations: ``x`` quantized per row to float8 e4m3, then fbgemm's
-    ``f8i4bf16_rowwise`` on the plain layout, or (anywhere else) the reference path on the
-    fp8-rounded activations. The fbgemm kernel also rounds the dequantized weights to fp8
-    (3.3% relative difference from the reference path, measured on an H200)."""
-    x2d = x.reshape(-1, x.shape[-1])
-    xq, x_scale = fbgemm.quantize_fp8_rows(x2d)
-    if fbgemm.can_run_fp8_linear(x2d, weight):
-        out = custom_ops.fbgemm_f8i4_rowwise(
-            xq, weight.qdata, x_scale, weight.scale, weight.zero_point)
-    else:
-        x_rounded = (xq.float() * x_scale.unsqueeze(-1)).to(x.dtype)
-        out = reference.linear(x_rounded, weight, None)
-    out = out.reshape(*x.shape[:-1], out.shape[-1])
-    return out + bias if bias is not None else out
+def quantize_fp8_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row fp8 quantization of bf16 activations ``[M, K]`` -> ``(xq, x_scale [M])``: one
+    CUDA kernel where it can run, torch ops elsewhere (the same bits; see
+    :func:`int4tensor.quant_primitives.quantize_fp8_rows`)."""
+    x2d = x2d.contiguous()
+    if cuda_fp8_rows.can_run(x2d):
+        return custom_ops.fp8_quantize_rows(x2d)
+    return quant_primitives.quantize_fp8_rows(x2d)
+
+
+def round_fp8_rows(x2d: torch.Tensor) -> torch.Tensor:
+    """Activations ``[M, K]`` rounded through their per-row fp8 quantization and back."""
+    x2d = x2d.contiguous()
+    if cuda_fp8_rows.can_run(x2d):
+        return custom_ops.fp8_round_rows(x2d)
+    return quant_primitives.round_fp8_rows(x2d)
+
+
+def preshuffled_linear(x2d: torch.Tensor, weight) -> torch.Tensor:
+    """``x [M, K] @ W.T -> [M, Np]`` for a 2D ``Int4PreshuffledTensor`` (fbgemm's
+    ``bf16i4bf16_shuffled``, or ``f8i4bf16_shuffled`` after quantizing ``x`` per row)."""
+    if weight.activation_dtype == "bf16":
+        return custom_ops.fbgemm_bf16i4_shuffled(
+            x2d, weight.qdata, weight.group_scale, weight.group_zero)
+    xq, x_scale = quantize_fp8_rows(x2d)
+    return custom_ops.fbgemm_f8i4_shuffled(
+        xq, weight.qdata, x_scale, weight.row_scale, weight.group_scale)
+
+
+def preshuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T -> [B, M, Np]`` for a 3D ``Int4PreshuffledTensor``: one batched
+    (bf16) or grouped (fp8) fbgemm kernel for all B, no loop over experts."""
+    n = weight.qdata.shape[-2]
+    if weight.activation_dtype == "bf16":
+        return custom_ops.fbgemm_bf16i4_shuffled_batched(
+            x.contiguous(), weight.qdata,
+            weight.group_scale.reshape(-1, n), weight.group_zero.reshape(-1, n))
+    b, m, k = x.shape
+    xq, x_scale = quantize_fp8_rows(x.reshape(b * m, k))
+    return custom_ops.fbgemm_f8i4_shuffled_batched(
+        xq.view(b, m, k), weight.qdata, x_scale.view(b, m), weight.row_scale,
+        weight.group_scale)
 
 
 def bmm_backend(x: torch.Tensor, weight) -> str:
@@ -123,8 +167,7 @@ def int4_bmm(x: torch.Tensor, weight) -> torch.Tensor:
     if weight.act_pre_scale is not None:
         x = x * weight.act_pre_scale.to(x.dtype).unsqueeze(-2)
     if weight.activation_dtype == "fp8":  # the same activation rounding as linear, then bf16
-        xq, x_scale = fbgemm.quantize_fp8_rows(x.reshape(-1, x.shape[-1]))
-        x = (xq.float() * x_scale.unsqueeze(-1)).to(x.dtype).reshape(x.shape)
+        x = round_fp8_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape)
     if bmm_backend(x, weight) == "fbgemm":
         return fbgemm.bmm(x, weight)
     return reference.bmm(x, weight)

@@ -35,6 +35,8 @@ import functools
 
 import torch
 
+from int4tensor.kernels import nvrtc
+
 #: the most activation rows (two 8-wide mma tiles)
 MAX_M = 16
 #: K chunk per mma sweep: 4 lanes x 32 weights of one row
@@ -48,17 +50,7 @@ _SOURCE = r"""
 #define WARPS_N %(warps_n)d
 #define MAX_WARPS %(max_warps)d
 
-typedef unsigned short bf16_t;
-
-__device__ __forceinline__ float bf16_lo(unsigned v) { return __uint_as_float(v << 16); }
-__device__ __forceinline__ float bf16_hi(unsigned v) { return __uint_as_float(v & 0xffff0000u); }
-__device__ __forceinline__ float bf16_to_f(bf16_t v) { return __uint_as_float(((unsigned)v) << 16); }
-__device__ __forceinline__ bf16_t f_to_bf16(float f) {  // round to nearest even, NaN kept
-  unsigned u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (bf16_t)(u >> 16);
-}
+%(bf16_helpers)s
 // nibbles at bits 0..3 and 16..19 of w (two's complement q) -> bf16x2 (136 + q): (w & m) ^ c
 __device__ __forceinline__ unsigned nibbles_to_bf16x2(unsigned w) {
   unsigned r;
@@ -214,9 +206,7 @@ def _smem_bytes(m_tiles: int, k: int, warps_n: int, slices: int) -> int:
     return 4 * ((k // CHUNK) * 8 * m_tiles + partial)
 
 
-def is_available() -> bool:
-    """True where the NVRTC runtime compiler is reachable through torch (CUDA builds)."""
-    return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
+is_available = nvrtc.is_available
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,9 +214,9 @@ def _compiled(m_tiles: int, warps_n: int, u: int, capability: tuple[int, int]):
     """The kernel for ``8 * m_tiles`` activation rows, ``warps_n`` row tiles per block and ``u``
     chunks in flight per warp, for one GPU architecture (NVRTC, ~1 s, once per process)."""
     name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}"
-    source = _SOURCE % dict(m_tiles=m_tiles, u=u, warps_n=warps_n, max_warps=MAX_WARPS, name=name)
-    return torch.cuda._compile_kernel(
-        source, name, compute_capability=f"{capability[0]}{capability[1]}")
+    source = _SOURCE % dict(m_tiles=m_tiles, u=u, warps_n=warps_n, max_warps=MAX_WARPS, name=name,
+                            bf16_helpers=nvrtc.BF16_HELPERS)
+    return nvrtc.compile_kernel(source, name, capability)
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from int4tensor.kernels import cuda_gemv  # imports only torch; compiles nothing until called
+from int4tensor.kernels import cuda_fp8_rows, cuda_gemv  # import only torch; compile on first call
 from int4tensor.quant_primitives import dequantize_int4
 
 
@@ -29,6 +29,29 @@ def int4_gemv_cuda(
 ) -> torch.Tensor:
     """``x [M <= 16, K] @ W.T -> [M, N]`` through our tensor-core GEMV (see cuda_gemv.py)."""
     return cuda_gemv.int4_gemv(x, qdata, scale, zero_point, group_size)
+
+
+@torch.library.custom_op("int4tensor::fp8_quantize_rows", mutates_args=())
+def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 ``x [M, K]`` -> ``(xq e4m3 [M, K], x_scale fp32 [M])`` in one CUDA kernel."""
+    return cuda_fp8_rows.quantize_fp8_rows(x)
+
+
+@fp8_quantize_rows.register_fake
+def _(x):
+    return (torch.empty_like(x, dtype=torch.float8_e4m3fn),
+            x.new_empty(x.shape[0], dtype=torch.float32))
+
+
+@torch.library.custom_op("int4tensor::fp8_round_rows", mutates_args=())
+def fp8_round_rows(x: torch.Tensor) -> torch.Tensor:
+    """bf16 ``x [M, K]`` rounded per row through fp8 and back, in one CUDA kernel."""
+    return cuda_fp8_rows.round_fp8_rows(x)
+
+
+@fp8_round_rows.register_fake
+def _(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("int4tensor::int4_matmul_fbgemm", mutates_args=())
@@ -113,6 +136,27 @@ def fbgemm_f8i4_shuffled(
 @fbgemm_f8i4_shuffled.register_fake
 def _(xq, qdata, x_scale, row_scale, group_scale):
     return xq.new_empty(xq.shape[0], qdata.shape[0], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("int4tensor::fbgemm_f8i4_shuffled_batched", mutates_args=())
+def fbgemm_f8i4_shuffled_batched(
+    xq: torch.Tensor, qdata: torch.Tensor, x_scale: torch.Tensor, row_scale: torch.Tensor,
+    group_scale: torch.Tensor,
+) -> torch.Tensor:
+    """fp8 ``xq [B, M, K]`` @ int4 ``W[b].T`` -> bf16 ``[B, M, Np]`` through fbgemm's
+    ``f8i4bf16_shuffled_grouped`` with B groups of M rows (``x_scale [B, M]``; its
+    ``M_sizes`` must be int32, measured on an H200: bit-identical to one
+    ``f8i4bf16_shuffled`` per batch)."""
+    b, m, k = xq.shape
+    m_sizes = torch.full((b,), m, dtype=torch.int32, device=xq.device)
+    out = torch.ops.fbgemm.f8i4bf16_shuffled_grouped(
+        xq.reshape(b * m, k), qdata, x_scale.reshape(b * m), row_scale, group_scale, m_sizes)
+    return out.view(b, m, qdata.shape[-2])
+
+
+@fbgemm_f8i4_shuffled_batched.register_fake
+def _(xq, qdata, x_scale, row_scale, group_scale):
+    return xq.new_empty(xq.shape[0], xq.shape[1], qdata.shape[-2], dtype=torch.bfloat16)
 
 
 def _fake(x, qdata, scale, zero_point, group_size):

@@ -102,33 +102,46 @@ def quantize_fp8_weight(weight: torch.Tensor, group_size: int):
     return qdata, group_scale, row_scale
 
 
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row fp8 (e4m3) quantization of activations, ``x ≈ xq * x_scale[:, None]``.
+def preshuffle_fp8(q: torch.Tensor, group_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 ``q [N, K]`` (int8) with fp8 group scales ``[K/G, N]`` -> fbgemm's
+    preshuffled ``(qdata [N, K/2], packed group scales fp8 [K/G, 8, N])`` for
+    ``f8i4bf16_shuffled``; 2D only."""
+    from int4tensor.quant_primitives import pack_int4
 
-    Plain torch ops (a few elementwise kernels, fused under torch.compile; they run on the CPU
-    too), which at decode sizes cost a few µs against the 240-380 µs measured for fbgemm's
-    autotuned Triton ``quantize_fp8_row`` called eagerly at M <= 128."""
-    x_scale = x.abs().amax(dim=-1).float().clamp(min=1e-12) / 448.0
-    xq = (x.float() / x_scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-    return xq, x_scale
+    import fbgemm_gpu.experimental.gen_ai  # noqa: F401
 
-
-def shuffled_mm(x2d: torch.Tensor, weight) -> torch.Tensor:
-    """``x [M, K] @ W.T -> [M, N_padded]`` for a 2D Int4PreshuffledTensor."""
-    if weight.activation_dtype == "bf16":
-        return custom_ops.fbgemm_bf16i4_shuffled(
-            x2d, weight.qdata, weight.group_scale, weight.group_zero)
-    xq, x_scale = quantize_fp8_rows(x2d)
-    return custom_ops.fbgemm_f8i4_shuffled(
-        xq, weight.qdata, x_scale, weight.row_scale, weight.group_scale)
+    return torch.ops.fbgemm.preshuffle_i4(pack_int4(q), group_scale.contiguous())
 
 
-def shuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
-    """``x [B, M, K] @ W[b].T -> [B, M, N_padded]`` for a 3D Int4PreshuffledTensor (bf16)."""
+def unpack_fp8_group_scales(packed: torch.Tensor) -> torch.Tensor:
+    """fp8 group scales ``[..., K/G, N]`` from fbgemm's packed ``[..., K/G, 8, N]``, exactly.
+
+    Measured on an H200 (scripts/probe_fp8.py): the packed tensor's memory is ``[K/G, N, 8]``
+    holding ``e4m3(s * v)`` for ``v = -8 .. -1`` (the products the kernel looks up for
+    negative int4 values), so the last slot is ``-s``, exact in e4m3."""
+    groups, n = packed.shape[-3], packed.shape[-1]
+    last = packed.reshape(*packed.shape[:-3], groups, n, 8)[..., 7]
+    return (-last.float()).to(torch.float8_e4m3fn)
+
+
+def fp8_weight_parts(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact parts of a preshuffled fp8-activation weight ``W = q * group_scale *
+    row_scale``: ``(q int8 [..., Np, K], group_scale fp8 [..., K/G, Np], row_scale fp32
+    [..., Np])``. q is read back through the kernel (identity activations, unit scales:
+    integers in [-8, 7] are exact), so it needs no knowledge of the shuffle."""
+    k = weight.qdata.shape[-1] * 2
     n = weight.qdata.shape[-2]
-    return custom_ops.fbgemm_bf16i4_shuffled_batched(
-        x.contiguous(), weight.qdata,
-        weight.group_scale.reshape(-1, n), weight.group_zero.reshape(-1, n))
+    groups = weight.group_scale.shape[-3]
+    zeros = torch.zeros(n, k, dtype=torch.int8, device=weight.device)
+    unit = torch.ones(groups, n, dtype=torch.float8_e4m3fn, device=weight.device)
+    _, unit_packed = preshuffle_fp8(zeros, unit)
+    eye = torch.eye(k, device=weight.device, dtype=torch.float8_e4m3fn)
+    ones_k = torch.ones(k, device=weight.device)
+    ones_n = torch.ones(n, device=weight.device)
+    qs = [torch.ops.fbgemm.f8i4bf16_shuffled(eye, qd, ones_k, ones_n, unit_packed).t()
+          for qd in weight.qdata.reshape(-1, n, k // 2)]
+    q = torch.stack(qs).round().to(torch.int8).reshape(*weight.qdata.shape[:-1], k)
+    return q, unpack_fp8_group_scales(weight.group_scale), weight.row_scale
 
 
 def unshuffle_int4(weight) -> torch.Tensor:

@@ -114,6 +114,22 @@ class Int4PreshuffledTensor(Int4BaseTensor):
         block = (1,) * (weight.ndim - 1) + (group_size,)
         return cls(qdata, group_scale, block, weight.shape, "fp8", row_scale=row_scale)
 
+    @classmethod
+    def from_fp8_parts(cls, q: torch.Tensor, group_scale: torch.Tensor,
+                       row_scale: torch.Tensor) -> "Int4PreshuffledTensor":
+        """An fp8-activation weight ``W = q * group_scale * row_scale`` from its parts:
+        q int8 ``[..., N, K]`` in [-8, 7], group_scale float8_e4m3 ``[..., K/128, N]``,
+        row_scale fp32 ``[..., N]`` (what :func:`fbgemm.fp8_weight_parts` returns)."""
+        shape = q.shape
+        q, group_scale, row_scale = _pad_n(q, -2), _pad_n(group_scale, -1), _pad_n(row_scale, -1)
+        shuffled = [kernels.fbgemm.preshuffle_fp8(qm, sm) for qm, sm in
+                    zip(q.reshape(-1, *q.shape[-2:]), group_scale.reshape(-1, *group_scale.shape[-2:]))]
+        lead = q.shape[:-2]
+        qdata = torch.stack([a for a, _ in shuffled]).reshape(*lead, *shuffled[0][0].shape)
+        packed = torch.stack([b for _, b in shuffled]).reshape(*lead, *shuffled[0][1].shape)
+        block = (1,) * (len(shape) - 1) + (shape[-1] // group_scale.shape[-2],)
+        return cls(qdata, packed, block, shape, "fp8", row_scale=row_scale.contiguous())
+
     # ---- back to dense / plain -----------------------------------------------------------
     def to_int4_tensor(self) -> Int4Tensor:
         """The same weight in the plain layout, exactly (bf16 activations only: fbgemm packs the
@@ -171,7 +187,7 @@ def _linear(x: torch.Tensor, w: Int4PreshuffledTensor, bias) -> torch.Tensor:
     if x.dtype != torch.bfloat16:
         raise TypeError(f"Int4PreshuffledTensor takes bf16 activations, got {x.dtype}")
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    out = kernels.fbgemm.shuffled_mm(x2d, w)[:, : w.stored_n]
+    out = kernels.preshuffled_linear(x2d, w)[:, : w.stored_n]
     out = out.reshape(*x.shape[:-1], w.stored_n)
     return out + bias if bias is not None else out
 
@@ -219,11 +235,36 @@ def _(func, args, kwargs):
         fields = {name: x[start:end:step] for name, x in t._tensors().items()}
         shape = (fields["qdata"].shape[0], *t.shape[1:])
         return Int4PreshuffledTensor._build(fields, [t.block_size, shape, t.activation_dtype])
-    if t.activation_dtype != "bf16":
-        raise NotImplementedError("slicing an fp8-activation Int4PreshuffledTensor along N or K;"
-                                  " slice the plain weight before converting")
-    plain = t.to_int4_tensor()
-    return Int4PreshuffledTensor.from_int4_tensor(aten.slice.Tensor(plain, dim, start, end, step))
+    if t.activation_dtype == "bf16":
+        plain = t.to_int4_tensor()
+        return Int4PreshuffledTensor.from_int4_tensor(aten.slice.Tensor(plain, dim, start, end, step))
+    return _slice_fp8(t, dim % t.ndim, start, end, step)
+
+
+def _slice_fp8(t: Int4PreshuffledTensor, dim: int, start, end, step) -> Int4PreshuffledTensor:
+    """N or K slice of an fp8-activation weight: its exact parts are sliced and preshuffled
+    again. K slices must cover whole groups of 128."""
+    if t.is_transposed:
+        return _slice_fp8(_transposed(t), 2 * t.ndim - 3 - dim, start, end, step).mT
+    q, group_scale, row_scale = kernels.fbgemm.fp8_weight_parts(t)
+    n = t.stored_n
+    q, group_scale, row_scale = q[..., :n, :], group_scale[..., :n], row_scale[..., :n]
+    if dim == t.ndim - 2:  # N
+        q = q[..., start:end:step, :]
+        group_scale, row_scale = group_scale[..., start:end:step], row_scale[..., start:end:step]
+    else:  # K
+        k, g = t.shape[-1], t.group_size
+        first, last, _ = slice(start, end, step).indices(k)
+        if step != 1 or first % g or (last % g and last != k) or last <= first:
+            raise ValueError(f"slicing K of an fp8-activation Int4PreshuffledTensor must stay on "
+                             f"group boundaries (step 1, start and end multiples of {g}); got "
+                             f"[{start}:{end}:{step}] of K = {k}")
+        q = q[..., first:last]
+        group_scale = group_scale[..., first // g: -(-last // g), :]
+    if q.shape[-2] == 0:
+        raise ValueError("slicing an fp8-activation Int4PreshuffledTensor to N = 0")
+    return Int4PreshuffledTensor.from_fp8_parts(q.contiguous(), group_scale.contiguous(),
+                                                row_scale.contiguous())
 
 
 @implements([aten.bmm.default, aten.mm.default, torch.matmul, torch.Tensor.matmul,
@@ -237,10 +278,10 @@ def _(func, args, kwargs):
         stored = _transposed(b)
         if b.ndim == 2:
             return _linear(a, stored, None)
-        if a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0] and b.activation_dtype == "bf16":
+        if a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0]:
             if a.shape[-1] != stored.shape[-1]:
                 raise ValueError(f"bmm: shapes {list(a.shape)} and {list(b.shape)} cannot be "
                                  "multiplied")
-            return kernels.fbgemm.shuffled_bmm(a, stored)[..., : stored.stored_n]
+            return kernels.preshuffled_bmm(a, stored)[..., : stored.stored_n]
     dense = [x.dequantize(torch.bfloat16) if isinstance(x, Int4BaseTensor) else x for x in (a, b)]
     return torch.matmul(*dense)
