@@ -27,13 +27,15 @@ def check():
         t = Int4Tensor.from_hp(w, (1, g))
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = reference.linear(x, t, None)
-        for cfg in (None, dict(WARPS_N=1, U=2, SLICES=8), dict(WARPS_N=4, U=8, SLICES=2)):
+        for cfg in (None, dict(WARPS_N=1, U=2, SLICES=8), dict(WARPS_N=4, U=8, SLICES=2),
+                    dict(WARPS_N=2, U=4, SLICES=4, STAGES=4), dict(WARPS_N=1, U=4, SLICES=8, STAGES=3,
+                                                                  MIN_BLOCKS=2)):
             out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, g, cfg)
             err = rel_error(ref, out)
             worst = max(worst, err)
             if err > 1e-2:
                 print(f"WRONG n={n} k={k} g={g} m={m} cfg={cfg}: rel err {err:.4f}", flush=True)
-    print(f"check: {len(cases)} cases x 3 configs, worst rel err vs reference {worst:.2e} "
+    print(f"check: {len(cases)} cases x 5 configs, worst rel err vs reference {worst:.2e} "
           f"({time.time() - t0:.1f} s incl. compile)", flush=True)
 
 
@@ -48,7 +50,7 @@ def sweep(bw):
         qs = [Int4Tensor.from_hp(w, (1, 128)) for w in ws]
         nbytes = n * k / 2 + 4 * n * k / 128
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for m in ((1, 4, 8, 16) if "--quick" in sys.argv else (1, 2, 4, 8, 16)):
+        for m in ((1, 4, 8) if "--quick" in sys.argv else (1, 2, 4, 8, 16)):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             pct = lambda t: nbytes / t / 1e3 / bw * 100  # noqa: E731
             t_bf16 = graph_time_us([lambda w=w: F.linear(x, w) for w in ws])
@@ -57,12 +59,16 @@ def sweep(bw):
             line = f"{n}x{k} M={m}: bf16 {t_bf16:.2f} | triton {t_tri:.2f} ({t_bf16 / t_tri:.2f}x)"
             if m <= cuda_gemv.MAX_M:
                 ranked = []
-                for wn in (1, 2, 4):
-                    for u in (2, 4, 8):
-                        for sl in (1, 2, 4, 8):
-                            if wn * sl > cuda_gemv.MAX_WARPS:
-                                continue
-                            cfg = dict(WARPS_N=wn, U=u, SLICES=sl)
+                grid = [(wn, u, sl, 0, b) for wn in (1, 2, 4) for u in (2, 4, 8)
+                        for sl in (1, 2, 4, 8) for b in (1, 3)]
+                grid += [(wn, 4, sl, st, b) for wn in (1, 2, 4) for sl in (1, 2, 4, 8)
+                         for st in (2, 3, 4) for b in (1, 4)]
+                for wn, u, sl, st, b in grid:
+                    if wn * sl > cuda_gemv.MAX_WARPS or (sl == 1 and wn < 4) or (st == 0 and b == 3 and u == 8):
+                        continue
+                    if True:
+                        if True:
+                            cfg = dict(WARPS_N=wn, U=u, SLICES=sl, STAGES=st, MIN_BLOCKS=b)
                             t = graph_time_us([lambda q=q, c=cfg: cuda_gemv.int4_gemv(
                                 x, q.qdata, q.scale, q.zero_point, 128, c) for q in qs], iters=5)
                             ranked.append((t, cfg))
@@ -73,6 +79,8 @@ def sweep(bw):
                 line += (f" | cuda default {t_def:.2f} ({t_bf16 / t_def:.2f}x, {pct(t_def):.0f}% copy)"
                          f" {d} | best {ranked[0][0]:.2f} ({pct(ranked[0][0]):.0f}%) {ranked[0][1]},"
                          f" {ranked[1][0]:.2f} {ranked[1][1]}, {ranked[2][0]:.2f} {ranked[2][1]}")
+                stage0 = [r for r in ranked if r[1]["STAGES"] == 0]
+                line += f" | best register loop {stage0[0][0]:.2f} {stage0[0][1]}"
             print(line, flush=True)
         del ws, qs
         torch.cuda.empty_cache()

@@ -49,6 +49,8 @@ _SOURCE = r"""
 #define U %(u)d
 #define WARPS_N %(warps_n)d
 #define MAX_WARPS %(max_warps)d
+#define STAGES %(stages)d
+#define MIN_BLOCKS %(min_blocks)d
 
 %(bf16_helpers)s
 // nibbles at bits 0..3 and 16..19 of w (two's complement q) -> bf16x2 (136 + q): (w & m) ^ c
@@ -67,8 +69,69 @@ __device__ __forceinline__ void mma_bf16(float* d, unsigned a0, unsigned a1, uns
 __device__ __forceinline__ unsigned word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
+// 16-byte asynchronous global -> shared copy; ok == false fills zeros and reads nothing
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+  unsigned d;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %%1; cvt.u32.u64 %%0, a; }" : "=r"(d) : "l"(dst));
+  asm volatile("cp.async.cg.shared.global [%%0], [%%1], 16, %%2;"
+               :: "r"(d), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %%0;" :: "n"(N) : "memory");
+}
 
-extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS)
+// One 128-wide K chunk c of rows (a, b) = (g, g + 8) of a 16-row tile, for all M rows of x:
+// acc[mt] += s * (x . (136 + q)) + (z - 136 s) * xsum, see the module docstring.
+__device__ __forceinline__ void accumulate_chunk(
+    float (&acc)[M_TILES][4], const uint4 wa, const uint4 wb, float sa, float sb, float za,
+    float zb, const bf16_t* __restrict__ x, int M, int ldx, int c, int g, int t,
+    const float* xsum) {
+  const int kc = (c << 7) + (t << 5);  // this lane's 32 K positions
+  const int MP = 8 * M_TILES;
+  uint4 xv[M_TILES][4];
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt) {
+    const int m = g + 8 * mt;
+    const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)min(m, M - 1) * ldx + kc);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) xv[mt][j] = m < M ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
+  }
+  float d[M_TILES][4];
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[mt][i] = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {  // word j: K positions kc + 8j .. kc + 8j + 7
+    const unsigned a = word(wa, j), b = word(wb, j);
+    // pair p holds nibbles (p, p + 4) of the word: K offsets 8j + p and 8j + p + 4
+    const unsigned a0 = nibbles_to_bf16x2(a), a1 = nibbles_to_bf16x2(a >> 4);
+    const unsigned a2 = nibbles_to_bf16x2(a >> 8), a3 = nibbles_to_bf16x2(a >> 12);
+    const unsigned b0 = nibbles_to_bf16x2(b), b1 = nibbles_to_bf16x2(b >> 4);
+    const unsigned b2 = nibbles_to_bf16x2(b >> 8), b3 = nibbles_to_bf16x2(b >> 12);
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt) {
+      const uint4 X = xv[mt][j];  // (x0, x1), (x2, x3), (x4, x5), (x6, x7)
+      const unsigned x04 = __byte_perm(X.x, X.z, 0x5410), x15 = __byte_perm(X.x, X.z, 0x7632);
+      const unsigned x26 = __byte_perm(X.y, X.w, 0x5410), x37 = __byte_perm(X.y, X.w, 0x7632);
+      mma_bf16(d[mt], a0, b0, a1, b1, x04, x15);
+      mma_bf16(d[mt], a2, b2, a3, b3, x26, x37);
+    }
+  }
+  za -= 136.f * sa;
+  zb -= 136.f * sb;
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt) {
+    const float xs0 = xsum[c * MP + 8 * mt + 2 * t], xs1 = xsum[c * MP + 8 * mt + 2 * t + 1];
+    acc[mt][0] = fmaf(sa, d[mt][0], fmaf(za, xs0, acc[mt][0]));
+    acc[mt][1] = fmaf(sa, d[mt][1], fmaf(za, xs1, acc[mt][1]));
+    acc[mt][2] = fmaf(sb, d[mt][2], fmaf(zb, xs0, acc[mt][2]));
+    acc[mt][3] = fmaf(sb, d[mt][3], fmaf(zb, xs1, acc[mt][3]));
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS, MIN_BLOCKS)
 %(name)s(const bf16_t* __restrict__ x, const uint4* __restrict__ q,
          const bf16_t* __restrict__ scale, const bf16_t* __restrict__ zero,
          bf16_t* __restrict__ out, int M, int N, int K, int ldx, int lds, int ldo,
@@ -111,6 +174,7 @@ extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
 
+#if STAGES == 0
   for (int c0 = slice; c0 < chunks; c0 += slices * U) {
     uint4 wa[U], wb[U];  // U chunks of both rows, all in flight before any is used
 #pragma unroll
@@ -124,52 +188,51 @@ extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS)
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * slices;
       if (c >= chunks) break;  // the same for the whole warp
-      const int kc = (c << 7) + (t << 5);  // this lane's 32 K positions
-      uint4 xv[M_TILES][4];
-#pragma unroll
-      for (int mt = 0; mt < M_TILES; ++mt) {
-        const int m = g + 8 * mt;
-        const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)min(m, M - 1) * ldx + kc);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) xv[mt][j] = m < M ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
-      }
-      float d[M_TILES][4];
-#pragma unroll
-      for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) d[mt][i] = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {  // word j: K positions kc + 8j .. kc + 8j + 7
-        const unsigned a = word(wa[u], j), b = word(wb[u], j);
-        // pair p holds nibbles (p, p + 4) of the word: K offsets 8j + p and 8j + p + 4
-        const unsigned a0 = nibbles_to_bf16x2(a), a1 = nibbles_to_bf16x2(a >> 4);
-        const unsigned a2 = nibbles_to_bf16x2(a >> 8), a3 = nibbles_to_bf16x2(a >> 12);
-        const unsigned b0 = nibbles_to_bf16x2(b), b1 = nibbles_to_bf16x2(b >> 4);
-        const unsigned b2 = nibbles_to_bf16x2(b >> 8), b3 = nibbles_to_bf16x2(b >> 12);
-#pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt) {
-          const uint4 X = xv[mt][j];  // (x0, x1), (x2, x3), (x4, x5), (x6, x7)
-          const unsigned x04 = __byte_perm(X.x, X.z, 0x5410), x15 = __byte_perm(X.x, X.z, 0x7632);
-          const unsigned x26 = __byte_perm(X.y, X.w, 0x5410), x37 = __byte_perm(X.y, X.w, 0x7632);
-          mma_bf16(d[mt], a0, b0, a1, b1, x04, x15);
-          mma_bf16(d[mt], a2, b2, a3, b3, x26, x37);
-        }
-      }
       const int gi = (c << 7) >> group_shift;
-      const float sa = bf16_to_f(scale[(size_t)gi * lds + ra]);
-      const float sb = bf16_to_f(scale[(size_t)gi * lds + rb]);
-      const float za = bf16_to_f(zero[(size_t)gi * lds + ra]) - 136.f * sa;
-      const float zb = bf16_to_f(zero[(size_t)gi * lds + rb]) - 136.f * sb;
-#pragma unroll
-      for (int mt = 0; mt < M_TILES; ++mt) {
-        const float xs0 = xsum[c * MP + 8 * mt + 2 * t], xs1 = xsum[c * MP + 8 * mt + 2 * t + 1];
-        acc[mt][0] = fmaf(sa, d[mt][0], fmaf(za, xs0, acc[mt][0]));
-        acc[mt][1] = fmaf(sa, d[mt][1], fmaf(za, xs1, acc[mt][1]));
-        acc[mt][2] = fmaf(sb, d[mt][2], fmaf(zb, xs0, acc[mt][2]));
-        acc[mt][3] = fmaf(sb, d[mt][3], fmaf(zb, xs1, acc[mt][3]));
-      }
+      accumulate_chunk(acc, wa[u], wb[u], bf16_to_f(scale[(size_t)gi * lds + ra]),
+                       bf16_to_f(scale[(size_t)gi * lds + rb]),
+                       bf16_to_f(zero[(size_t)gi * lds + ra]),
+                       bf16_to_f(zero[(size_t)gi * lds + rb]), x, M, ldx, c, g, t, xsum);
     }
   }
+#else
+  // STAGES-deep cp.async pipeline through shared memory: the weights (and the tile's 16
+  // scales and zero points) of the next STAGES - 1 chunks are in flight while one is
+  // computed, without holding registers. Needs N %% 16 == 0 (whole tiles of scales).
+  // Per warp and stage: 32 lanes x 2 uint4 of weights, then 2 uint4 of scales + 2 of zeros.
+  uint4* pipe = reinterpret_cast<uint4*>(smem + chunks * MP + (slices > 1 ? 32 * WARPS_N * slices * 4 * M_TILES : 0))
+                + warp * STAGES * 68;
+  const int tile = min(r0, N - 16);  // warps past N load a valid tile and write nothing
+  const int iters = (chunks - slice + slices - 1) / slices;
+  auto issue = [&](int i) {
+    const bool ok = i < iters;
+    const int c = ok ? slice + i * slices : slice;
+    uint4* st = pipe + (i %% STAGES) * 68;
+    cp_async16(st + 2 * lane, qa + c * 4, ok);
+    cp_async16(st + 2 * lane + 1, qb + c * 4, ok);
+    if (lane < 4) {
+      const int gi = (c << 7) >> group_shift;
+      const bf16_t* src = (lane < 2 ? scale : zero) + (size_t)gi * lds + tile + 8 * (lane & 1);
+      cp_async16(st + 64 + lane, src, ok);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  for (int i = 0; i < iters; ++i) {
+    cp_async_wait<STAGES - 2>();
+    __syncwarp();  // every lane's copies of stage i landed; every lane is done with stage i - 1
+    const uint4* st = pipe + (i %% STAGES) * 68;
+    const uint4 wa = st[2 * lane], wb = st[2 * lane + 1];
+    const bf16_t* sz = reinterpret_cast<const bf16_t*>(st + 64);  // 16 scales, 16 zeros
+    const int la = ra - tile, lb = rb - tile;
+    const float sa = bf16_to_f(sz[la]), sb = bf16_to_f(sz[lb]);
+    const float za = bf16_to_f(sz[16 + la]), zb = bf16_to_f(sz[16 + lb]);
+    issue(i + STAGES - 1);
+    accumulate_chunk(acc, wa, wb, sa, sb, za, zb, x, M, ldx, slice + i * slices, g, t, xsum);
+  }
+  cp_async_wait<0>();  // the zero-fill copies past the end
+#endif
 
   // C fragment: acc[mt][i] is out[m = 8 mt + 2t + (i & 1)][n = r0 + g + 8 (i >> 1)]
   if (slices > 1) {
@@ -200,22 +263,25 @@ extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS)
 """
 
 
-def _smem_bytes(m_tiles: int, k: int, warps_n: int, slices: int) -> int:
-    """Dynamic shared memory: activation sums per chunk, then the K-slice partial sums."""
+def _smem_bytes(m_tiles: int, k: int, warps_n: int, slices: int, stages: int = 0) -> int:
+    """Dynamic shared memory: activation sums per chunk, the K-slice partial sums, then the
+    cp.async pipeline (per warp and stage: 64 uint4 of weights + 4 of scales and zeros)."""
     partial = 32 * warps_n * slices * 4 * m_tiles if slices > 1 else 0
-    return 4 * ((k // CHUNK) * 8 * m_tiles + partial)
+    return 4 * ((k // CHUNK) * 8 * m_tiles + partial) + warps_n * slices * stages * 68 * 16
 
 
 is_available = nvrtc.is_available
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(m_tiles: int, warps_n: int, u: int, capability: tuple[int, int]):
-    """The kernel for ``8 * m_tiles`` activation rows, ``warps_n`` row tiles per block and ``u``
-    chunks in flight per warp, for one GPU architecture (NVRTC, ~1 s, once per process)."""
-    name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}"
+def _compiled(m_tiles: int, warps_n: int, u: int, capability: tuple[int, int], stages: int = 0,
+              min_blocks: int = 1):
+    """The kernel for ``8 * m_tiles`` activation rows, ``warps_n`` row tiles per block, ``u``
+    chunks in flight per warp (register loop, ``stages == 0``) or a ``stages``-deep cp.async
+    pipeline, for one GPU architecture (NVRTC, ~1 s, once per process)."""
+    name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}_s{stages}_b{min_blocks}"
     source = _SOURCE % dict(m_tiles=m_tiles, u=u, warps_n=warps_n, max_warps=MAX_WARPS, name=name,
-                            bf16_helpers=nvrtc.BF16_HELPERS)
+                            bf16_helpers=nvrtc.BF16_HELPERS, stages=stages, min_blocks=min_blocks)
     return nvrtc.compile_kernel(source, name, capability)
 
 
@@ -239,7 +305,14 @@ def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
     slices = 2
     while tiles * slices < 13 * num_sms and slices < MAX_WARPS and chunks >= 4 * slices:
         slices *= 2
-    return dict(WARPS_N=MAX_WARPS // slices, U=4 if chunks >= 16 * slices else 2, SLICES=slices)
+    return dict(WARPS_N=MAX_WARPS // slices, U=4 if chunks >= 16 * slices else 2, SLICES=slices,
+                STAGES=0, MIN_BLOCKS=1)
+
+
+def can_pipeline(scale: torch.Tensor, n: int) -> bool:
+    """The cp.async variant also copies each tile's 16 scales as 16-byte blocks: whole tiles
+    (N % 16 == 0) and 16-byte aligned scale rows."""
+    return n % 16 == 0 and scale.stride(0) % 8 == 0 and scale.storage_offset() % 8 == 0
 
 
 def can_run(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
@@ -289,15 +362,22 @@ def int4_gemv(
     m, k = x.shape
     n = qdata.shape[0]
     props = torch.cuda.get_device_properties(x.device)
-    cfg = config or pick_config(m, n, k, props.multi_processor_count)
+    cfg = dict(pick_config(m, n, k, props.multi_processor_count), **(config or {}))
     m_tiles = 1 if m <= 8 else 2
-    kernel = _compiled(m_tiles, cfg["WARPS_N"], cfg["U"], (props.major, props.minor))
+    stages = cfg["STAGES"] if can_pipeline(scale, n) and zero_point.storage_offset() % 8 == 0 else 0
+    kernel = _compiled(m_tiles, cfg["WARPS_N"], cfg["U"], (props.major, props.minor), stages,
+                       cfg["MIN_BLOCKS"])
+    smem = _smem_bytes(m_tiles, k, cfg["WARPS_N"], cfg["SLICES"], stages)
+    if smem >= 48 * 1024:
+        if stages and not hasattr(kernel, "set_shared_memory_config"):  # older torch
+            return int4_gemv(x, qdata, scale, zero_point, group_size, dict(cfg, STAGES=0))
+        kernel.set_shared_memory_config(smem)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     kernel(
         grid=(-(-n // (16 * cfg["WARPS_N"])), 1, 1),
         block=(32, cfg["WARPS_N"], cfg["SLICES"]),
         args=[x, qdata, scale, zero_point, out, m, n, k, x.stride(0), scale.stride(0),
               out.stride(0), group_size.bit_length() - 1],
-        shared_mem=_smem_bytes(m_tiles, k, cfg["WARPS_N"], cfg["SLICES"]),
+        shared_mem=smem,
     )
     return out

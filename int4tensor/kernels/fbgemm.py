@@ -125,7 +125,7 @@ def unpack_fp8_group_scales(packed: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_weight_parts(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The exact parts of a preshuffled fp8-activation weight ``W = q * group_scale *
+    """The exact parts of a preshuffled fp8-activation weight ``W = e4m3(q * group_scale) *
     row_scale``: ``(q int8 [..., Np, K], group_scale fp8 [..., K/G, Np], row_scale fp32
     [..., Np])``. q is read back through the kernel (identity activations, unit scales:
     integers in [-8, 7] are exact), so it needs no knowledge of the shuffle."""

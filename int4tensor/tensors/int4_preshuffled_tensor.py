@@ -35,8 +35,10 @@ class Int4PreshuffledTensor(Int4BaseTensor):
         row_scale: fp8 activations only, fp32 ``[..., Np]``.
         block_size, shape: as for Int4Tensor (a transposed view has block ``(..., G, 1)``).
         activation_dtype: ``"bf16"`` (``W = q * group_scale + group_zero``, asymmetric) or
-            ``"fp8"`` (``W = q * group_scale * row_scale``, symmetric; activations are quantized
-            to fp8 per row at run time).
+            ``"fp8"`` (``W = e4m3(q * group_scale) * row_scale``, symmetric: the kernel looks
+            the products up as fp8, which rounds them to 3 mantissa bits, about 2.5% from
+            ``q * group_scale * row_scale``; activations are quantized to fp8 per row at run
+            time).
     """
 
     tensor_data_names = ("qdata", "group_scale")
@@ -117,7 +119,7 @@ class Int4PreshuffledTensor(Int4BaseTensor):
     @classmethod
     def from_fp8_parts(cls, q: torch.Tensor, group_scale: torch.Tensor,
                        row_scale: torch.Tensor) -> "Int4PreshuffledTensor":
-        """An fp8-activation weight ``W = q * group_scale * row_scale`` from its parts:
+        """An fp8-activation weight ``W = e4m3(q * group_scale) * row_scale`` from its parts:
         q int8 ``[..., N, K]`` in [-8, 7], group_scale float8_e4m3 ``[..., K/128, N]``,
         row_scale fp32 ``[..., N]`` (what :func:`fbgemm.fp8_weight_parts` returns)."""
         shape = q.shape
@@ -245,7 +247,7 @@ def _slice_fp8(t: Int4PreshuffledTensor, dim: int, start, end, step) -> Int4Pres
     """N or K slice of an fp8-activation weight: its exact parts are sliced and preshuffled
     again. K slices must cover whole groups of 128."""
     if t.is_transposed:
-        return _slice_fp8(_transposed(t), 2 * t.ndim - 3 - dim, start, end, step).mT
+        return _transposed(_slice_fp8(_transposed(t), 2 * t.ndim - 3 - dim, start, end, step))
     q, group_scale, row_scale = kernels.fbgemm.fp8_weight_parts(t)
     n = t.stored_n
     q, group_scale, row_scale = q[..., :n, :], group_scale[..., :n], row_scale[..., :n]
