@@ -276,7 +276,8 @@ class TestFp8Activations:
                                                        row_scale[:, :200])
         assert torch.equal(rebuilt.qdata, p.qdata)
         assert torch.equal(rebuilt.group_scale.view(torch.uint8), p.group_scale.view(torch.uint8))
-        assert torch.equal(rebuilt.row_scale, p.row_scale)
+        # (rows past N: fbgemm's scales of all-zero rows are tiny, ours zero; both multiply 0)
+        assert torch.equal(rebuilt.row_scale[:, :200], p.row_scale[:, :200])
 
     def test_slicing_along_n_and_k(self):
         w = torch.randn(320, 512, dtype=torch.bfloat16, device="cuda") * 0.02
