@@ -28,8 +28,7 @@ def check():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = reference.linear(x, t, None)
         for cfg in (None, dict(WARPS_N=1, U=2, SLICES=8), dict(WARPS_N=4, U=8, SLICES=2),
-                    dict(WARPS_N=2, U=4, SLICES=4, STAGES=4), dict(WARPS_N=1, U=4, SLICES=8, STAGES=3,
-                                                                  MIN_BLOCKS=2)):
+                    dict(WARPS_N=8, U=4, SLICES=1, MIN_BLOCKS=1), dict(WARPS_N=2, U=2, SLICES=4)):
             out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, g, cfg)
             err = rel_error(ref, out)
             worst = max(worst, err)
@@ -43,14 +42,14 @@ def sweep(bw):
     shapes = [(8192, 8192), (28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096),
               (4096, 14336), (1024, 4096), (6144, 4096)]
     if "--quick" in sys.argv:
-        shapes = [(8192, 8192), (28672, 8192), (4096, 4096)]
+        shapes = [(8192, 8192), (28672, 8192), (4096, 4096), (4096, 14336)]
     for n, k in shapes:
         copies = max(2, min(16, int(400e6 // (n * k * 2))))
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         qs = [Int4Tensor.from_hp(w, (1, 128)) for w in ws]
         nbytes = n * k / 2 + 4 * n * k / 128
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for m in ((1, 4, 8) if "--quick" in sys.argv else (1, 2, 4, 8, 16)):
+        for m in ((1, 4, 8, 16) if "--quick" in sys.argv else (1, 2, 4, 8, 16)):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             pct = lambda t: nbytes / t / 1e3 / bw * 100  # noqa: E731
             t_bf16 = graph_time_us([lambda w=w: F.linear(x, w) for w in ws])
@@ -59,19 +58,14 @@ def sweep(bw):
             line = f"{n}x{k} M={m}: bf16 {t_bf16:.2f} | triton {t_tri:.2f} ({t_bf16 / t_tri:.2f}x)"
             if m <= cuda_gemv.MAX_M:
                 ranked = []
-                grid = [(wn, u, sl, 0, b) for wn in (1, 2, 4) for u in (2, 4, 8)
-                        for sl in (1, 2, 4, 8) for b in (1, 3)]
-                grid += [(wn, 4, sl, st, b) for wn in (1, 2, 4) for sl in (1, 2, 4, 8)
-                         for st in (2, 3, 4) for b in (1, 4)]
-                for wn, u, sl, st, b in grid:
-                    if wn * sl > cuda_gemv.MAX_WARPS or (sl == 1 and wn < 4) or (st == 0 and b == 3 and u == 8):
-                        continue
-                    if True:
-                        if True:
-                            cfg = dict(WARPS_N=wn, U=u, SLICES=sl, STAGES=st, MIN_BLOCKS=b)
-                            t = graph_time_us([lambda q=q, c=cfg: cuda_gemv.int4_gemv(
-                                x, q.qdata, q.scale, q.zero_point, 128, c) for q in qs], iters=5)
-                            ranked.append((t, cfg))
+                combos = [(wn, sl) for wn in (1, 2, 4, 8) for sl in (1, 2, 4, 8)
+                          if wn * sl == cuda_gemv.MAX_WARPS]
+                grid = [(wn, u, sl, b) for wn, sl in combos for u in (2, 4, 8) for b in (1, 2)]
+                for wn, u, sl, b in grid:
+                    cfg = dict(WARPS_N=wn, U=u, SLICES=sl, MIN_BLOCKS=b)
+                    t = graph_time_us([lambda q=q, c=cfg: cuda_gemv.int4_gemv(
+                        x, q.qdata, q.scale, q.zero_point, 128, c) for q in qs], iters=5)
+                    ranked.append((t, cfg))
                 ranked.sort(key=lambda r: r[0])
                 d = cuda_gemv.pick_config(m, n, k, sms)
                 t_def = graph_time_us([lambda q=q: cuda_gemv.int4_gemv(
@@ -79,8 +73,6 @@ def sweep(bw):
                 line += (f" | cuda default {t_def:.2f} ({t_bf16 / t_def:.2f}x, {pct(t_def):.0f}% copy)"
                          f" {d} | best {ranked[0][0]:.2f} ({pct(ranked[0][0]):.0f}%) {ranked[0][1]},"
                          f" {ranked[1][0]:.2f} {ranked[1][1]}, {ranked[2][0]:.2f} {ranked[2][1]}")
-                stage0 = [r for r in ranked if r[1]["STAGES"] == 0]
-                line += f" | best register loop {stage0[0][0]:.2f} {stage0[0][1]}"
             print(line, flush=True)
         del ws, qs
         torch.cuda.empty_cache()

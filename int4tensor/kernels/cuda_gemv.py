@@ -8,20 +8,24 @@ at M = 1, which leaves under one instruction per weight for the unpacking:
 
 * A warp owns 16 weight rows; lane ``(g, t)`` (``g = lane / 4``, ``t = lane % 4``) loads 16
   bytes (32 weights) of rows ``g`` and ``g + 8`` per 128-wide K chunk, so the four lanes of a
-  row read its 64 contiguous bytes. ``U`` chunks are loaded before any is used.
+  row read its 64 contiguous bytes. ``U`` chunks, with their scales and zero points, are
+  loaded before any is used.
 * A lane's registers are used in place as the mma's A fragment. The fragment wants each lane to
   hold K positions ``2t, 2t+1, 2t+8, 2t+9`` of its two rows; a dot product does not care how K
   is ordered as long as the activations (the B fragment) follow the same order, so K slot
   ``(t, e)`` of each of the 8 mma steps is mapped to a nibble of the lane's own 32, and each
-  lane permutes its activations (``prmt``) to match. No shuffles, no shared memory.
+  lane permutes its activations (``prmt``) to match. No shuffles.
 * One ``lop3`` turns two nibbles (bits ``s`` and ``s + 16`` of a word, two's complement ``q``)
   into the bf16 pair ``(136 + q)``: ``(w & 0x000F000F) ^ 0x43084308``. The product with ``x``
   is exact in the fp32 accumulator.
 * Per chunk (one group when G = 128, half of one when G = 256) the group scale and zero point
   are applied to the accumulator:
   ``sum_k x_k w_k = s * (sum_k x_k (136 + q_k)) + (z - 136 s) * sum_k x_k``
-  for ``w = q * s + z``; the activation sums per chunk are computed once per block into shared
-  memory.
+  for ``w = q * s + z``. The activation sums come from the tensor cores as well: the same mma
+  with an all-ones A fragment hands each lane the sums of exactly the activation rows its
+  output fragment holds, so nothing is precomputed, shared or synchronised. (Computing them
+  in a per-block prologue instead cost 15-45% of the kernel's time, measured on an H200 with
+  ``scripts/probe_gemv_ablation.py``.)
 
 K may be split over ``SLICES`` warps of a block (partial sums reduced in shared memory, no
 atomics, no zero-init). The source is compiled at first use with NVRTC through
@@ -49,7 +53,6 @@ _SOURCE = r"""
 #define U %(u)d
 #define WARPS_N %(warps_n)d
 #define MAX_WARPS %(max_warps)d
-#define STAGES %(stages)d
 #define MIN_BLOCKS %(min_blocks)d
 
 %(bf16_helpers)s
@@ -69,26 +72,12 @@ __device__ __forceinline__ void mma_bf16(float* d, unsigned a0, unsigned a1, uns
 __device__ __forceinline__ unsigned word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
-// 16-byte asynchronous global -> shared copy; ok == false fills zeros and reads nothing
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
-  unsigned d;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %%1; cvt.u32.u64 %%0, a; }" : "=r"(d) : "l"(dst));
-  asm volatile("cp.async.cg.shared.global [%%0], [%%1], 16, %%2;"
-               :: "r"(d), "l"(src), "r"(ok ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %%0;" :: "n"(N) : "memory");
-}
-
 // One 128-wide K chunk c of rows (a, b) = (g, g + 8) of a 16-row tile, for all M rows of x:
-// acc[mt] += s * (x . (136 + q)) + (z - 136 s) * xsum, see the module docstring.
+// acc[mt] += s * (x . (136 + q)) + (z - 136 s) * sum(x), see the module docstring.
 __device__ __forceinline__ void accumulate_chunk(
     float (&acc)[M_TILES][4], const uint4 wa, const uint4 wb, float sa, float sb, float za,
-    float zb, const bf16_t* __restrict__ x, int M, int ldx, int c, int g, int t,
-    const float* xsum) {
+    float zb, const bf16_t* __restrict__ x, int M, int ldx, int c, int g, int t) {
   const int kc = (c << 7) + (t << 5);  // this lane's 32 K positions
-  const int MP = 8 * M_TILES;
   uint4 xv[M_TILES][4];
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt) {
@@ -97,11 +86,11 @@ __device__ __forceinline__ void accumulate_chunk(
 #pragma unroll
     for (int j = 0; j < 4; ++j) xv[mt][j] = m < M ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
   }
-  float d[M_TILES][4];
+  float d[M_TILES][4], e[M_TILES][4];  // d: x . (136 + q); e: sum(x), with A = ones
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) d[mt][i] = 0.f;
+    for (int i = 0; i < 4; ++i) d[mt][i] = e[mt][i] = 0.f;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {  // word j: K positions kc + 8j .. kc + 8j + 7
     const unsigned a = word(wa, j), b = word(wb, j);
@@ -117,13 +106,18 @@ __device__ __forceinline__ void accumulate_chunk(
       const unsigned x26 = __byte_perm(X.y, X.w, 0x5410), x37 = __byte_perm(X.y, X.w, 0x7632);
       mma_bf16(d[mt], a0, b0, a1, b1, x04, x15);
       mma_bf16(d[mt], a2, b2, a3, b3, x26, x37);
+      // the activation sums on the (otherwise idle) tensor cores too: A = bf16 ones gives
+      // each lane the sums of exactly the rows m its C fragment holds
+      const unsigned one = 0x3f803f80u;
+      mma_bf16(e[mt], one, one, one, one, x04, x15);
+      mma_bf16(e[mt], one, one, one, one, x26, x37);
     }
   }
   za -= 136.f * sa;
   zb -= 136.f * sb;
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt) {
-    const float xs0 = xsum[c * MP + 8 * mt + 2 * t], xs1 = xsum[c * MP + 8 * mt + 2 * t + 1];
+    const float xs0 = e[mt][0], xs1 = e[mt][1];  // rows m = 8 mt + 2t and 8 mt + 2t + 1
     acc[mt][0] = fmaf(sa, d[mt][0], fmaf(za, xs0, acc[mt][0]));
     acc[mt][1] = fmaf(sa, d[mt][1], fmaf(za, xs1, acc[mt][1]));
     acc[mt][2] = fmaf(sb, d[mt][2], fmaf(zb, xs0, acc[mt][2]));
@@ -137,30 +131,10 @@ extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS, MIN_BLOCKS)
          bf16_t* __restrict__ out, int M, int N, int K, int ldx, int lds, int ldo,
          int group_shift) {
   // block (32, WARPS_N, SLICES): lane, 16-row tile, K slice
-  extern __shared__ float smem[];
+  extern __shared__ float partial[];  // K-slice partial sums (SLICES > 1)
   const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
   const int slice = threadIdx.z, slices = blockDim.z;
-  const int warp = threadIdx.y + WARPS_N * threadIdx.z;
   const int chunks = K >> 7;
-  const int MP = 8 * M_TILES;
-
-  // activation sums per 128-wide chunk, shared by every row: xsum[c * MP + m]
-  float* xsum = smem;
-  for (int i = lane + 32 * warp; i < chunks * MP; i += 32 * WARPS_N * slices) {
-    const int c = i / MP, m = i %% MP;
-    float sum = 0.f;
-    if (m < M) {
-      const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + (c << 7));
-#pragma unroll 4
-      for (int j = 0; j < 16; ++j) {
-        const uint4 v = __ldg(xp + j);
-        sum += ((bf16_lo(v.x) + bf16_hi(v.x)) + (bf16_lo(v.y) + bf16_hi(v.y))) +
-               ((bf16_lo(v.z) + bf16_hi(v.z)) + (bf16_lo(v.w) + bf16_hi(v.w)));
-      }
-    }
-    xsum[i] = sum;
-  }
-  __syncthreads();
 
   const int r0 = (blockIdx.x * WARPS_N + threadIdx.y) * 16;
   const int ra = min(r0 + g, N - 1), rb = min(r0 + g + 8, N - 1);
@@ -174,69 +148,36 @@ extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS, MIN_BLOCKS)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
 
-#if STAGES == 0
-  for (int c0 = slice; c0 < chunks; c0 += slices * U) {
-    uint4 wa[U], wb[U];  // U chunks of both rows, all in flight before any is used
+  // U chunks per iteration: their weights, scales and zero points all in flight before any
+  // is used; the last iterations (fewer than U chunks left) one chunk at a time
+  const int iters = (chunks - slice + slices - 1) / slices;  // chunks c = slice + i * slices
+  int step = 0;
+  for (; step + U <= iters; step += U) {
+    uint4 wa[U], wb[U];
+    bf16_t s_a[U], s_b[U], z_a[U], z_b[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int c = c0 + u * slices;
-      const bool ok = c < chunks;
-      wa[u] = ok ? qa[c * 4] : make_uint4(0, 0, 0, 0);
-      wb[u] = ok ? qb[c * 4] : make_uint4(0, 0, 0, 0);
+      const int c = slice + (step + u) * slices;
+      const size_t gi = (size_t)((c << 7) >> group_shift) * lds;
+      wa[u] = qa[c * 4];
+      wb[u] = qb[c * 4];
+      s_a[u] = scale[gi + ra]; s_b[u] = scale[gi + rb];
+      z_a[u] = zero[gi + ra]; z_b[u] = zero[gi + rb];
     }
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + u * slices;
-      if (c >= chunks) break;  // the same for the whole warp
-      const int gi = (c << 7) >> group_shift;
-      accumulate_chunk(acc, wa[u], wb[u], bf16_to_f(scale[(size_t)gi * lds + ra]),
-                       bf16_to_f(scale[(size_t)gi * lds + rb]),
-                       bf16_to_f(zero[(size_t)gi * lds + ra]),
-                       bf16_to_f(zero[(size_t)gi * lds + rb]), x, M, ldx, c, g, t, xsum);
-    }
+    for (int u = 0; u < U; ++u)
+      accumulate_chunk(acc, wa[u], wb[u], bf16_to_f(s_a[u]), bf16_to_f(s_b[u]), bf16_to_f(z_a[u]),
+                       bf16_to_f(z_b[u]), x, M, ldx, slice + (step + u) * slices, g, t);
   }
-#else
-  // STAGES-deep cp.async pipeline through shared memory: the weights (and the tile's 16
-  // scales and zero points) of the next STAGES - 1 chunks are in flight while one is
-  // computed, without holding registers. Needs N %% 16 == 0 (whole tiles of scales).
-  // Per warp and stage: 32 lanes x 2 uint4 of weights, then 2 uint4 of scales + 2 of zeros.
-  uint4* pipe = reinterpret_cast<uint4*>(smem + chunks * MP + (slices > 1 ? 32 * WARPS_N * slices * 4 * M_TILES : 0))
-                + warp * STAGES * 68;
-  const int tile = min(r0, N - 16);  // warps past N load a valid tile and write nothing
-  const int iters = (chunks - slice + slices - 1) / slices;
-  auto issue = [&](int i) {
-    const bool ok = i < iters;
-    const int c = ok ? slice + i * slices : slice;
-    uint4* st = pipe + (i %% STAGES) * 68;
-    cp_async16(st + 2 * lane, qa + c * 4, ok);
-    cp_async16(st + 2 * lane + 1, qb + c * 4, ok);
-    if (lane < 4) {
-      const int gi = (c << 7) >> group_shift;
-      const bf16_t* src = (lane < 2 ? scale : zero) + (size_t)gi * lds + tile + 8 * (lane & 1);
-      cp_async16(st + 64 + lane, src, ok);
-    }
-    cp_async_commit();
-  };
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) issue(i);
-  for (int i = 0; i < iters; ++i) {
-    cp_async_wait<STAGES - 2>();
-    __syncwarp();  // every lane's copies of stage i landed; every lane is done with stage i - 1
-    const uint4* st = pipe + (i %% STAGES) * 68;
-    const uint4 wa = st[2 * lane], wb = st[2 * lane + 1];
-    const bf16_t* sz = reinterpret_cast<const bf16_t*>(st + 64);  // 16 scales, 16 zeros
-    const int la = ra - tile, lb = rb - tile;
-    const float sa = bf16_to_f(sz[la]), sb = bf16_to_f(sz[lb]);
-    const float za = bf16_to_f(sz[16 + la]), zb = bf16_to_f(sz[16 + lb]);
-    issue(i + STAGES - 1);
-    accumulate_chunk(acc, wa, wb, sa, sb, za, zb, x, M, ldx, slice + i * slices, g, t, xsum);
+  for (; step < iters; ++step) {
+    const int c = slice + step * slices;
+    const size_t gi = (size_t)((c << 7) >> group_shift) * lds;
+    accumulate_chunk(acc, qa[c * 4], qb[c * 4], bf16_to_f(scale[gi + ra]), bf16_to_f(scale[gi + rb]),
+                     bf16_to_f(zero[gi + ra]), bf16_to_f(zero[gi + rb]), x, M, ldx, c, g, t);
   }
-  cp_async_wait<0>();  // the zero-fill copies past the end
-#endif
 
   // C fragment: acc[mt][i] is out[m = 8 mt + 2t + (i & 1)][n = r0 + g + 8 (i >> 1)]
   if (slices > 1) {
-    float* partial = smem + chunks * MP;
     const int me = (slice * WARPS_N + threadIdx.y) * 32 + lane;
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
@@ -263,25 +204,23 @@ extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS, MIN_BLOCKS)
 """
 
 
-def _smem_bytes(m_tiles: int, k: int, warps_n: int, slices: int, stages: int = 0) -> int:
-    """Dynamic shared memory: activation sums per chunk, the K-slice partial sums, then the
-    cp.async pipeline (per warp and stage: 64 uint4 of weights + 4 of scales and zeros)."""
-    partial = 32 * warps_n * slices * 4 * m_tiles if slices > 1 else 0
-    return 4 * ((k // CHUNK) * 8 * m_tiles + partial) + warps_n * slices * stages * 68 * 16
+def _smem_bytes(m_tiles: int, warps_n: int, slices: int) -> int:
+    """Dynamic shared memory: the K-slice partial sums."""
+    return 4 * 32 * warps_n * slices * 4 * m_tiles if slices > 1 else 0
 
 
 is_available = nvrtc.is_available
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(m_tiles: int, warps_n: int, u: int, capability: tuple[int, int], stages: int = 0,
+def _compiled(m_tiles: int, warps_n: int, u: int, capability: tuple[int, int],
               min_blocks: int = 1):
     """The kernel for ``8 * m_tiles`` activation rows, ``warps_n`` row tiles per block, ``u``
-    chunks in flight per warp (register loop, ``stages == 0``) or a ``stages``-deep cp.async
-    pipeline, for one GPU architecture (NVRTC, ~1 s, once per process)."""
-    name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}_s{stages}_b{min_blocks}"
+    chunks in flight per warp and at least ``min_blocks`` blocks per multiprocessor (a register
+    cap), for one GPU architecture (NVRTC, ~1 s, once per process)."""
+    name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}_b{min_blocks}"
     source = _SOURCE % dict(m_tiles=m_tiles, u=u, warps_n=warps_n, max_warps=MAX_WARPS, name=name,
-                            bf16_helpers=nvrtc.BF16_HELPERS, stages=stages, min_blocks=min_blocks)
+                            bf16_helpers=nvrtc.BF16_HELPERS, min_blocks=min_blocks)
     return nvrtc.compile_kernel(source, name, capability)
 
 
@@ -296,23 +235,15 @@ def can_compile(device_index: int) -> bool:
 
 
 def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
-    """Block shape and chunks in flight for one call (from the device sweep in
-    ``scripts/probe_cuda_gemv.py`` on an H200): 8 warps per block; K split over the fewest
-    slices (2 to 8) that give ~13 warps per multiprocessor; 4 chunks in flight per warp when
-    each warp has at least 16 chunks to do, else 2."""
-    tiles = -(-n // 16)
+    """Launch config for one call (from the device sweep in ``scripts/probe_cuda_gemv.py`` on
+    an H200, 132 multiprocessors): 8 warps per block; K split over 4 of them, or 8 where
+    N <= 4096 (fewer row tiles to share the multiprocessors); 2 chunks in flight per warp up
+    to M = 4, 4 above; at least two blocks per multiprocessor."""
     chunks = k // CHUNK
-    slices = 2
-    while tiles * slices < 13 * num_sms and slices < MAX_WARPS and chunks >= 4 * slices:
-        slices *= 2
-    return dict(WARPS_N=MAX_WARPS // slices, U=4 if chunks >= 16 * slices else 2, SLICES=slices,
-                STAGES=0, MIN_BLOCKS=1)
-
-
-def can_pipeline(scale: torch.Tensor, n: int) -> bool:
-    """The cp.async variant also copies each tile's 16 scales as 16-byte blocks: whole tiles
-    (N % 16 == 0) and 16-byte aligned scale rows."""
-    return n % 16 == 0 and scale.stride(0) % 8 == 0 and scale.storage_offset() % 8 == 0
+    slices = 8 if n <= 4096 * num_sms // 132 else 4
+    while slices > 1 and chunks < 2 * slices:
+        slices //= 2
+    return dict(WARPS_N=MAX_WARPS // slices, U=2 if m <= 4 else 4, SLICES=slices, MIN_BLOCKS=2)
 
 
 def can_run(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
@@ -336,7 +267,6 @@ def can_run(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
         and scale.stride(-1) == 1
         and zero_point.stride() == scale.stride()
         and group_size in (128, 256)
-        and _smem_bytes(2, x2d.shape[-1], 1, MAX_WARPS) <= 48 * 1024
     )
 
 
@@ -354,7 +284,8 @@ def int4_gemv(
         x: bf16 ``[M, K]``, ``1 <= M <= 16``, rows 16-byte aligned (see :func:`can_run`).
         qdata: int8 ``[N, K/2]`` contiguous (two's complement nibbles, element 2i low).
         scale, zero_point: bf16 ``[K/G, N]``, last dim contiguous; G = 128 or 256.
-        config: ``WARPS_N``, ``U``, ``SLICES`` (default :func:`pick_config`).
+        config: any of ``WARPS_N``, ``U``, ``SLICES``, ``MIN_BLOCKS`` (the rest from
+            :func:`pick_config`).
 
     Returns:
         bf16 ``[M, N]``.
@@ -364,20 +295,14 @@ def int4_gemv(
     props = torch.cuda.get_device_properties(x.device)
     cfg = dict(pick_config(m, n, k, props.multi_processor_count), **(config or {}))
     m_tiles = 1 if m <= 8 else 2
-    stages = cfg["STAGES"] if can_pipeline(scale, n) and zero_point.storage_offset() % 8 == 0 else 0
-    kernel = _compiled(m_tiles, cfg["WARPS_N"], cfg["U"], (props.major, props.minor), stages,
+    kernel = _compiled(m_tiles, cfg["WARPS_N"], cfg["U"], (props.major, props.minor),
                        cfg["MIN_BLOCKS"])
-    smem = _smem_bytes(m_tiles, k, cfg["WARPS_N"], cfg["SLICES"], stages)
-    if smem >= 48 * 1024:
-        if stages and not hasattr(kernel, "set_shared_memory_config"):  # older torch
-            return int4_gemv(x, qdata, scale, zero_point, group_size, dict(cfg, STAGES=0))
-        kernel.set_shared_memory_config(smem)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     kernel(
         grid=(-(-n // (16 * cfg["WARPS_N"])), 1, 1),
         block=(32, cfg["WARPS_N"], cfg["SLICES"]),
         args=[x, qdata, scale, zero_point, out, m, n, k, x.stride(0), scale.stride(0),
               out.stride(0), group_size.bit_length() - 1],
-        shared_mem=smem,
+        shared_mem=_smem_bytes(m_tiles, cfg["WARPS_N"], cfg["SLICES"]),
     )
     return out
