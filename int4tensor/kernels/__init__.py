@@ -16,11 +16,11 @@ from int4tensor.kernels import cuda_fp8_rows, cuda_gemv, custom_ops, fbgemm, ref
 
 #: Dispatch by the number of activation rows M (from benchmarks/bench_linear.py and
 #: scripts/probe_cuda_gemv.py on an H200): up to CUDA_GEMV_MAX_M rows run our tensor-core
-#: GEMV (G = 128/256; faster than fbgemm and Triton there on every shape measured); where it
-#: cannot run, M = 1 runs our Triton GEMV. Larger M runs fbgemm's CUTLASS GEMM on Hopper, or
-#: our Triton tensor-core kernel up to TRITON_MAX_M where fbgemm cannot run (other GPUs,
-#: G = 32); beyond that the reference path.
-CUDA_GEMV_MAX_M = 8
+#: GEMV (G = 128/256; faster than fbgemm, tinygemm and Triton there on every shape measured);
+#: where it cannot run, M = 1 runs our Triton GEMV. Larger M runs fbgemm's CUTLASS GEMM on
+#: Hopper, or our Triton tensor-core kernel up to TRITON_MAX_M where fbgemm cannot run (other
+#: GPUs, G = 32); beyond that the reference path.
+CUDA_GEMV_MAX_M = 16
 TRITON_ALWAYS_MAX_M = 1
 TRITON_MAX_M = 16
 #: fp8 activations on the plain layout: from this many rows fbgemm's f8i4bf16_rowwise runs;

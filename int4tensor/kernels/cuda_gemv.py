@@ -237,13 +237,15 @@ def can_compile(device_index: int) -> bool:
 def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
     """Launch config for one call (from the device sweep in ``scripts/probe_cuda_gemv.py`` on
     an H200, 132 multiprocessors): 8 warps per block; K split over 4 of them, or 8 where
-    N <= 4096 (fewer row tiles to share the multiprocessors); 2 chunks in flight per warp up
-    to M = 4, 4 above; at least two blocks per multiprocessor."""
+    N <= 4096 (fewer row tiles to share the multiprocessors); 4 chunks in flight per warp for
+    M = 5..8, else 2 (M > 8 holds twice the activations); at least two blocks per
+    multiprocessor."""
     chunks = k // CHUNK
     slices = 8 if n <= 4096 * num_sms // 132 else 4
     while slices > 1 and chunks < 2 * slices:
         slices //= 2
-    return dict(WARPS_N=MAX_WARPS // slices, U=2 if m <= 4 else 4, SLICES=slices, MIN_BLOCKS=2)
+    return dict(WARPS_N=MAX_WARPS // slices, U=4 if 4 < m <= 8 else 2, SLICES=slices,
+                MIN_BLOCKS=2)
 
 
 def can_run(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,

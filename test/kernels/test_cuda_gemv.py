@@ -77,7 +77,7 @@ def test_large_and_tiny_activations_stay_accurate():
 
 
 @gpu
-@pytest.mark.parametrize("m, backend", [(1, "cuda"), (8, "cuda"), (17, None)])
+@pytest.mark.parametrize("m, backend", [(1, "cuda"), (8, "cuda"), (16, "cuda"), (17, None)])
 def test_dispatch_takes_it_for_decode_sizes(m, backend):
     _, t = quantized(256, 512)
     x = torch.randn(m, 512, dtype=torch.bfloat16, device="cuda")

@@ -57,8 +57,8 @@ def test_linear_fbgemm_leading_dims_and_bias():
     assert rel_error(reference.linear(x, t, bias), out) < 1e-2
 
 
-@pytest.mark.parametrize("m, backend", [(1, "cuda"), (8, "cuda"), (9, "fbgemm"),
-                                        (16, "fbgemm"), (512, "fbgemm")])
+@pytest.mark.parametrize("m, backend", [(1, "cuda"), (8, "cuda"), (9, "cuda"),
+                                        (16, "cuda"), (17, "fbgemm"), (512, "fbgemm")])
 def test_dispatch_by_batch_size(m, backend):
     needs_fbgemm_hopper()
     t = Int4Tensor.from_hp(torch.randn(256, 512, dtype=torch.bfloat16, device="cuda"), (1, 128))
