@@ -157,6 +157,8 @@ def main():
     config = dict(LLAMA3_8B, layers=args.layers)
     max_len, start = 1024, 512
     device = torch.cuda.get_device_name()
+    stamp = datetime.date.today().isoformat()
+    name = "bench_decode_compiled.csv" if args.compile else "bench_decode.csv"
     rows = []
     for batch in args.batch:
         with torch.device("cuda"):
@@ -185,11 +187,9 @@ def main():
             print(row, flush=True)
         del model
         torch.cuda.empty_cache()
-    stamp = datetime.date.today().isoformat()
-    name = "bench_decode_compiled.csv" if args.compile else "bench_decode.csv"
-    write_csv(os.path.join(args.out, name),
-              f"{device}, {stamp}, torch {torch.__version__}, layers={args.layers}, "
-              f"compile={args.compile}", rows)
+        write_csv(os.path.join(args.out, name),  # after each batch size: partial runs
+                  f"{device}, {stamp}, torch {torch.__version__}, layers={args.layers}, "
+                  f"compile={args.compile}", rows)
     print(f"\n{device}, {stamp}, Llama-3-8B shapes, {args.layers} layers, CUDA graph per step"
           f"{', torch.compile' if args.compile else ''}")
     print(f"{'batch':>5} {'path':<28} {'ms/step':>8} {'tok/s':>8} {'vs bf16':>7} {'weights GB':>10} {'blk0 err':>9}")

@@ -8,8 +8,11 @@ from __future__ import annotations
 import csv
 import sys
 
-PATHS = ["bf16", "int4 (dispatch)", "int4 cuda tc-gemv", "int4 triton", "fbgemm rowwise",
-         "fbgemm shuffled", "tinygemm", "fbgemm f8i4 shuffled (+x fp8)"]
+#: the paths a user picks between (the CSV also has the kernels called directly: our CUDA GEMV
+#: and Triton kernels, fbgemm's shuffled kernel)
+PATHS = ["bf16", "int4 (dispatch)", "int4 preshuffled", "int4 plain, fp8 activations",
+         "int4 preshuffled, fp8 activations", "fbgemm rowwise", "tinygemm",
+         "fbgemm f8i4 shuffled (+x fp8)"]
 
 
 def main(path: str = "benchmarks/results/bench_linear.csv") -> None:
