@@ -1,7 +1,7 @@
 """Kernel dispatch: the one place that decides which backend computes an int4 op.
 
 Backends live one per module (:mod:`.reference`, :mod:`.fbgemm`, :mod:`.cuda_gemv`,
-:mod:`.cuda_fp8_rows`, :mod:`.triton_int4`) and take the tensor
+:mod:`.cuda_fp8_rows`, :mod:`.cuda_dequant`, :mod:`.triton_int4`) and take the tensor
 subclass's fields; the tensor classes call only the functions here, so a backend can be
 added or swapped without touching them. Inputs are validated by the caller (the op
 implementation) before they get here.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from int4tensor import quant_primitives
-from int4tensor.kernels import cuda_fp8_rows, cuda_gemv, custom_ops, fbgemm, reference
+from int4tensor.kernels import cuda_dequant, cuda_fp8_rows, cuda_gemv, custom_ops, fbgemm, reference
 
 #: Dispatch by the number of activation rows M (from benchmarks/bench_linear.py and
 #: scripts/probe_cuda_gemv.py on an H200): up to CUDA_GEMV_MAX_M rows run our tensor-core
@@ -23,12 +23,18 @@ from int4tensor.kernels import cuda_fp8_rows, cuda_gemv, custom_ops, fbgemm, ref
 CUDA_GEMV_MAX_M = 16
 TRITON_ALWAYS_MAX_M = 1
 TRITON_MAX_M = 16
+#: From this many rows the plain layout runs as a temporary bf16 weight (one dequantize
+#: kernel) and cuBLAS: at M = 8192 that is ~0.97x bf16 against 0.80-0.90x for fbgemm's int4
+#: GEMM (benchmarks/bench_linear.py on an H200), at the cost of one layer's bf16 weight in
+#: memory during the call.
+DENSE_MIN_M = 4096
 #: fp8 activations on the plain layout: from this many rows fbgemm's f8i4bf16_rowwise runs;
 #: below, the bf16 kernels above run on the fp8-rounded activations, which is faster there
 #: (the weight read dominates; scripts/probe_fp8.py and bench_linear.py on an H200).
 FP8_ROWWISE_MIN_M = 64
 
-__all__ = ["bmm_backend", "int4_bmm", "int4_linear", "linear_backend", "preshuffled_bmm",
+__all__ = ["bmm_backend", "dequantize_int4", "int4_bmm", "int4_linear", "linear_backend",
+           "preshuffled_bmm",
            "preshuffled_linear", "quantize_fp8_rows", "round_fp8_rows"]
 
 
@@ -66,10 +72,14 @@ def _cuda_gemv_can_run(x: torch.Tensor, weight) -> bool:
 
 def linear_backend(x: torch.Tensor, weight) -> str:
     """Name of the backend :func:`int4_linear` uses for these arguments: ``"cuda"``,
-    ``"triton"``, ``"fbgemm"`` or ``"reference"`` (see CUDA_GEMV_MAX_M)."""
+    ``"triton"``, ``"fbgemm"`` or ``"reference"`` (dequantize, then the dense op; see
+    CUDA_GEMV_MAX_M and DENSE_MIN_M)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if _cuda_gemv_can_run(x, weight):
         return "cuda"
+    if rows >= DENSE_MIN_M and x.is_cuda and \
+            cuda_dequant.can_run(weight.qdata, weight.scale, weight.zero_point, x.dtype):
+        return "reference"  # dequantize (one kernel), then cuBLAS
     if rows <= TRITON_ALWAYS_MAX_M and _triton_can_run(x, weight):
         return "triton"
     if fbgemm.can_run_linear(x, weight):
@@ -109,6 +119,16 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
     if backend == "fbgemm":
         return fbgemm.linear(x, weight, bias)
     return reference.linear(x, weight, bias)
+
+
+def dequantize_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                    group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``q * scale + zero_point`` in ``dtype``, ``[..., N, K]``: one CUDA kernel where it can
+    run (bf16), torch ops elsewhere (the same bits; see
+    :func:`int4tensor.quant_primitives.dequantize_int4`)."""
+    if cuda_dequant.can_run(qdata, scale, zero_point, dtype):
+        return custom_ops.dequantize_int4_cuda(qdata, scale, zero_point, group_size)
+    return quant_primitives.dequantize_int4(qdata, scale, zero_point, group_size, dtype)
 
 
 def quantize_fp8_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from int4tensor.kernels import cuda_fp8_rows, cuda_gemv  # import only torch; compile on first call
+from int4tensor.kernels import (  # import only torch; compile on first call
+    cuda_dequant, cuda_fp8_rows, cuda_gemv)
 from int4tensor.quant_primitives import dequantize_int4
 
 
@@ -29,6 +30,19 @@ def int4_gemv_cuda(
 ) -> torch.Tensor:
     """``x [M <= 16, K] @ W.T -> [M, N]`` through our tensor-core GEMV (see cuda_gemv.py)."""
     return cuda_gemv.int4_gemv(x, qdata, scale, zero_point, group_size)
+
+
+@torch.library.custom_op("int4tensor::dequantize_int4_cuda", mutates_args=())
+def dequantize_int4_cuda(
+    qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """int8 ``qdata [..., N, K/2]`` -> bf16 ``[..., N, K]`` in one CUDA kernel."""
+    return cuda_dequant.dequantize_int4(qdata, scale, zero_point, group_size)
+
+
+@dequantize_int4_cuda.register_fake
+def _(qdata, scale, zero_point, group_size):
+    return qdata.new_empty(*qdata.shape[:-1], 2 * qdata.shape[-1], dtype=torch.bfloat16)
 
 
 @torch.library.custom_op("int4tensor::fp8_quantize_rows", mutates_args=())

@@ -118,7 +118,8 @@ class Int4Tensor(Int4BaseTensor):
         """The stored weight ``q * scale + zero_point`` as ``[..., N, K]`` (never transposed),
         times ``act_pre_scale`` if ``with_pre_scale``; computed in float32, cast to ``dtype``."""
         if not with_pre_scale or self.act_pre_scale is None:
-            return dequantize_int4(self.qdata, self.scale, self.zero_point, self.group_size, dtype)
+            return kernels.dequantize_int4(self.qdata, self.scale, self.zero_point,
+                                           self.group_size, dtype)
         w = dequantize_int4(self.qdata, self.scale, self.zero_point, self.group_size,
                             torch.float32)
         return (w * self.act_pre_scale.float().unsqueeze(-2)).to(dtype)
