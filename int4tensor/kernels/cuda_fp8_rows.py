@@ -23,6 +23,7 @@ from int4tensor.kernels import nvrtc
 _SOURCE = r"""
 %(bf16_helpers)s
 #define ROUNDED %(rounded)d
+#define HELD 4
 
 // two floats -> two e4m3 bytes (lo in the low byte), round to nearest even, saturating
 __device__ __forceinline__ unsigned short f32x2_to_e4m3x2(float lo, float hi) {
@@ -49,17 +50,27 @@ extern "C" __global__ void %(name)s(const uint4* __restrict__ x, void* __restric
   __shared__ float warp_max[32];
   const int m = blockIdx.x, vecs = K >> 3;  // 8 bf16 per uint4
   const uint4* row = x + (size_t)m * (ldx >> 3);
+  // the first HELD vectors of each thread stay in registers for the second pass (all of the
+  // row when K <= 8 * HELD * blockDim): one read of x, and loads in flight together
+  uint4 held[HELD];
+#pragma unroll
+  for (int j = 0; j < HELD; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    held[j] = i < vecs ? __ldg(row + i) : make_uint4(0, 0, 0, 0);
+  }
   float amax = 0.f;
   unsigned nan_seen = 0;  // fmaxf drops NaN, torch's amax keeps it: track it on the bits
-  for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
-    const uint4 v = __ldg(row + i);
+  auto absmax = [&](const uint4& v) {
     const unsigned w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       amax = fmaxf(amax, fmaxf(fabsf(bf16_lo(w[j])), fabsf(bf16_hi(w[j]))));
       nan_seen |= ((w[j] & 0x7fffu) > 0x7f80u) | (((w[j] >> 16) & 0x7fffu) > 0x7f80u);
     }
-  }
+  };
+#pragma unroll
+  for (int j = 0; j < HELD; ++j) absmax(held[j]);
+  for (int i = threadIdx.x + HELD * blockDim.x; i < vecs; i += blockDim.x) absmax(__ldg(row + i));
   for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
   const int any_nan = __syncthreads_or(nan_seen);  // also the barrier for warp_max
@@ -68,8 +79,7 @@ extern "C" __global__ void %(name)s(const uint4* __restrict__ x, void* __restric
   const float scale = any_nan ? __int_as_float(0x7fc00000) : fmaxf(amax, 1e-12f) * (1.0f / 448.0f);
   if (!ROUNDED && threadIdx.x == 0) x_scale[m] = scale;
 
-  for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
-    const uint4 v = __ldg(row + i);
+  auto emit = [&](const uint4& v, int i) {
     const unsigned w[4] = {v.x, v.y, v.z, v.w};
     unsigned short q[4];
 #pragma unroll
@@ -88,7 +98,13 @@ extern "C" __global__ void %(name)s(const uint4* __restrict__ x, void* __restric
       reinterpret_cast<uint2*>(out)[(size_t)m * (ldo >> 3) + i] =
           make_uint2(q[0] | ((unsigned)q[1] << 16), q[2] | ((unsigned)q[3] << 16));
     }
+  };
+#pragma unroll
+  for (int j = 0; j < HELD; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    if (i < vecs) emit(held[j], i);
   }
+  for (int i = threadIdx.x + HELD * blockDim.x; i < vecs; i += blockDim.x) emit(__ldg(row + i), i);
 }
 """
 
@@ -115,8 +131,9 @@ def _launch(x2d: torch.Tensor, out: torch.Tensor, x_scale: torch.Tensor, rounded
     source = _SOURCE % dict(bf16_helpers=nvrtc.BF16_HELPERS, rounded=int(rounded), name=name)
     kernel = nvrtc.compile_kernel(source, name, nvrtc.device_capability(x2d.device))
     m, k = x2d.shape
-    threads = 1024 if m <= 128 else 256  # few rows: more threads per row
-    threads = min(threads, max(32, -(-(k // 8) // 32) * 32))
+    # few rows: enough threads per row to hold it in registers (4 vectors of 8 each)
+    threads = 1024 if m <= 128 else 256
+    threads = min(threads, max(32, -(-(k // 32) // 32) * 32))
     kernel(grid=(m, 1, 1), block=(threads, 1, 1),
            args=[x2d, out, x_scale, k, x2d.stride(0), out.stride(0)])
 
