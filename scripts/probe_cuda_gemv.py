@@ -60,7 +60,8 @@ def sweep(bw):
                 ranked = []
                 combos = [(wn, sl) for wn in (1, 2, 4, 8) for sl in (1, 2, 4, 8)
                           if wn * sl == cuda_gemv.MAX_WARPS]
-                grid = [(wn, u, sl, b) for wn, sl in combos for u in (2, 4, 8) for b in (1, 2)]
+                grid = [(wn, u, sl, b) for wn, sl in combos for u in (1, 2, 3, 4, 8)
+                        for b in (1, 2, 3, 4)]
                 for wn, u, sl, b in grid:
                     cfg = dict(WARPS_N=wn, U=u, SLICES=sl, MIN_BLOCKS=b)
                     t = graph_time_us([lambda q=q, c=cfg: cuda_gemv.int4_gemv(
