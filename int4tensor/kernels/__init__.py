@@ -24,9 +24,9 @@ CUDA_GEMV_MAX_M = 16
 TRITON_ALWAYS_MAX_M = 1
 TRITON_MAX_M = 16
 #: From this many rows the plain layout runs as a temporary bf16 weight (one dequantize
-#: kernel) and cuBLAS: at M = 8192 that is ~0.97x bf16 against 0.80-0.90x for fbgemm's int4
-#: GEMM (benchmarks/bench_linear.py on an H200), at the cost of one layer's bf16 weight in
-#: memory during the call.
+#: kernel) and cuBLAS: at M = 8192 that is 0.95-0.99x bf16 against 0.77-0.88x for fbgemm's
+#: int4 GEMM (benchmarks/bench_linear.py on an H200), at the cost of one layer's bf16 weight
+#: in memory during the call.
 DENSE_MIN_M = 4096
 #: fp8 activations on the plain layout: from this many rows fbgemm's f8i4bf16_rowwise runs;
 #: below, the bf16 kernels above run on the fp8-rounded activations, which is faster there
@@ -34,8 +34,7 @@ DENSE_MIN_M = 4096
 FP8_ROWWISE_MIN_M = 64
 
 __all__ = ["bmm_backend", "dequantize_int4", "int4_bmm", "int4_linear", "linear_backend",
-           "preshuffled_bmm",
-           "preshuffled_linear", "quantize_fp8_rows", "round_fp8_rows"]
+           "preshuffled_bmm", "preshuffled_linear", "quantize_fp8_rows", "round_fp8_rows"]
 
 
 def _triton_can_run(x: torch.Tensor, weight) -> bool:
