@@ -23,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
     copy_bandwidth_gbs, do_bench_us, graph_time_us, rel_error, write_csv)
+from benchmarks.make_tables import plot  # noqa: E402
 from int4tensor import Int4PreshuffledTensor, Int4Tensor  # noqa: E402
 from int4tensor.kernels import fbgemm as fbgemm_backend  # noqa: E402
 from int4tensor.kernels import cuda_gemv, reference, triton_int4  # noqa: E402
@@ -173,31 +174,6 @@ def sweep(n, k, ms, bw):
               f"({nbytes / default / 1e3 / bw * 100:.0f}% copy) {triton_int4.pick_config(m, n, k)}")
         for t, cfg in ranked[:4]:
             print(f"    {t:.2f} us ({nbytes / t / 1e3 / bw * 100:.0f}% copy) {cfg}", flush=True)
-
-
-def plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    shapes = sorted({(r["N"], r["K"]) for r in rows})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
-    for ax, (n, k) in zip(axes[0], shapes):
-        for name in dict.fromkeys(r["path"] for r in rows):
-            pts = [(r["M"], r["speedup"]) for r in rows if (r["N"], r["K"]) == (n, k) and r["path"] == name]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_title(f"N={n} K={k}")
-        ax.set_xlabel("M")
-        ax.set_ylabel("speedup vs bf16")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main():
