@@ -45,12 +45,14 @@ extern "C" __global__ void int4_dequant_bf16(
 }
 """
 
+_KERNEL = _SOURCE % dict(bf16_helpers=nvrtc.BF16_HELPERS)
+
 
 def can_run(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
             dtype: torch.dtype) -> bool:
     """The kernel's contract: CUDA, bf16 out and bf16 scales, contiguous 4-byte-aligned
     ``qdata [N, K/2]`` or ``[B, N, K/2]`` with K % 8 == 0, scales ``[(B,) K/G, N]`` with unit
-    stride along N and the same strides for the zero points."""
+    stride along N and the same strides for the zero points; and the kernel compiles here."""
     return (
         qdata.is_cuda
         and qdata.ndim in (2, 3)
@@ -65,6 +67,7 @@ def can_run(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
         and scale.stride() == zero_point.stride()
         and qdata.numel() // 4 < 2**31 and scale.numel() < 2**31  # int kernel arguments
         and nvrtc.is_available()
+        and nvrtc.compiles(_KERNEL, "int4_dequant_bf16", nvrtc.device_capability(qdata.device))
     )
 
 
@@ -75,8 +78,7 @@ def dequantize_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     *lead, n, half_k = qdata.shape
     k = 2 * half_k
     out = torch.empty(*lead, n, k, dtype=torch.bfloat16, device=qdata.device)
-    source = _SOURCE % dict(bf16_helpers=nvrtc.BF16_HELPERS)
-    kernel = nvrtc.compile_kernel(source, "int4_dequant_bf16", nvrtc.device_capability(qdata.device))
+    kernel = nvrtc.compile_kernel(_KERNEL, "int4_dequant_bf16", nvrtc.device_capability(qdata.device))
     rows = qdata.numel() // half_k
     threads = min(256, max(32, -(-(k // 8) // 32) * 32))
     kernel(grid=(rows, 1, 1), block=(threads, 1, 1),

@@ -111,7 +111,7 @@ extern "C" __global__ void %(name)s(const uint4* __restrict__ x, void* __restric
 
 def can_run(x2d: torch.Tensor) -> bool:
     """The kernel's contract: CUDA bf16 ``[M, K]``, K % 8 == 0, rows 16-byte aligned, unit
-    stride along K, on an sm89+ GPU (the e4m3 conversion instructions)."""
+    stride along K, on an sm89+ GPU (the e4m3 conversion instructions) where it compiles."""
     return (
         x2d.is_cuda
         and x2d.dtype == torch.bfloat16
@@ -123,13 +123,18 @@ def can_run(x2d: torch.Tensor) -> bool:
         and x2d.storage_offset() % 8 == 0
         and nvrtc.is_available()
         and nvrtc.device_capability(x2d.device) >= (8, 9)
+        and nvrtc.compiles(*_KERNELS[False], nvrtc.device_capability(x2d.device))
     )
 
 
+#: (source, name) of the two variants, built once (a cached compile check hashes the source)
+_KERNELS = {rounded: (_SOURCE % dict(bf16_helpers=nvrtc.BF16_HELPERS, rounded=int(rounded),
+                                     name=name), name)
+            for rounded, name in ((False, "fp8_quantize_rows"), (True, "fp8_round_rows"))}
+
+
 def _launch(x2d: torch.Tensor, out: torch.Tensor, x_scale: torch.Tensor, rounded: bool) -> None:
-    name = "fp8_round_rows" if rounded else "fp8_quantize_rows"
-    source = _SOURCE % dict(bf16_helpers=nvrtc.BF16_HELPERS, rounded=int(rounded), name=name)
-    kernel = nvrtc.compile_kernel(source, name, nvrtc.device_capability(x2d.device))
+    kernel = nvrtc.compile_kernel(*_KERNELS[rounded], nvrtc.device_capability(x2d.device))
     m, k = x2d.shape
     # few rows: enough threads per row to hold it in registers (4 vectors of 8 each)
     threads = 1024 if m <= 128 else 256

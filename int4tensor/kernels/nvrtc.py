@@ -2,7 +2,7 @@
 
 No compiler is needed at install time and importing this module compiles nothing. The entry
 point is ``torch.cuda._compile_kernel`` (private to torch); where it is missing or compiling
-fails, :func:`can_compile` says so and the dispatcher picks another backend.
+fails, :func:`compiles` says so and the dispatcher picks another backend.
 """
 
 from __future__ import annotations
@@ -43,3 +43,14 @@ def compile_kernel(source: str, name: str, capability: tuple[int, int]):
 def device_capability(device: torch.device) -> tuple[int, int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def compiles(source: str, name: str, capability: tuple[int, int]) -> bool:
+    """Whether :func:`compile_kernel` succeeds for these arguments (tried once): no NVRTC
+    library, an old driver or an unsupported architecture make the callers fall back."""
+    try:
+        compile_kernel(source, name, capability)
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,36 @@
+"""Compiling our CUDA kernels at first use (int4tensor/kernels/nvrtc.py): where NVRTC fails, the
+kernels report they cannot run and every op falls back to torch, with the same results."""
+
+import pytest
+import torch
+
+from int4tensor import Int4Tensor, kernels, quant_primitives
+from int4tensor.kernels import cuda_dequant, cuda_fp8_rows, nvrtc
+
+
+@pytest.fixture
+def broken_nvrtc(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("nvrtc: simulated failure")
+
+    nvrtc.compile_kernel.cache_clear()
+    nvrtc.compiles.cache_clear()
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", fail, raising=False)
+    yield
+    nvrtc.compile_kernel.cache_clear()
+    nvrtc.compiles.cache_clear()
+
+
+def test_a_failing_compile_is_reported_not_raised(broken_nvrtc):
+    assert nvrtc.compiles("extern \"C\" __global__ void k() {}", "k", (9, 0)) is False
+
+
+@pytest.mark.gpu
+def test_ops_fall_back_to_torch_when_nvrtc_fails(broken_nvrtc):
+    t = Int4Tensor.from_hp(torch.randn(256, 512, dtype=torch.bfloat16, device="cuda"), (1, 128))
+    x = torch.randn(4, 512, dtype=torch.bfloat16, device="cuda")
+    assert not cuda_dequant.can_run(t.qdata, t.scale, t.zero_point, torch.bfloat16)
+    assert not cuda_fp8_rows.can_run(x)
+    assert torch.equal(t.dequantize(), quant_primitives.dequantize_int4(
+        t.qdata, t.scale, t.zero_point, 128, torch.bfloat16))
+    assert torch.equal(kernels.round_fp8_rows(x), quant_primitives.round_fp8_rows(x))
