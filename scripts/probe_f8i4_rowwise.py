@@ -5,7 +5,7 @@ import torch
 import fbgemm_gpu.experimental.gen_ai  # noqa: F401
 
 from int4tensor import Int4Tensor
-from int4tensor.kernels.fbgemm import quantize_fp8_rows
+from int4tensor.quant_primitives import quantize_fp8_rows
 
 torch.manual_seed(0)
 fb = torch.ops.fbgemm

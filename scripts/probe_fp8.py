@@ -18,7 +18,7 @@ from fbgemm_gpu.experimental.gen_ai import quantize as fq
 sys.path.insert(0, ".")
 from benchmarks.common import graph_time_us  # noqa: E402
 from int4tensor import Int4Tensor  # noqa: E402
-from int4tensor.kernels import fbgemm as fbk  # noqa: E402
+from int4tensor.quant_primitives import quantize_fp8_rows  # noqa: E402
 
 torch.manual_seed(0)
 dev = "cuda"
@@ -96,7 +96,7 @@ w3 = torch.randn(E, N, K, dtype=torch.bfloat16, device=dev) * 0.05
 wq3, (gs3, rs3) = fq.quantize_int4_preshuffle(w3, G, dtype="fp8")
 print("3D:", tuple(wq3.shape), tuple(gs3.shape), tuple(rs3.shape))
 x3 = torch.randn(E, M, K, dtype=torch.bfloat16, device=dev)
-xq3, xs3 = fbk.quantize_fp8_rows(x3.reshape(-1, K))
+xq3, xs3 = quantize_fp8_rows(x3.reshape(-1, K))
 ref3 = torch.stack([fb.f8i4bf16_shuffled(xq3[e * M:(e + 1) * M], wq3[e], xs3[e * M:(e + 1) * M],
                                          rs3[e], gs3[e]) for e in range(E)]).reshape(E * M, N)
 for dt in (torch.int64, torch.int32):
@@ -104,14 +104,14 @@ for dt in (torch.int64, torch.int32):
     attempt(f"grouped M_sizes {dt}", lambda: fb.f8i4bf16_shuffled_grouped(xq3, wq3, xs3, rs3, gs3, ms), ref3)
 for m in (1, 5, 64):
     xm = torch.randn(E * m, K, dtype=torch.bfloat16, device=dev)
-    xqm, xsm = fbk.quantize_fp8_rows(xm)
+    xqm, xsm = quantize_fp8_rows(xm)
     refm = torch.cat([fb.f8i4bf16_shuffled(xqm[e * m:(e + 1) * m], wq3[e], xsm[e * m:(e + 1) * m],
                                            rs3[e], gs3[e]) for e in range(E)])
     attempt(f"grouped equal M={m}", lambda: fb.f8i4bf16_shuffled_grouped(
         xqm, wq3, xsm, rs3, gs3, torch.full((E,), m, dtype=torch.int64, device=dev)), refm)
 ragged = [3, 0, 20, 9]
 xr = torch.randn(sum(ragged), K, dtype=torch.bfloat16, device=dev)
-xqr, xsr = fbk.quantize_fp8_rows(xr)
+xqr, xsr = quantize_fp8_rows(xr)
 offs = [0, 3, 3, 23, 32]
 refr = torch.cat([fb.f8i4bf16_shuffled(xqr[offs[e]:offs[e + 1]], wq3[e], xsr[offs[e]:offs[e + 1]],
                                        rs3[e], gs3[e]) for e in range(E) if ragged[e]])
@@ -139,7 +139,7 @@ for n, k in [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]:
     b16 = [fb.preshuffle_i4(t.qdata.clone(), t.scale) for t in ts]
     for m in (1, 16, 128, 1024, 8192):
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        xq, xs = fbk.quantize_fp8_rows(x)
+        xq, xs = quantize_fp8_rows(x)
         fq.quantize_fp8_row(x)  # autotune outside the graph
         one = torch.ones(1, dtype=torch.int64, device=dev) * m
         it = 20 if m <= 1024 else 5
@@ -147,7 +147,7 @@ for n, k in [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]:
             graph_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in ws], it),
             graph_time_us([lambda b=b, t=t: fb.bf16i4bf16_shuffled(x, b[0], b[1], t.zero_point)
                            for b, t in zip(b16, ts)], it),
-            graph_time_us([lambda: fbk.quantize_fp8_rows(x)], it),
+            graph_time_us([lambda: quantize_fp8_rows(x)], it),
             graph_time_us([lambda: fq.quantize_fp8_row(x)], it),
             graph_time_us([lambda f=f: fb.f8i4bf16_shuffled(xq, f[0], xs, f[1][1], f[1][0]) for f in f8], it),
         ]

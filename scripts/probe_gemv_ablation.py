@@ -34,12 +34,13 @@ EDITS["weights only"] = [e for k in ("no activation sums", "no x loads", "no mma
                          for e in EDITS[k]]
 
 
-def kernel_for(edits, m_tiles, cfg, cap, tag):
+def kernel_for(edits, m_tiles, cfg, cap, tag, prefix="ablate"):
+    """The GEMV kernel of cuda_gemv.py with ``edits`` (old, new) applied, compiled."""
     src = cuda_gemv._SOURCE
     for old, new in edits:
         assert old in src, old[:60]
         src = src.replace(old, new)
-    name = f"ablate_{tag}"
+    name = f"{prefix}_{tag}"
     src = src % dict(m_tiles=m_tiles, u=cfg["U"], warps_n=cfg["WARPS_N"], max_warps=8, name=name,
                      bf16_helpers=nvrtc.BF16_HELPERS, min_blocks=cfg["MIN_BLOCKS"])
     return nvrtc.compile_kernel(src, name, cap)

@@ -11,10 +11,10 @@ import torch
 sys.path.insert(0, ".")
 from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error  # noqa: E402
 from int4tensor import Int4Tensor  # noqa: E402
-from int4tensor.kernels import cuda_gemv, nvrtc  # noqa: E402
+from int4tensor.kernels import cuda_gemv  # noqa: E402
 
 sys.path.insert(0, "scripts")
-from probe_gemv_ablation import EDITS  # noqa: E402
+from probe_gemv_ablation import EDITS, kernel_for  # noqa: E402
 
 TILED = [
     ("  const uint4* qa = q + (size_t)ra * row_len + t;\n"
@@ -31,17 +31,6 @@ def tiled(qdata: torch.Tensor) -> torch.Tensor:
     n, half = qdata.shape
     v = qdata.view(n // 16, 2, 8, half // 64, 4, 16)  # tile, ab, g, chunk, t, byte
     return v.permute(0, 3, 2, 4, 1, 5).contiguous().view(n, half)
-
-
-def kernel_for(edits, cfg, cap, tag):
-    src = cuda_gemv._SOURCE
-    for old, new in edits:
-        assert old in src, old[:60]
-        src = src.replace(old, new)
-    name = f"tiled_{tag}"
-    src = src % dict(m_tiles=1, u=cfg["U"], warps_n=cfg["WARPS_N"], max_warps=8, name=name,
-                     bf16_helpers=nvrtc.BF16_HELPERS, min_blocks=cfg["MIN_BLOCKS"])
-    return nvrtc.compile_kernel(src, name, cap)
 
 
 def main():
@@ -64,7 +53,7 @@ def main():
             variants = [("plain", [], False), ("plain weights only", EDITS["weights only"], False),
                         ("tiled", TILED, True), ("tiled weights only", TILED + EDITS["weights only"], True)]
             for i, (tag, edits, use_tiled) in enumerate(variants):
-                kern = kernel_for(edits, cfg, cap, f"{i}_{cfg['WARPS_N']}_{cfg['U']}")
+                kern = kernel_for(edits, 1, cfg, cap, f"{i}_{cfg['WARPS_N']}_{cfg['U']}", "tiled")
                 data = tq if use_tiled else [q.qdata for q in qs]
 
                 def call(qd, q, kern=kern):
