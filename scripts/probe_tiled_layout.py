@@ -21,7 +21,8 @@ TILED = [
      "  const uint4* qb = q + (size_t)rb * row_len + t;",
      "  const uint4* qa = q + ((size_t)(min(r0, N - 16) >> 4) * (row_len >> 2)) * 64 + 2 * lane;\n"
      "  const uint4* qb = qa + 1;"),
-    ("      wa[u] = qa[c * 4];\n      wb[u] = qb[c * 4];", "      wa[u] = qa[c * 64];\n      wb[u] = qb[c * 64];"),
+    ("      wa[u] = qa[(c + u) * 4];\n      wb[u] = qb[(c + u) * 4];",
+     "      wa[u] = qa[(c + u) * 64];\n      wb[u] = qb[(c + u) * 64];"),
     ("accumulate_chunk(acc, qa[c * 4], qb[c * 4],", "accumulate_chunk(acc, qa[c * 64], qb[c * 64],"),
 ]
 
