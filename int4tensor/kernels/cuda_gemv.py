@@ -48,12 +48,8 @@ CHUNK = 128
 #: block size cap (warps), which sets the register budget through __launch_bounds__
 MAX_WARPS = 8
 
-_SOURCE = r"""
+_CHUNK_MATH = r"""
 #define M_TILES %(m_tiles)d
-#define U %(u)d
-#define WARPS_N %(warps_n)d
-#define MAX_WARPS %(max_warps)d
-#define MIN_BLOCKS %(min_blocks)d
 
 %(bf16_helpers)s
 // nibbles at bits 0..3 and 16..19 of w (two's complement q) -> bf16x2 (136 + q): (w & m) ^ c
@@ -124,6 +120,13 @@ __device__ __forceinline__ void accumulate_chunk(
     acc[mt][3] = fmaf(sb, d[mt][3], fmaf(zb, xs1, acc[mt][3]));
   }
 }
+"""
+
+_SOURCE = _CHUNK_MATH + r"""
+#define U %(u)d
+#define WARPS_N %(warps_n)d
+#define MAX_WARPS %(max_warps)d
+#define MIN_BLOCKS %(min_blocks)d
 
 extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS, MIN_BLOCKS)
 %(name)s(const bf16_t* __restrict__ x, const uint4* __restrict__ q,
