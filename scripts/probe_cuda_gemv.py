@@ -1,6 +1,7 @@
 """Device probe for the tensor-core GEMV (int4tensor/kernels/cuda_gemv.py): correctness against the
 reference path over shapes, M, group sizes and unaligned N/K, then a config sweep timed inside
-CUDA graphs next to bf16 and the Triton kernels. Usage: python scripts/probe_cuda_gemv.py"""
+CUDA graphs next to bf16 and the Triton kernels.
+Usage: python scripts/probe_cuda_gemv.py [--quick] [--csv PATH (every config's time)]"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, ".")
-from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error, write_csv  # noqa: E402
 from int4tensor import Int4Tensor  # noqa: E402
 from int4tensor.kernels import cuda_gemv, reference, triton_int4  # noqa: E402
 
@@ -28,17 +29,19 @@ def check():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = reference.linear(x, t, None)
         for cfg in (None, dict(WARPS_N=1, U=2, SLICES=8), dict(WARPS_N=4, U=8, SLICES=2),
-                    dict(WARPS_N=8, U=4, SLICES=1, MIN_BLOCKS=1), dict(WARPS_N=2, U=2, SLICES=4)):
+                    dict(WARPS_N=8, U=4, SLICES=1, MIN_BLOCKS=1), dict(WARPS_N=2, U=2, SLICES=4),
+                    dict(WARPS_N=2, U=2, SLICES=4, R=2), dict(WARPS_N=1, U=1, SLICES=8, R=2)):
             out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, g, cfg)
             err = rel_error(ref, out)
             worst = max(worst, err)
             if err > 1e-2:
                 print(f"WRONG n={n} k={k} g={g} m={m} cfg={cfg}: rel err {err:.4f}", flush=True)
-    print(f"check: {len(cases)} cases x 5 configs, worst rel err vs reference {worst:.2e} "
+    print(f"check: {len(cases)} cases x 7 configs, worst rel err vs reference {worst:.2e} "
           f"({time.time() - t0:.1f} s incl. compile)", flush=True)
 
 
 def sweep(bw):
+    records = []  # every timed config, written to --csv PATH after each shape
     shapes = [(8192, 8192), (28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096),
               (4096, 14336), (1024, 4096), (6144, 4096)]
     if "--quick" in sys.argv:
@@ -60,13 +63,14 @@ def sweep(bw):
                 ranked = []
                 combos = [(wn, sl) for wn in (1, 2, 4, 8) for sl in (1, 2, 4, 8)
                           if wn * sl == cuda_gemv.MAX_WARPS]
-                grid = [(wn, u, sl, b) for wn, sl in combos for u in (1, 2, 3, 4, 8)
-                        for b in (1, 2, 3, 4)]
-                for wn, u, sl, b in grid:
-                    cfg = dict(WARPS_N=wn, U=u, SLICES=sl, MIN_BLOCKS=b)
+                grid = [(wn, u, sl, b, r) for wn, sl in combos for u in (1, 2, 4) for b in (1, 2)
+                        for r in (1, 2)]
+                for wn, u, sl, b, r in grid:
+                    cfg = dict(WARPS_N=wn, U=u, SLICES=sl, MIN_BLOCKS=b, R=r)
                     t = graph_time_us([lambda q=q, c=cfg: cuda_gemv.int4_gemv(
                         x, q.qdata, q.scale, q.zero_point, 128, c) for q in qs], iters=5)
                     ranked.append((t, cfg))
+                    records.append(dict(N=n, K=k, M=m, **cfg, us=round(t, 2)))
                 ranked.sort(key=lambda r: r[0])
                 d = cuda_gemv.pick_config(m, n, k, sms)
                 t_def = graph_time_us([lambda q=q: cuda_gemv.int4_gemv(
@@ -77,37 +81,8 @@ def sweep(bw):
             print(line, flush=True)
         del ws, qs
         torch.cuda.empty_cache()
-
-
-LOAD_ONLY = r"""
-extern "C" __global__ void load_only(const uint4* __restrict__ q, unsigned* out, int N, int K, int R, int U) {
-  const int lane = threadIdx.x;
-  const int row0 = (blockIdx.x * 4 + threadIdx.y) * R;
-  const int steps = K >> 10, len = K >> 5;
-  unsigned acc = 0;
-  for (int s0 = 0; s0 < steps; s0 += U) {
-    uint4 w[16];
-    for (int i = 0; i < 16; ++i) if (i < U * R) {
-      int r = i %% R, u = i / R;
-      w[i] = (s0 + u < steps) ? q[(size_t)(row0 + r) * len + ((s0 + u) << 5) + lane] : make_uint4(0,0,0,0);
-    }
-    for (int i = 0; i < 16; ++i) if (i < U * R) acc ^= w[i].x ^ w[i].y ^ w[i].z ^ w[i].w;
-  }
-  if (acc == 0x12345678u) out[0] = acc;
-}
-""".replace("%%", "%")
-
-
-def load_only(bw):
-    kern = torch.cuda._compile_kernel(LOAD_ONLY, "load_only")
-    for n, k in [(8192, 8192), (28672, 8192), (4096, 4096)]:
-        qs = [torch.randint(-128, 127, (n, k // 2), dtype=torch.int8, device="cuda") for _ in range(4)]
-        out = torch.zeros(1, dtype=torch.int32, device="cuda")
-        for r, u in [(4, 2), (4, 4), (2, 4), (2, 8), (1, 8), (1, 16), (4, 1)]:
-            t = graph_time_us([lambda q=q: kern(grid=(n // (4 * r), 1, 1), block=(32, 4, 1),
-                                                args=[q, out, n, k, r, u]) for q in qs])
-            print(f"load-only {n}x{k} R={r} U={u}: {t:.2f} us, {n * k / 2 / t / 1e3 / bw * 100:.0f}% copy",
-                  flush=True)
+        if "--csv" in sys.argv and records:
+            write_csv(sys.argv[sys.argv.index("--csv") + 1], torch.cuda.get_device_name(), records)
 
 
 if __name__ == "__main__":
@@ -115,7 +90,5 @@ if __name__ == "__main__":
     check()
     bw = copy_bandwidth_gbs()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
-    if "--load-only" in sys.argv:
-        load_only(bw)
     sweep(bw)
 

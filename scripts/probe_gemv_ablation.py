@@ -25,10 +25,10 @@ EDITS = {
         '      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])\n'
         '      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));',
         "  d[0] += __uint_as_float(a0 ^ a1 ^ b0); d[1] += __uint_as_float(a2 ^ a3 ^ b1);")],
-    "no scale loads": [("s_a[u] = scale[gi + ra]; s_b[u] = scale[gi + rb];",
-                        "s_a[u] = (bf16_t)(gi + ra); s_b[u] = (bf16_t)(gi + rb);"),
-                       ("z_a[u] = zero[gi + ra]; z_b[u] = zero[gi + rb];",
-                        "z_a[u] = (bf16_t)(gi - ra); z_b[u] = (bf16_t)(gi - rb);")],
+    "no scale loads": [("sz[0][r] = scale[gi + ra[r]]; sz[1][r] = scale[gi + rb[r]];",
+                        "sz[0][r] = (bf16_t)(gi + ra[r]); sz[1][r] = (bf16_t)(gi + rb[r]);"),
+                       ("sz[2][r] = zero[gi + ra[r]]; sz[3][r] = zero[gi + rb[r]];",
+                        "sz[2][r] = (bf16_t)(gi - ra[r]); sz[3][r] = (bf16_t)(gi - rb[r]);")],
 }
 EDITS["weights only"] = [e for k in ("no activation sums", "no x loads", "no mma", "no scale loads")
                          for e in EDITS[k]]
@@ -42,7 +42,8 @@ def kernel_for(edits, m_tiles, cfg, cap, tag, prefix="ablate"):
         src = src.replace(old, new)
     name = f"{prefix}_{tag}"
     src = src % dict(m_tiles=m_tiles, u=cfg["U"], warps_n=cfg["WARPS_N"], max_warps=8, name=name,
-                     bf16_helpers=nvrtc.BF16_HELPERS, min_blocks=cfg["MIN_BLOCKS"])
+                     bf16_helpers=nvrtc.BF16_HELPERS, min_blocks=cfg["MIN_BLOCKS"],
+                     r=cfg.get("R", 1))
     return nvrtc.compile_kernel(src, name, cap)
 
 

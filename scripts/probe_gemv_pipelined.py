@@ -102,11 +102,11 @@ extern "C" __global__ void __launch_bounds__(32 * (CONSUMERS + 1))
   } else {  // consumer (tile, slot)
     const int g = lane >> 2, t = lane & 3, tile = warp / CH, slot = warp %% CH;
     const int ra = tile * 16 + g, rb = ra + 8;
-    float acc[M_TILES][4];
+    float acc[1][M_TILES][4];  // R = 1 tile per consumer warp
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
+      for (int i = 0; i < 4; ++i) acc[0][mt][i] = 0.f;
     for (int it = 0; it < iters; ++it) {
       const int s = it %% STAGES, c = it * CH + slot;
       mbar_wait(bars + 8 * s, (it / STAGES) & 1);
@@ -124,7 +124,11 @@ extern "C" __global__ void __launch_bounds__(32 * (CONSUMERS + 1))
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(bars + 8 * (STAGES + s));  // stage s read: the producer may refill it
-      if (c < chunks) accumulate_chunk(acc, wa, wb, sa, sb, za, zb, x, M, ldx, c, g, t);
+      if (c < chunks) {
+        const uint4 wa1[1] = {wa}, wb1[1] = {wb};
+        const float sa1[1] = {sa}, sb1[1] = {sb}, za1[1] = {za}, zb1[1] = {zb};
+        accumulate_chunk(acc, wa1, wb1, sa1, sb1, za1, zb1, x, M, ldx, c, g, t);
+      }
     }
     // partial sums of the CH slots of a tile, reduced by slot 0 in the stage memory, free
     // once every consumer is done (every copy has landed: each was waited for)
@@ -134,7 +138,7 @@ extern "C" __global__ void __launch_bounds__(32 * (CONSUMERS + 1))
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) partial[me * 4 * M_TILES + mt * 4 + i] = acc[mt][i];
+      for (int i = 0; i < 4; ++i) partial[me * 4 * M_TILES + mt * 4 + i] = acc[0][mt][i];
     asm volatile("bar.sync 1, %%0;" :: "r"(32 * CONSUMERS) : "memory");
     if (slot != 0) return;
     for (int z = 1; z < CH; ++z) {
@@ -142,14 +146,14 @@ extern "C" __global__ void __launch_bounds__(32 * (CONSUMERS + 1))
 #pragma unroll
       for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[mt][i] += partial[other * 4 * M_TILES + mt * 4 + i];
+        for (int i = 0; i < 4; ++i) acc[0][mt][i] += partial[other * 4 * M_TILES + mt * 4 + i];
     }
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = 8 * mt + 2 * t + (i & 1), n = r0 + tile * 16 + g + 8 * (i >> 1);
-        if (m < M && n < N) out[(size_t)m * ldo + n] = f_to_bf16(acc[mt][i]);
+        if (m < M && n < N) out[(size_t)m * ldo + n] = f_to_bf16(acc[0][mt][i]);
       }
   }
 }
@@ -172,7 +176,7 @@ def compiled(m_tiles: int, tiles: int, ch: int, stages: int, capability: tuple[i
     block, ``ch`` chunks per stage and ``stages`` stages (NVRTC, once per process)."""
     name = f"int4_tc_gemv_pipelined_m{m_tiles}_t{tiles}_c{ch}_s{stages}"
     source = PIPELINED_SOURCE % dict(m_tiles=m_tiles, tiles=tiles, ch=ch, stages=stages, name=name,
-                                     bf16_helpers=nvrtc.BF16_HELPERS)
+                                     bf16_helpers=nvrtc.BF16_HELPERS, r=1)
     kernel = nvrtc.compile_kernel(source, name, capability)
     kernel.set_shared_memory_config(smem_bytes(m_tiles, tiles, ch, stages))
     return kernel
@@ -230,8 +234,8 @@ def check():
           f"({time.time() - t0:.1f} s incl. compile)", flush=True)
 
 
-WEIGHTS_ONLY = ("      if (c < chunks) accumulate_chunk(acc, wa, wb, sa, sb, za, zb, x, M, ldx, c, g, t);",
-                "      acc[0][0] += __uint_as_float(wa.x ^ wb.y ^ __float_as_uint(sa + zb));")
+WEIGHTS_ONLY = ("        accumulate_chunk(acc, wa1, wb1, sa1, sb1, za1, zb1, x, M, ldx, c, g, t);",
+                "        acc[0][0][0] += __uint_as_float(wa.x ^ wb.y ^ __float_as_uint(sa + zb));")
 
 
 def weights_only_kernel(m_tiles, cfg, cap):
@@ -240,7 +244,7 @@ def weights_only_kernel(m_tiles, cfg, cap):
     name = "pipelined_weights_only_t{TILES}_c{CH}_s{STAGES}".format(**cfg)
     src = src.replace(*WEIGHTS_ONLY) % dict(m_tiles=m_tiles, tiles=cfg["TILES"], ch=cfg["CH"],
                                             stages=cfg["STAGES"], name=name,
-                                            bf16_helpers=nvrtc.BF16_HELPERS)
+                                            bf16_helpers=nvrtc.BF16_HELPERS, r=1)
     kernel = nvrtc.compile_kernel(src, name, cap)
     kernel.set_shared_memory_config(smem_bytes(m_tiles, cfg["TILES"], cfg["CH"], cfg["STAGES"]))
     return kernel

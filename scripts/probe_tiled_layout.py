@@ -16,14 +16,14 @@ from int4tensor.kernels import cuda_gemv  # noqa: E402
 sys.path.insert(0, "scripts")
 from probe_gemv_ablation import EDITS, kernel_for  # noqa: E402
 
-TILED = [
-    ("  const uint4* qa = q + (size_t)ra * row_len + t;\n"
-     "  const uint4* qb = q + (size_t)rb * row_len + t;",
+TILED = [  # with one 16-row tile per warp (R = 1)
+    ("  const uint4* qa = q + (size_t)ra[0] * row_len + t;  // tile r's rows: + (ra[r] - ra[0]) rows\n"
+     "  const uint4* qb = q + (size_t)rb[0] * row_len + t;",
      "  const uint4* qa = q + ((size_t)(min(r0, N - 16) >> 4) * (row_len >> 2)) * 64 + 2 * lane;\n"
      "  const uint4* qb = qa + 1;"),
-    ("      wa[u] = qa[(c + u) * 4];\n      wb[u] = qb[(c + u) * 4];",
-     "      wa[u] = qa[(c + u) * 64];\n      wb[u] = qb[(c + u) * 64];"),
-    ("accumulate_chunk(acc, qa[c * 4], qb[c * 4],", "accumulate_chunk(acc, qa[c * 64], qb[c * 64],"),
+    ("    wa[r] = qa[(size_t)(ra[r] - ra[0]) * row_len + c * 4];\n"
+     "    wb[r] = qb[(size_t)(rb[r] - rb[0]) * row_len + c * 4];",
+     "    wa[r] = qa[c * 64];\n    wb[r] = qb[c * 64];"),
 ]
 
 

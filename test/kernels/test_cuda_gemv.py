@@ -47,11 +47,14 @@ def test_group_sizes_and_zero_point_domains(g, domain):
 @pytest.mark.parametrize("cfg", [dict(WARPS_N=1, U=2, SLICES=8), dict(WARPS_N=8, U=8, SLICES=1),
                                  dict(WARPS_N=2, U=4, SLICES=4), dict(WARPS_N=4, U=2, SLICES=2),
                                  dict(WARPS_N=2, U=2, SLICES=4, MIN_BLOCKS=2),
-                                 dict(WARPS_N=1, U=8, SLICES=8, MIN_BLOCKS=2)])
+                                 dict(WARPS_N=1, U=8, SLICES=8, MIN_BLOCKS=2),
+                                 dict(WARPS_N=2, U=2, SLICES=4, R=2),
+                                 dict(WARPS_N=1, U=1, SLICES=8, R=2, MIN_BLOCKS=2),
+                                 dict(WARPS_N=4, U=3, SLICES=2, R=2)])
 @pytest.mark.parametrize("n", [1000, 1008])
 def test_every_launch_config_writes_every_output(cfg, n):
-    """K slices that get no chunk, chunks left after the U-chunk steps, rows and warps past N:
-    all outputs right."""
+    """K slices that get no chunk, chunks left after the U-chunk steps, rows, tiles and warps
+    past N, two row tiles per warp (R = 2): all outputs right."""
     _, t = quantized(n, 1152)
     for m in (1, 7, 16):
         x = torch.randn(m, 1152, dtype=torch.bfloat16, device="cuda")
@@ -152,3 +155,15 @@ def test_contract_rejects_cpu_and_unsupported_inputs_without_compiling():
     assert cfg["WARPS_N"] * cfg["SLICES"] == cuda_gemv.MAX_WARPS and 8192 // 128 >= cfg["SLICES"]
     assert cuda_gemv._compiled.cache_info().currsize == 0
     assert kernels.linear_backend(x, t) == "reference"
+
+
+@pytest.mark.parametrize("m", [1, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("n, k", [(8192, 8192), (4096, 14336), (96, 640), (1000, 256), (28672, 128)])
+def test_launch_config_fits_the_block_and_k(m, n, k):
+    """Runs everywhere: 8 warps per block, no more K slices than half the chunks (except one
+    chunk), one or two row tiles per warp, and two tiles from 5 rows up where N > 4096."""
+    cfg = cuda_gemv.pick_config(m, n, k, 132)
+    assert cfg["WARPS_N"] * cfg["SLICES"] == cuda_gemv.MAX_WARPS
+    assert cfg["SLICES"] == 1 or k // cuda_gemv.CHUNK >= 2 * cfg["SLICES"]
+    assert cfg["R"] in (1, 2) and cfg["U"] >= 1 and cfg["MIN_BLOCKS"] >= 1
+    assert cfg["R"] == (2 if (m > 4 and n > 4096) or m > 8 else 1)
