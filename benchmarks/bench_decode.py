@@ -179,8 +179,8 @@ def main():
             results["int4 preshuffled (fbgemm)"] = (ms, weight_gb(model),
                                                     float((out - ref).norm() / ref.norm()))
         base = results["bf16"][0]
-        for name, (ms, gb, err) in results.items():
-            row = dict(batch=batch, path=name, ms_per_step=round(ms, 3),
+        for path, (ms, gb, err) in results.items():
+            row = dict(batch=batch, path=path, ms_per_step=round(ms, 3),
                        tokens_per_s=round(batch * 1000 / ms, 1), speedup=round(base / ms, 2),
                        weights_GB=round(gb, 2), block0_rel_err_vs_bf16=round(err, 4))
             rows.append(row)
