@@ -61,12 +61,12 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cfg = cuda_gemv.pick_config(m, n, k, sms)
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-            smem = cuda_gemv._smem_bytes(1, cfg["WARPS_N"], cfg["SLICES"])
-            line = f"{n}x{k} M={m} {cfg['WARPS_N']}/{cfg['U']}/{cfg['SLICES']}:"
+            smem = cuda_gemv._smem_bytes(1, cfg["WARPS_N"], cfg["SLICES"], cfg["R"])
+            line = f"{n}x{k} M={m} {cfg['WARPS_N']}/{cfg['U']}/{cfg['SLICES']}/R{cfg['R']}:"
             for i, (tag, edits) in enumerate([("full", [])] + list(EDITS.items())):
                 kern = kernel_for(edits, 1, cfg, cap, f"{i}_{cfg['WARPS_N']}_{cfg['U']}")
                 fns = [lambda q=q, kern=kern: kern(
-                    grid=(-(-n // (16 * cfg["WARPS_N"])), 1, 1), block=(32, cfg["WARPS_N"], cfg["SLICES"]),
+                    grid=(-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), 1, 1), block=(32, cfg["WARPS_N"], cfg["SLICES"]),
                     args=[x, q.qdata, q.scale, q.zero_point, out, m, n, k, x.stride(0),
                           q.scale.stride(0), out.stride(0), 7], shared_mem=smem) for q in qs]
                 t = graph_time_us(fns)

@@ -47,9 +47,9 @@ def main():
         nbytes = n * k / 2 + 4 * n * k / 128
         for m in (1, 8):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            cfg = cuda_gemv.pick_config(m, n, k, sms)
+            cfg = dict(cuda_gemv.pick_config(m, n, k, sms), R=1)  # the tiled edits assume R = 1
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-            smem = cuda_gemv._smem_bytes(1, cfg["WARPS_N"], cfg["SLICES"])
+            smem = cuda_gemv._smem_bytes(1, cfg["WARPS_N"], cfg["SLICES"], cfg["R"])
             line = f"{n}x{k} M={m}:"
             variants = [("plain", [], False), ("plain weights only", EDITS["weights only"], False),
                         ("tiled", TILED, True), ("tiled weights only", TILED + EDITS["weights only"], True)]
@@ -58,7 +58,7 @@ def main():
                 data = tq if use_tiled else [q.qdata for q in qs]
 
                 def call(qd, q, kern=kern):
-                    kern(grid=(-(-n // (16 * cfg["WARPS_N"])), 1, 1),
+                    kern(grid=(-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), 1, 1),
                          block=(32, cfg["WARPS_N"], cfg["SLICES"]),
                          args=[x, qd, q.scale, q.zero_point, out, m, n, k, x.stride(0),
                                q.scale.stride(0), out.stride(0), 7], shared_mem=smem)

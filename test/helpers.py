@@ -12,3 +12,24 @@ def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
 def rel_error(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.detach().double(), out.detach().double()
     return float((ref - out).norm() / ref.norm())
+
+
+def check_compiled_decode_mlp(custom_op) -> None:
+    """A quantized two-layer MLP at M = 1 under ``torch.compile(fullgraph=True,
+    mode="reduce-overhead")`` (CUDA graphs) matches eager, and ``custom_op`` (called as
+    ``op(x, qdata, scale, zero_point, group_size)``) passes ``torch.library.opcheck`` on the
+    first layer's weight. CUDA only."""
+    from int4tensor import Int4WeightOnlyConfig, quantize_
+
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 2048, bias=True), torch.nn.SiLU(),
+                                torch.nn.Linear(2048, 512)).to("cuda", torch.bfloat16)
+    quantize_(model, Int4WeightOnlyConfig())
+    x = torch.randn(1, 1024, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):
+            out = compiled(x)
+    assert rel_error(eager, out) < 1e-2
+    w = model[0].weight
+    assert torch.library.opcheck(custom_op, (x, w.qdata, w.scale, w.zero_point, 128)) is not None

@@ -270,27 +270,27 @@ def _smem_bytes(m_tiles: int, warps_n: int, slices: int, r: int = 1) -> int:
 is_available = nvrtc.is_available
 
 
+def _kernel_source(m_tiles: int, warps_n: int, u: int, min_blocks: int, r: int) -> tuple[str, str]:
+    """(source, name) of the kernel for ``8 * m_tiles`` activation rows, ``warps_n`` warps of
+    ``r`` 16-row tiles per block, ``u`` chunks in flight per warp and at least ``min_blocks``
+    blocks per multiprocessor (a register cap)."""
+    name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}_b{min_blocks}_r{r}"
+    return _SOURCE % dict(m_tiles=m_tiles, u=u, warps_n=warps_n, max_warps=MAX_WARPS, name=name,
+                          bf16_helpers=nvrtc.BF16_HELPERS, min_blocks=min_blocks, r=r), name
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(m_tiles: int, warps_n: int, u: int, capability: tuple[int, int],
               min_blocks: int = 1, r: int = 1):
-    """The kernel for ``8 * m_tiles`` activation rows, ``warps_n`` warps of ``r`` 16-row tiles
-    per block, ``u`` chunks in flight per warp and at least ``min_blocks`` blocks per
-    multiprocessor (a register cap), for one GPU architecture (NVRTC, ~1 s, once per
+    """The kernel of :func:`_kernel_source` for one GPU architecture (NVRTC, ~1 s, once per
     process)."""
-    name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}_b{min_blocks}_r{r}"
-    source = _SOURCE % dict(m_tiles=m_tiles, u=u, warps_n=warps_n, max_warps=MAX_WARPS, name=name,
-                            bf16_helpers=nvrtc.BF16_HELPERS, min_blocks=min_blocks, r=r)
-    return nvrtc.compile_kernel(source, name, capability)
+    return nvrtc.compile_kernel(*_kernel_source(m_tiles, warps_n, u, min_blocks, r), capability)
 
 
-@functools.lru_cache(maxsize=None)
 def can_compile(device_index: int) -> bool:
-    """Whether the kernel compiles and loads on this device (tried once per device)."""
-    try:
-        _compiled(1, 2, 4, torch.cuda.get_device_capability(device_index))
-        return True
-    except Exception:  # no NVRTC, an old driver: the dispatcher falls back to Triton
-        return False
+    """Whether the kernel compiles and loads on this device (tried once per device): no NVRTC
+    or an old driver make the dispatcher fall back to Triton."""
+    return nvrtc.compiles(*_kernel_source(1, 2, 4, 1, 1), torch.cuda.get_device_capability(device_index))
 
 
 def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from int4tensor import Int4Tensor, Int4WeightOnlyConfig, kernels, quantize_
+from int4tensor import Int4Tensor, kernels
 from int4tensor.kernels import cuda_gemv, custom_ops, reference
-from test.helpers import rel_error, sqnr
+from test.helpers import check_compiled_decode_mlp, rel_error, sqnr
 
 gpu = pytest.mark.gpu
 
@@ -130,20 +130,7 @@ def test_in_a_cuda_graph_and_compiled():
         torch.cuda.synchronize()
         assert rel_error(reference.linear(x, t, None), out) < 1e-2
 
-    model = torch.nn.Sequential(torch.nn.Linear(1024, 2048, bias=True), torch.nn.SiLU(),
-                                torch.nn.Linear(2048, 512)).to("cuda", torch.bfloat16)
-    quantize_(model, Int4WeightOnlyConfig())
-    x = torch.randn(1, 1024, dtype=torch.bfloat16, device="cuda")
-    with torch.no_grad():
-        eager = model(x)
-        compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
-        for _ in range(3):
-            out = compiled(x)
-    assert rel_error(eager, out) < 1e-2
-    assert torch.library.opcheck(
-        custom_ops.int4_gemv_cuda,
-        (x, model[0].weight.qdata, model[0].weight.scale, model[0].weight.zero_point, 128),
-    ) is not None
+    check_compiled_decode_mlp(custom_ops.int4_gemv_cuda)
 
 
 def test_contract_rejects_cpu_and_unsupported_inputs_without_compiling():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from int4tensor import Int4Tensor, kernels, quant_primitives
-from int4tensor.kernels import cuda_dequant, cuda_fp8_rows, nvrtc
+from int4tensor.kernels import cuda_dequant, cuda_fp8_rows, cuda_gemv, nvrtc
 
 
 @pytest.fixture
@@ -31,6 +31,8 @@ def test_ops_fall_back_to_torch_when_nvrtc_fails(broken_nvrtc):
     x = torch.randn(4, 512, dtype=torch.bfloat16, device="cuda")
     assert not cuda_dequant.can_run(t.qdata, t.scale, t.zero_point, torch.bfloat16)
     assert not cuda_fp8_rows.can_run(x)
+    assert not cuda_gemv.can_compile(x.device.index or 0)
+    assert kernels.linear_backend(x, t) != "cuda"  # the decode GEMV falls back too
     assert torch.equal(t.dequantize(), quant_primitives.dequantize_int4(
         t.qdata, t.scale, t.zero_point, 128, torch.bfloat16))
     assert torch.equal(kernels.round_fp8_rows(x), quant_primitives.round_fp8_rows(x))

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from int4tensor import Int4Tensor, Int4WeightOnlyConfig, quantize_
+from int4tensor import Int4Tensor
 from int4tensor.kernels import custom_ops, reference
-from test.helpers import rel_error, sqnr
+from test.helpers import check_compiled_decode_mlp, rel_error, sqnr
 
 pytestmark = pytest.mark.gpu
 
@@ -61,20 +60,7 @@ def test_every_output_is_written():
 
 
 def test_custom_op_under_compile_and_cuda_graph():
-    model = torch.nn.Sequential(torch.nn.Linear(1024, 2048, bias=True), torch.nn.SiLU(),
-                                torch.nn.Linear(2048, 512)).to("cuda", torch.bfloat16)
-    quantize_(model, Int4WeightOnlyConfig())
-    x = torch.randn(1, 1024, dtype=torch.bfloat16, device="cuda")
-    with torch.no_grad():
-        eager = model(x)
-        compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
-        for _ in range(3):
-            out = compiled(x)
-    assert rel_error(eager, out) < 1e-2
-    assert torch.library.opcheck(
-        custom_ops.int4_matmul_triton,
-        (x, model[0].weight.qdata, model[0].weight.scale, model[0].weight.zero_point, 128),
-    ) is not None
+    check_compiled_decode_mlp(custom_ops.int4_matmul_triton)
 
 
 def test_split_k_is_right_call_after_call_and_in_a_cuda_graph():
