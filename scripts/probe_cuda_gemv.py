@@ -1,7 +1,8 @@
 """Device probe for the tensor-core GEMV (int4tensor/kernels/cuda_gemv.py): correctness against the
 reference path over shapes, M, group sizes and unaligned N/K, then a config sweep timed inside
 CUDA graphs next to bf16 and the Triton kernels.
-Usage: python scripts/probe_cuda_gemv.py [--quick] [--csv PATH (every config's time)]"""
+Usage: python scripts/probe_cuda_gemv.py [--quick] [--csv PATH (every config's time)]
+    [--shuffled (sweep the GEMV on fbgemm's bf16 preshuffled layout; needs fbgemm)]"""
 
 from __future__ import annotations
 
@@ -50,6 +51,14 @@ def sweep(bw):
         copies = max(2, min(16, int(400e6 // (n * k * 2))))
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         qs = [Int4Tensor.from_hp(w, (1, 128)) for w in ws]
+        shuffled = "--shuffled" in sys.argv
+        if shuffled:
+            from int4tensor import Int4PreshuffledTensor
+            from int4tensor.kernels import custom_ops
+            ps = [Int4PreshuffledTensor.from_int4_tensor(q) for q in qs]
+            fields = [(p.qdata, p.group_scale, p.group_zero) for p in ps]
+        else:
+            fields = [(q.qdata, q.scale, q.zero_point) for q in qs]
         nbytes = n * k / 2 + 4 * n * k / 128
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         for m in ((1, 4, 8, 16) if "--quick" in sys.argv else (1, 2, 4, 8, 16)):
@@ -67,19 +76,25 @@ def sweep(bw):
                         for r in (1, 2)]
                 for wn, u, sl, b, r in grid:
                     cfg = dict(WARPS_N=wn, U=u, SLICES=sl, MIN_BLOCKS=b, R=r)
-                    t = graph_time_us([lambda q=q, c=cfg: cuda_gemv.int4_gemv(
-                        x, q.qdata, q.scale, q.zero_point, 128, c) for q in qs], iters=5)
+                    t = graph_time_us([lambda f=f, c=cfg: cuda_gemv.int4_gemv(
+                        x, *f, 128, c, shuffled=shuffled) for f in fields], iters=5)
                     ranked.append((t, cfg))
                     records.append(dict(N=n, K=k, M=m, **cfg, us=round(t, 2)))
                 ranked.sort(key=lambda r: r[0])
                 d = cuda_gemv.pick_config(m, n, k, sms)
-                t_def = graph_time_us([lambda q=q: cuda_gemv.int4_gemv(
-                    x, q.qdata, q.scale, q.zero_point, 128) for q in qs])
-                line += (f" | cuda default {t_def:.2f} ({t_bf16 / t_def:.2f}x, {pct(t_def):.0f}% copy)"
+                t_def = graph_time_us([lambda f=f: cuda_gemv.int4_gemv(
+                    x, *f, 128, shuffled=shuffled) for f in fields])
+                if shuffled:
+                    t_plain = graph_time_us([lambda q=q: cuda_gemv.int4_gemv(
+                        x, q.qdata, q.scale, q.zero_point, 128) for q in qs])
+                    t_fb = graph_time_us([lambda f=f: custom_ops.fbgemm_bf16i4_shuffled(x, *f)
+                                          for f in fields])
+                    line += f" | plain layout {t_plain:.2f} | fbgemm shuffled {t_fb:.2f}"
+                line += (f" | {'shuffled ' if shuffled else ''}cuda default {t_def:.2f} ({t_bf16 / t_def:.2f}x, {pct(t_def):.0f}% copy)"
                          f" {d} | best {ranked[0][0]:.2f} ({pct(ranked[0][0]):.0f}%) {ranked[0][1]},"
                          f" {ranked[1][0]:.2f} {ranked[1][1]}, {ranked[2][0]:.2f} {ranked[2][1]}")
             print(line, flush=True)
-        del ws, qs
+        del ws, qs, fields
         torch.cuda.empty_cache()
         if "--csv" in sys.argv and records:
             write_csv(sys.argv[sys.argv.index("--csv") + 1], torch.cuda.get_device_name(), records)

@@ -43,7 +43,7 @@ def kernel_for(edits, m_tiles, cfg, cap, tag, prefix="ablate"):
     name = f"{prefix}_{tag}"
     src = src % dict(m_tiles=m_tiles, u=cfg["U"], warps_n=cfg["WARPS_N"], max_warps=8, name=name,
                      bf16_helpers=nvrtc.BF16_HELPERS, min_blocks=cfg["MIN_BLOCKS"],
-                     r=cfg.get("R", 1))
+                     r=cfg.get("R", 1), shuffled=0)
     return nvrtc.compile_kernel(src, name, cap)
 
 

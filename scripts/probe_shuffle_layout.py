@@ -32,3 +32,10 @@ for n, k in [(128, 256), (256, 512), (512, 1024)]:
             seg = slice(row * 32, row * 32 + 32)  # 16 bytes = 32 nibbles
             print("  bytes", row * 16, ":", list(zip(ns[seg].tolist(), ks[seg].tolist()))[:32])
 torch.save(out, os.path.join(os.environ.get("OUT", "."), "shuffle_maps.pt"))
+
+# bf16 layout, tile order: (n // 16, k // 16) of the first nibble of each 128-byte block
+for n, k in [(128, 256), (512, 1024)]:
+    found = out[("bf16", n, k)]
+    blocks = found.view(-1, 256)[:, 0]
+    order = [(int(b) // k // 16, int(b) % k // 16) for b in blocks[:48]]
+    print(f"bf16 N={n} K={k}: 128-byte blocks -> (n // 16, k // 16):", order)

@@ -34,7 +34,8 @@ DENSE_MIN_M = 4096
 FP8_ROWWISE_MIN_M = 64
 
 __all__ = ["bmm_backend", "dequantize_int4", "int4_bmm", "int4_linear", "linear_backend",
-           "preshuffled_bmm", "preshuffled_linear", "quantize_fp8_rows", "round_fp8_rows"]
+           "preshuffled_backend", "preshuffled_bmm", "preshuffled_linear", "quantize_fp8_rows",
+           "round_fp8_rows"]
 
 
 def _triton_can_run(x: torch.Tensor, weight) -> bool:
@@ -53,16 +54,16 @@ def _triton_can_run(x: torch.Tensor, weight) -> bool:
     )
 
 
-def _cuda_gemv_can_run(x: torch.Tensor, weight) -> bool:
+def _cuda_gemv_can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                       zero_point: torch.Tensor, group_size: int) -> bool:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     return (
         0 < rows <= CUDA_GEMV_MAX_M
-        and weight.ndim == 2
+        and qdata.ndim == 2
         and x.is_cuda
         and x.stride(-1) == 1
         and cuda_gemv.is_available()
-        and cuda_gemv.can_run(x.reshape(-1, x.shape[-1]), weight.qdata, weight.scale,
-                              weight.zero_point, weight.group_size)
+        and cuda_gemv.can_run(x.reshape(-1, x.shape[-1]), qdata, scale, zero_point, group_size)
         and torch.cuda.get_device_capability(x.device) >= (8, 0)  # mma.m16n8k16 bf16
         and cuda_gemv.can_compile(x.device.index if x.device.index is not None
                                   else torch.cuda.current_device())
@@ -74,7 +75,7 @@ def linear_backend(x: torch.Tensor, weight) -> str:
     ``"triton"``, ``"fbgemm"`` or ``"reference"`` (dequantize, then the dense op; see
     CUDA_GEMV_MAX_M and DENSE_MIN_M)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if _cuda_gemv_can_run(x, weight):
+    if _cuda_gemv_can_run(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size):
         return "cuda"
     if rows >= DENSE_MIN_M and x.is_cuda and \
             cuda_dequant.can_run(weight.qdata, weight.scale, weight.zero_point, x.dtype):
@@ -148,10 +149,25 @@ def round_fp8_rows(x2d: torch.Tensor) -> torch.Tensor:
     return quant_primitives.round_fp8_rows(x2d)
 
 
+def preshuffled_backend(x2d: torch.Tensor, weight) -> str:
+    """Name of the backend :func:`preshuffled_linear` uses: ``"cuda"`` (our GEMV reading the
+    preshuffled layout: bf16 activations, up to CUDA_GEMV_MAX_M rows, G = 128 / 256) or
+    ``"fbgemm"``."""
+    if weight.activation_dtype == "bf16" and _cuda_gemv_can_run(
+            x2d, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size):
+        return "cuda"
+    return "fbgemm"
+
+
 def preshuffled_linear(x2d: torch.Tensor, weight) -> torch.Tensor:
-    """``x [M, K] @ W.T -> [M, Np]`` for a 2D ``Int4PreshuffledTensor`` (fbgemm's
-    ``bf16i4bf16_shuffled``, or ``f8i4bf16_shuffled`` after quantizing ``x`` per row)."""
+    """``x [M, K] @ W.T -> [M, Np]`` for a 2D ``Int4PreshuffledTensor``: bf16 activations run
+    our GEMV at decode sizes (see :func:`preshuffled_backend`; fbgemm's ``bf16i4bf16_shuffled``
+    takes 1.5-3x its time there) and ``bf16i4bf16_shuffled`` above; fp8 activations
+    ``f8i4bf16_shuffled`` after quantizing ``x`` per row."""
     if weight.activation_dtype == "bf16":
+        if preshuffled_backend(x2d, weight) == "cuda":
+            return custom_ops.int4_gemv_cuda_preshuffled(
+                x2d, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size)
         return custom_ops.fbgemm_bf16i4_shuffled(
             x2d, weight.qdata, weight.group_scale, weight.group_zero)
     xq, x_scale = quantize_fp8_rows(x2d)

@@ -1,4 +1,5 @@
-"""CUDA tensor-core GEMV over the plain Int4Tensor layout, for decode (M = 1 to 16 rows).
+"""CUDA tensor-core GEMV over the plain Int4Tensor layout (and fbgemm's bf16 preshuffled one), for
+decode (M = 1 to 16 rows).
 
 At decode sizes a linear layer is bound by reading its weights. What keeps int4 kernels from
 the bandwidth limit is the work per weight: unpacking and multiplying on CUDA cores takes ~4
@@ -30,7 +31,14 @@ at M = 1, which leaves under one instruction per weight for the unpacking:
   ``scripts/probe_gemv_ablation.py``.)
 
 K is split over ``SLICES`` warps of a block, each reading a contiguous range of chunks (partial
-sums reduced in shared memory, no atomics, no zero-init). The source is compiled at first use with NVRTC through
+sums reduced in shared memory, no atomics, no zero-init).
+
+The same kernel reads fbgemm's bf16 preshuffled layout (``Int4PreshuffledTensor``; compile-time
+``SHUFFLED``), which stores each lane's mma A fragment for a 16-row tile and a 16-wide K step as
+one word: a lane's 16-byte load is four fragments of its K step, which need no activation
+permutation, and a warp's loads per step are contiguous. It is 3-15% faster than the plain
+layout at M <= 16 (H200, ``benchmarks/results/probe_cuda_gemv_shuffled_sweep.txt``) and 1.5-3x
+faster than fbgemm's own ``bf16i4bf16_shuffled`` there. The source is compiled at first use with NVRTC through
 ``torch.cuda._compile_kernel``, so no compiler is needed at install time; where that is missing
 or fails, the dispatcher uses the Triton kernels instead. This module imports nothing but torch.
 """
@@ -53,6 +61,7 @@ MAX_WARPS = 8
 _CHUNK_MATH = r"""
 #define M_TILES %(m_tiles)d
 #define R %(r)d  // 16-row tiles per warp
+#define SHUFFLED %(shuffled)d  // 0: plain [N, K/2]; 1: fbgemm's bf16 preshuffled layout
 
 %(bf16_helpers)s
 // nibbles at bits 0..3 and 16..19 of w (two's complement q) -> bf16x2 (136 + q): (w & m) ^ c
@@ -78,14 +87,20 @@ __device__ __forceinline__ void accumulate_chunk(
     float (&acc)[R][M_TILES][4], const uint4 (&wa)[R], const uint4 (&wb)[R],
     const float (&sa)[R], const float (&sb)[R], const float (&za)[R], const float (&zb)[R],
     const bf16_t* __restrict__ x, int M, int ldx, int c, int g, int t) {
+#if SHUFFLED
+  // wa: K steps 8c + t, wb: 8c + 4 + t; the lane needs the 16 activations of each
+  const int kc = (c << 7) + (t << 4);
+#else
   const int kc = (c << 7) + (t << 5);  // this lane's 32 K positions
+#endif
   uint4 xv[M_TILES][4];
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt) {
     const int m = g + 8 * mt;
     const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)min(m, M - 1) * ldx + kc);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) xv[mt][j] = m < M ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
+    for (int j = 0; j < 4; ++j)  // shuffled: xp + 0, 1 (wa's K step) and + 8, 9 (wb's)
+      xv[mt][j] = m < M ? __ldg(xp + (SHUFFLED ? (j & 1) + 8 * (j >> 1) : j)) : make_uint4(0, 0, 0, 0);
   }
   float d[R][M_TILES][4], e[M_TILES][4];  // d: x . (136 + q); e: sum(x), with A = ones
 #pragma unroll
@@ -96,6 +111,41 @@ __device__ __forceinline__ void accumulate_chunk(
 #pragma unroll
       for (int r = 0; r < R; ++r) d[r][mt][i] = 0.f;
     }
+#if SHUFFLED
+  // fbgemm's layout stores, per 16-row tile and 16-wide K step, the A fragment of
+  // mma.m16n8k16 for lane (g, t) as one word: nibble 4e + 2h + hi is row g + 8 hi, K 2t + e +
+  // 8h. Any two K pairs can share an mma as long as the activations follow, so words j, j + 1
+  // of a lane's 16 bytes (its own K step) give the mmas for K pairs (2j, 2j + 2) and
+  // (2j + 8, 2j + 10), whose activations are adjacent words of that step's 16 values: no
+  // permutation, and both B registers come straight from one 16-byte load.
+#pragma unroll
+  for (int half = 0; half < 2; ++half)
+#pragma unroll
+    for (int j = 0; j < 4; j += 2) {
+      unsigned lo[R][4], hi[R][4];  // K pairs (2j, 2j + 2) and (2j + 8, 2j + 10)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const unsigned w0 = word(half ? wb[r] : wa[r], j), w1 = word(half ? wb[r] : wa[r], j + 1);
+        lo[r][0] = nibbles_to_bf16x2(w0); lo[r][1] = nibbles_to_bf16x2(w0 >> 4);
+        lo[r][2] = nibbles_to_bf16x2(w1); lo[r][3] = nibbles_to_bf16x2(w1 >> 4);
+        hi[r][0] = nibbles_to_bf16x2(w0 >> 8); hi[r][1] = nibbles_to_bf16x2(w0 >> 12);
+        hi[r][2] = nibbles_to_bf16x2(w1 >> 8); hi[r][3] = nibbles_to_bf16x2(w1 >> 12);
+      }
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt) {
+        const uint4 X0 = xv[mt][2 * half], X1 = xv[mt][2 * half + 1];  // K 0..7, 8..15 of the step
+        const unsigned x0 = word(X0, j), x1 = word(X0, j + 1), x8 = word(X1, j), x9 = word(X1, j + 1);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          mma_bf16(d[r][mt], lo[r][0], lo[r][1], lo[r][2], lo[r][3], x0, x1);
+          mma_bf16(d[r][mt], hi[r][0], hi[r][1], hi[r][2], hi[r][3], x8, x9);
+        }
+        const unsigned one = 0x3f803f80u;
+        mma_bf16(e[mt], one, one, one, one, x0, x1);
+        mma_bf16(e[mt], one, one, one, one, x8, x9);
+      }
+    }
+#else
 #pragma unroll
   for (int j = 0; j < 4; ++j) {  // word j: K positions kc + 8j .. kc + 8j + 7
     // pair p holds nibbles (p, p + 4) of the word: K offsets 8j + p and 8j + p + 4
@@ -124,6 +174,7 @@ __device__ __forceinline__ void accumulate_chunk(
       mma_bf16(e[mt], one, one, one, one, x26, x37);
     }
   }
+#endif
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const float zca = za[r] - 136.f * sa[r], zcb = zb[r] - 136.f * sb[r];
@@ -155,8 +206,14 @@ __device__ __forceinline__ void load_chunk(
   const size_t gi = (size_t)((c << 7) >> group_shift) * lds;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
+#if SHUFFLED  // row_len = N / 16 tiles; a chunk is 8 K steps of N / 16 tiles x 8 uint4
+    const size_t off = (size_t)c * 64 * row_len + 8 * ((ra[r] >> 4) - (ra[0] >> 4));
+    wa[r] = qa[off];
+    wb[r] = qb[off];
+#else
     wa[r] = qa[(size_t)(ra[r] - ra[0]) * row_len + c * 4];
     wb[r] = qb[(size_t)(rb[r] - rb[0]) * row_len + c * 4];
+#endif
     sz[0][r] = scale[gi + ra[r]]; sz[1][r] = scale[gi + rb[r]];
     sz[2][r] = zero[gi + ra[r]]; sz[3][r] = zero[gi + rb[r]];
   }
@@ -185,15 +242,23 @@ extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS, MIN_BLOCKS)
   const int chunks = K >> 7;
 
   const int r0 = (blockIdx.x * WARPS_N + threadIdx.y) * 16 * R;
-  const int row_len = K >> 5;  // uint4 per row
   int ra[R], rb[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     ra[r] = min(r0 + 16 * r + g, N - 1);
     rb[r] = min(r0 + 16 * r + g + 8, N - 1);
   }
+#if SHUFFLED  // N is a multiple of 16 (fbgemm pads it)
+  // uint4 g of 16-row tile T in K step s is at (s * N / 16 + T) * 8 + g: the lane reads
+  // K steps 8c + t (wa) and 8c + 4 + t (wb) of its tiles' row pair g
+  const int row_len = N >> 4;  // 16-row tiles
+  const uint4* qa = q + ((size_t)t * row_len + (ra[0] >> 4)) * 8 + g;
+  const uint4* qb = qa + (size_t)32 * row_len;
+#else
+  const int row_len = K >> 5;  // uint4 per row
   const uint4* qa = q + (size_t)ra[0] * row_len + t;  // tile r's rows: + (ra[r] - ra[0]) rows
   const uint4* qb = q + (size_t)rb[0] * row_len + t;
+#endif
 
   float acc[R][M_TILES][4];
 #pragma unroll
@@ -270,21 +335,25 @@ def _smem_bytes(m_tiles: int, warps_n: int, slices: int, r: int = 1) -> int:
 is_available = nvrtc.is_available
 
 
-def _kernel_source(m_tiles: int, warps_n: int, u: int, min_blocks: int, r: int) -> tuple[str, str]:
+def _kernel_source(m_tiles: int, warps_n: int, u: int, min_blocks: int, r: int,
+                   shuffled: bool = False) -> tuple[str, str]:
     """(source, name) of the kernel for ``8 * m_tiles`` activation rows, ``warps_n`` warps of
     ``r`` 16-row tiles per block, ``u`` chunks in flight per warp and at least ``min_blocks``
-    blocks per multiprocessor (a register cap)."""
-    name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}_b{min_blocks}_r{r}"
+    blocks per multiprocessor (a register cap), reading the plain layout or (``shuffled``)
+    fbgemm's bf16 preshuffled one."""
+    name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}_b{min_blocks}_r{r}{'_shuffled' if shuffled else ''}"
     return _SOURCE % dict(m_tiles=m_tiles, u=u, warps_n=warps_n, max_warps=MAX_WARPS, name=name,
-                          bf16_helpers=nvrtc.BF16_HELPERS, min_blocks=min_blocks, r=r), name
+                          bf16_helpers=nvrtc.BF16_HELPERS, min_blocks=min_blocks, r=r,
+                          shuffled=int(shuffled)), name
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(m_tiles: int, warps_n: int, u: int, capability: tuple[int, int],
-              min_blocks: int = 1, r: int = 1):
+              min_blocks: int = 1, r: int = 1, shuffled: bool = False):
     """The kernel of :func:`_kernel_source` for one GPU architecture (NVRTC, ~1 s, once per
     process)."""
-    return nvrtc.compile_kernel(*_kernel_source(m_tiles, warps_n, u, min_blocks, r), capability)
+    return nvrtc.compile_kernel(*_kernel_source(m_tiles, warps_n, u, min_blocks, r, shuffled),
+                                capability)
 
 
 def can_compile(device_index: int) -> bool:
@@ -293,22 +362,27 @@ def can_compile(device_index: int) -> bool:
     return nvrtc.compiles(*_kernel_source(1, 2, 4, 1, 1), torch.cuda.get_device_capability(device_index))
 
 
-def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
-    """Launch config for one call, from the device sweep of 48 configs x 8 shapes x 5 M in
+def pick_config(m: int, n: int, k: int, num_sms: int, shuffled: bool = False) -> dict:
+    """Launch config for one call, from device sweeps of 48 configs in
     ``scripts/probe_cuda_gemv.py`` on an H200 (132 multiprocessors; ``probe_cuda_gemv_sweep.csv``
-    in benchmarks/results): within 5.5% of each case's best on average (geometric mean), 21% in
-    the worst case. 8 warps per block; K split over 8 of them where N <= 4096 (fewer row tiles
-    to share the multiprocessors), else over 4. Above 4 activation rows, and above 8 where
-    N <= 4096, each warp takes two 16-row tiles (R = 2), which halves the activation loads per
-    weight."""
+    and, for fbgemm's preshuffled layout, ``probe_cuda_gemv_shuffled_sweep.csv`` in
+    benchmarks/results). Plain layout: within 5.5% of each case's best on average (geometric
+    mean over 8 shapes x 5 M), 21% in the worst case; preshuffled: 1.9% on average over 4 shapes
+    x 4 M, 12% worst. 8 warps per block; K split over 8 of them where N <= 4096 (fewer row
+    tiles to share the multiprocessors), else over 4 (8 on the preshuffled layout). Above 4
+    activation rows (N > 4096; any M there on the preshuffled layout) and above 8 (N <= 4096)
+    each warp takes two 16-row tiles (R = 2), which halves the activation loads per weight."""
     chunks = k // CHUNK
-    small_n = n <= 4096 * num_sms // 132
-    if m <= 4:
-        cfg = dict(SLICES=8, U=2, MIN_BLOCKS=2, R=1) if small_n else dict(SLICES=4, U=2, MIN_BLOCKS=2, R=1)
-    elif m <= 8:
-        cfg = dict(SLICES=8, U=4, MIN_BLOCKS=2, R=1) if small_n else dict(SLICES=8, U=2, MIN_BLOCKS=2, R=2)
+    if n <= 4096 * num_sms // 132:
+        cfg = (dict(SLICES=8, U=2, MIN_BLOCKS=2, R=1) if m <= 4 else
+               dict(SLICES=8, U=4, MIN_BLOCKS=2, R=1) if m <= 8 else
+               dict(SLICES=8, U=4, MIN_BLOCKS=1, R=2))
+    elif shuffled:
+        cfg = dict(SLICES=8, U=2 if m <= 8 else 1, MIN_BLOCKS=2, R=2)
     else:
-        cfg = dict(SLICES=8, U=4, MIN_BLOCKS=1, R=2) if small_n else dict(SLICES=4, U=4, MIN_BLOCKS=1, R=2)
+        cfg = (dict(SLICES=4, U=2, MIN_BLOCKS=2, R=1) if m <= 4 else
+               dict(SLICES=8, U=2, MIN_BLOCKS=2, R=2) if m <= 8 else
+               dict(SLICES=4, U=4, MIN_BLOCKS=1, R=2))
     while cfg["SLICES"] > 1 and chunks < 2 * cfg["SLICES"]:
         cfg["SLICES"] //= 2
     return dict(cfg, WARPS_N=MAX_WARPS // cfg["SLICES"])
@@ -345,26 +419,32 @@ def int4_gemv(
     zero_point: torch.Tensor,
     group_size: int,
     config: dict | None = None,
+    shuffled: bool = False,
 ) -> torch.Tensor:
-    """``x [M, K] @ W.T -> [M, N]`` for ``W = q * scale + zero_point`` in the plain layout.
+    """``x [M, K] @ W.T -> [M, N]`` for ``W = q * scale + zero_point``.
 
     Args:
         x: bf16 ``[M, K]``, ``1 <= M <= 16``, rows 16-byte aligned (see :func:`can_run`).
-        qdata: int8 ``[N, K/2]`` contiguous (two's complement nibbles, element 2i low).
+        qdata: int8 ``[N, K/2]`` contiguous: the plain layout (two's complement nibbles,
+            element 2i low), or with ``shuffled`` fbgemm's bf16 preshuffled layout
+            (``Int4PreshuffledTensor``, N a multiple of 16).
         scale, zero_point: bf16 ``[K/G, N]``, last dim contiguous; G = 128 or 256.
         config: any of ``WARPS_N``, ``U``, ``SLICES``, ``MIN_BLOCKS``, ``R`` (the rest from
             :func:`pick_config`).
+        shuffled: read fbgemm's bf16 preshuffled layout instead of the plain one.
 
     Returns:
         bf16 ``[M, N]``.
     """
     m, k = x.shape
     n = qdata.shape[0]
+    if shuffled and n % 16:
+        raise ValueError(f"a preshuffled weight has a multiple of 16 rows, got {n}")
     props = torch.cuda.get_device_properties(x.device)
-    cfg = dict(pick_config(m, n, k, props.multi_processor_count), **(config or {}))
+    cfg = dict(pick_config(m, n, k, props.multi_processor_count, shuffled), **(config or {}))
     m_tiles = 1 if m <= 8 else 2
     kernel = _compiled(m_tiles, cfg["WARPS_N"], cfg["U"], (props.major, props.minor),
-                       cfg["MIN_BLOCKS"], cfg["R"])
+                       cfg["MIN_BLOCKS"], cfg["R"], shuffled)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     kernel(
         grid=(-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), 1, 1),

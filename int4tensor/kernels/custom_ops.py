@@ -32,6 +32,16 @@ def int4_gemv_cuda(
     return cuda_gemv.int4_gemv(x, qdata, scale, zero_point, group_size)
 
 
+@torch.library.custom_op("int4tensor::int4_gemv_cuda_preshuffled", mutates_args=())
+def int4_gemv_cuda_preshuffled(
+    x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """``x [M <= 16, K] @ W.T -> [M, Np]`` for a bf16 ``Int4PreshuffledTensor``'s fields through
+    the same GEMV, reading fbgemm's preshuffled layout."""
+    return cuda_gemv.int4_gemv(x, qdata, group_scale, group_zero, group_size, shuffled=True)
+
+
 @torch.library.custom_op("int4tensor::dequantize_int4_cuda", mutates_args=())
 def dequantize_int4_cuda(
     qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int
@@ -194,3 +204,4 @@ def _backward(ctx, grad_out):
 for _op in (int4_matmul_triton, int4_gemv_cuda, int4_matmul_fbgemm):
     _op.register_fake(_fake)
     _op.register_autograd(_backward, setup_context=_setup_context)
+int4_gemv_cuda_preshuffled.register_fake(_fake)  # like fbgemm's shuffled ops: no autograd

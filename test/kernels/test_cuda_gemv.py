@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from int4tensor import Int4Tensor, kernels
-from int4tensor.kernels import cuda_gemv, custom_ops, reference
+from int4tensor import Int4PreshuffledTensor, Int4Tensor, kernels
+from int4tensor.kernels import cuda_gemv, custom_ops, fbgemm, reference
 from test.helpers import check_compiled_decode_mlp, rel_error, sqnr
 
 gpu = pytest.mark.gpu
@@ -133,6 +133,60 @@ def test_in_a_cuda_graph_and_compiled():
     check_compiled_decode_mlp(custom_ops.int4_gemv_cuda)
 
 
+def preshuffled(n, k, g=128):
+    """A weight in the plain layout and in fbgemm's bf16 preshuffled one (needs fbgemm on an
+    sm90+ GPU, like every preshuffled test)."""
+    if not fbgemm.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the preshuffled layout needs fbgemm-gpu-genai on an sm90+ GPU")
+    w, t = quantized(n, k, g)
+    return w, t, Int4PreshuffledTensor.from_int4_tensor(t)
+
+
+@gpu
+@pytest.mark.parametrize("n, k", [(4096, 4096), (200, 384), (96, 640), (1024, 4224), (28672, 256)])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+def test_reads_fbgemms_preshuffled_layout(m, n, k):
+    """The same GEMV on fbgemm's bf16 preshuffled layout (rows padded to 16): right against
+    the reference path, and the plain-layout GEMV's result up to fp32 summation order."""
+    w, t, p = preshuffled(n, k)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    out = cuda_gemv.int4_gemv(x, p.qdata, p.group_scale, p.group_zero, 128, shuffled=True)
+    assert out.shape == (m, p.qdata.shape[0])
+    out = out[:, :n]
+    assert rel_error(reference.linear(x, t, None), out) < 1e-2
+    assert sqnr(x.double() @ w.double().t(), out) > 18
+    plain = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, 128)
+    assert rel_error(plain, out) < 5e-3
+
+
+@gpu
+@pytest.mark.parametrize("cfg", [dict(WARPS_N=1, U=8, SLICES=8, MIN_BLOCKS=2),
+                                 dict(WARPS_N=2, U=2, SLICES=4, R=2),
+                                 dict(WARPS_N=4, U=3, SLICES=2, R=2),
+                                 dict(WARPS_N=8, U=4, SLICES=1)])
+@pytest.mark.parametrize("g", [128, 256])
+def test_preshuffled_layout_with_every_launch_config(cfg, g):
+    """Tiles past N (1008 = 63 tiles of 16), K slices without chunks, two tiles per warp, G =
+    256: every output right."""
+    _, t, p = preshuffled(1008, 1280, g)
+    for m in (1, 7, 16):
+        x = torch.randn(m, 1280, dtype=torch.bfloat16, device="cuda")
+        out = cuda_gemv.int4_gemv(x, p.qdata, p.group_scale, p.group_zero, g, cfg, shuffled=True)
+        assert torch.isfinite(out).all()
+        assert rel_error(reference.linear(x, t, None), out) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("m, backend", [(1, "cuda"), (16, "cuda"), (17, "fbgemm")])
+def test_preshuffled_dispatch_takes_it_for_decode_sizes(m, backend):
+    _, t, p = preshuffled(512, 1024)
+    x = torch.randn(m, 1024, dtype=torch.bfloat16, device="cuda")
+    assert kernels.preshuffled_backend(x, p) == backend
+    assert rel_error(reference.linear(x, t, None), F.linear(x, p)) < 1e-2
+    assert torch.library.opcheck(custom_ops.int4_gemv_cuda_preshuffled,
+                                 (x[:1], p.qdata, p.group_scale, p.group_zero, 128)) is not None
+
+
 def test_contract_rejects_cpu_and_unsupported_inputs_without_compiling():
     """Runs everywhere: the contract check never touches a GPU or compiles anything."""
     t = Int4Tensor.from_hp(torch.randn(64, 256, dtype=torch.bfloat16), (1, 128))
@@ -146,11 +200,14 @@ def test_contract_rejects_cpu_and_unsupported_inputs_without_compiling():
 
 @pytest.mark.parametrize("m", [1, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize("n, k", [(8192, 8192), (4096, 14336), (96, 640), (1000, 256), (28672, 128)])
-def test_launch_config_fits_the_block_and_k(m, n, k):
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_launch_config_fits_the_block_and_k(m, n, k, shuffled):
     """Runs everywhere: 8 warps per block, no more K slices than half the chunks (except one
-    chunk), one or two row tiles per warp, and two tiles from 5 rows up where N > 4096."""
-    cfg = cuda_gemv.pick_config(m, n, k, 132)
+    chunk), one or two row tiles per warp, two from 5 rows up where N > 4096 (any M on the
+    preshuffled layout) and from 9 rows up elsewhere."""
+    cfg = cuda_gemv.pick_config(m, n, k, 132, shuffled)
     assert cfg["WARPS_N"] * cfg["SLICES"] == cuda_gemv.MAX_WARPS
     assert cfg["SLICES"] == 1 or k // cuda_gemv.CHUNK >= 2 * cfg["SLICES"]
-    assert cfg["R"] in (1, 2) and cfg["U"] >= 1 and cfg["MIN_BLOCKS"] >= 1
-    assert cfg["R"] == (2 if (m > 4 and n > 4096) or m > 8 else 1)
+    assert cfg["U"] >= 1 and cfg["MIN_BLOCKS"] >= 1
+    large_n = n > 4096
+    assert cfg["R"] == (2 if m > 8 or (large_n and (m > 4 or shuffled)) else 1)
