@@ -176,7 +176,7 @@ def main():
         if not args.no_preshuffled:
             convert_model_to_packed_tensors_(model)
             ms, out = time_decode(model, batch, start, compile=args.compile)
-            results["int4 preshuffled (fbgemm)"] = (ms, weight_gb(model),
+            results["int4 preshuffled"] = (ms, weight_gb(model),
                                                     float((out - ref).norm() / ref.norm()))
         base = results["bf16"][0]
         for path, (ms, gb, err) in results.items():
