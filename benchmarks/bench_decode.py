@@ -112,6 +112,10 @@ def time_decode(model, batch, start, steps=32, compile=False):
     with torch.no_grad():
         model(tokens, pos)
     hook.remove()
+    if compile:  # each variant compiled afresh, as a user compiles once after quantizing (a
+        # recompile of the same module after quantize_ measured 13.8 instead of 7.3 ms per step
+        # at batch 32 on an H200: benchmarks/results/bench_decode_compiled_batch32_log.txt)
+        torch._dynamo.reset()
     step = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
     with torch.no_grad():
         for _ in range(3):  # warm-up: kernel compilation and autotuning happen here
