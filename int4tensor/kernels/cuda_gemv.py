@@ -36,9 +36,9 @@ sums reduced in shared memory, no atomics, no zero-init).
 The same kernel reads fbgemm's bf16 preshuffled layout (``Int4PreshuffledTensor``; compile-time
 ``SHUFFLED``), which stores each lane's mma A fragment for a 16-row tile and a 16-wide K step as
 one word: a lane's 16-byte load is four fragments of its K step, which need no activation
-permutation, and a warp's loads per step are contiguous. It is 3-15% faster than the plain
-layout at M <= 16 (H200, ``benchmarks/results/probe_cuda_gemv_shuffled_sweep.txt``) and 1.5-3x
-faster than fbgemm's own ``bf16i4bf16_shuffled`` there. The source is compiled at first use with NVRTC through
+permutation, and a warp's loads per step are contiguous. It is 1-30% faster than the plain
+layout at M <= 16 (H200, ``benchmarks/results/bench_linear.csv``) and 1.4-3.3x faster than
+fbgemm's own ``bf16i4bf16_shuffled`` there. The source is compiled at first use with NVRTC through
 ``torch.cuda._compile_kernel``, so no compiler is needed at install time; where that is missing
 or fails, the dispatcher uses the Triton kernels instead. This module imports nothing but torch.
 """
