@@ -14,6 +14,14 @@ def rel_error(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float((ref - out).norm() / ref.norm())
 
 
+def quantized_cuda(n: int, k: int, g: int = 128, domain: str = "float"):
+    """A bf16 weight ``[n, k]`` of a trained model's scale on CUDA and its Int4Tensor."""
+    from int4tensor import Int4Tensor
+
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    return w, Int4Tensor.from_hp(w, (1, g), zero_point_domain=domain)
+
+
 def check_compiled_decode_mlp(custom_op) -> None:
     """A quantized two-layer MLP at M = 1 under ``torch.compile(fullgraph=True,
     mode="reduce-overhead")`` (CUDA graphs) matches eager, and ``custom_op`` (called as

@@ -335,6 +335,7 @@ def _smem_bytes(m_tiles: int, warps_n: int, slices: int, r: int = 1) -> int:
 is_available = nvrtc.is_available
 
 
+@functools.lru_cache(maxsize=None)  # dispatch asks can_compile on every call
 def _kernel_source(m_tiles: int, warps_n: int, u: int, min_blocks: int, r: int,
                    shuffled: bool = False) -> tuple[str, str]:
     """(source, name) of the kernel for ``8 * m_tiles`` activation rows, ``warps_n`` warps of

@@ -8,14 +8,9 @@ import torch.nn.functional as F
 
 from int4tensor import Int4PreshuffledTensor, Int4Tensor, kernels
 from int4tensor.kernels import cuda_gemv, custom_ops, fbgemm, reference
-from test.helpers import check_compiled_decode_mlp, rel_error, sqnr
+from test.helpers import check_compiled_decode_mlp, quantized_cuda, rel_error, sqnr
 
 gpu = pytest.mark.gpu
-
-
-def quantized(n, k, g=128, domain="float"):
-    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-    return w, Int4Tensor.from_hp(w, (1, g), zero_point_domain=domain)
 
 
 @gpu
@@ -23,7 +18,7 @@ def quantized(n, k, g=128, domain="float"):
                                   (1000, 4224), (28672, 256)])
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 16])
 def test_matches_reference(m, n, k):
-    w, t = quantized(n, k)
+    w, t = quantized_cuda(n, k)
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, 128)
     assert out.shape == (m, n) and out.dtype == torch.bfloat16
@@ -37,7 +32,7 @@ def test_matches_reference(m, n, k):
 @pytest.mark.parametrize("g", [128, 256])
 @pytest.mark.parametrize("domain", ["float", "int", "none"])
 def test_group_sizes_and_zero_point_domains(g, domain):
-    _, t = quantized(512, 2048, g, domain)
+    _, t = quantized_cuda(512, 2048, g, domain)
     x = torch.randn(3, 2048, dtype=torch.bfloat16, device="cuda")
     out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, g)
     assert rel_error(reference.linear(x, t, None), out) < 1e-2
@@ -55,7 +50,7 @@ def test_group_sizes_and_zero_point_domains(g, domain):
 def test_every_launch_config_writes_every_output(cfg, n):
     """K slices that get no chunk, chunks left after the U-chunk steps, rows, tiles and warps
     past N, two row tiles per warp (R = 2): all outputs right."""
-    _, t = quantized(n, 1152)
+    _, t = quantized_cuda(n, 1152)
     for m in (1, 7, 16):
         x = torch.randn(m, 1152, dtype=torch.bfloat16, device="cuda")
         out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, 128, cfg)
@@ -67,7 +62,7 @@ def test_every_launch_config_writes_every_output(cfg, n):
 def test_large_and_tiny_activations_stay_accurate():
     """Activation sums are factored out per chunk: rows of very different scale, and a row of
     zeros, must each be right on their own."""
-    _, t = quantized(512, 4096)
+    _, t = quantized_cuda(512, 4096)
     x = torch.randn(4, 4096, dtype=torch.bfloat16, device="cuda")
     x[0] *= 1e3
     x[1] *= 1e-3
@@ -82,7 +77,7 @@ def test_large_and_tiny_activations_stay_accurate():
 @gpu
 @pytest.mark.parametrize("m, backend", [(1, "cuda"), (8, "cuda"), (16, "cuda"), (17, None)])
 def test_dispatch_takes_it_for_decode_sizes(m, backend):
-    _, t = quantized(256, 512)
+    _, t = quantized_cuda(256, 512)
     x = torch.randn(m, 512, dtype=torch.bfloat16, device="cuda")
     if backend is None:
         assert kernels.linear_backend(x, t) != "cuda"
@@ -93,10 +88,10 @@ def test_dispatch_takes_it_for_decode_sizes(m, backend):
 
 @gpu
 def test_dispatch_skips_it_where_the_contract_fails():
-    _, t64 = quantized(256, 512, g=64)  # a chunk of 128 would straddle two groups
+    _, t64 = quantized_cuda(256, 512, g=64)  # a chunk of 128 would straddle two groups
     x = torch.randn(1, 512, dtype=torch.bfloat16, device="cuda")
     assert kernels.linear_backend(x, t64) != "cuda"
-    _, t = quantized(256, 512)
+    _, t = quantized_cuda(256, 512)
     assert kernels.linear_backend(x.half(), t) != "cuda"
     x_offset = torch.randn(1, 520, dtype=torch.bfloat16, device="cuda")[:, 8:]  # 16-byte aligned
     assert kernels.linear_backend(x_offset, t) == "cuda"
@@ -107,7 +102,7 @@ def test_dispatch_skips_it_where_the_contract_fails():
 
 @gpu
 def test_three_dim_input_and_bias_through_linear():
-    w, t = quantized(384, 1024)
+    w, t = quantized_cuda(384, 1024)
     x = torch.randn(2, 3, 1024, dtype=torch.bfloat16, device="cuda")
     bias = torch.randn(384, dtype=torch.bfloat16, device="cuda")
     out = F.linear(x, t, bias)
@@ -117,7 +112,7 @@ def test_three_dim_input_and_bias_through_linear():
 
 @gpu
 def test_in_a_cuda_graph_and_compiled():
-    weights = [quantized(n, k)[1] for n, k in ((4096, 4096), (1000, 2048))]
+    weights = [quantized_cuda(n, k)[1] for n, k in ((4096, 4096), (1000, 2048))]
     t = weights[0]
     x = torch.randn(2, 4096, dtype=torch.bfloat16, device="cuda")
     cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, 128)  # compile before capture
@@ -138,7 +133,7 @@ def preshuffled(n, k, g=128):
     sm90+ GPU, like every preshuffled test)."""
     if not fbgemm.is_available() or torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the preshuffled layout needs fbgemm-gpu-genai on an sm90+ GPU")
-    w, t = quantized(n, k, g)
+    w, t = quantized_cuda(n, k, g)
     return w, t, Int4PreshuffledTensor.from_int4_tensor(t)
 
 

@@ -3,16 +3,10 @@
 import pytest
 import torch
 
-from int4tensor import Int4Tensor
 from int4tensor.kernels import custom_ops, reference
-from test.helpers import check_compiled_decode_mlp, rel_error, sqnr
+from test.helpers import check_compiled_decode_mlp, quantized_cuda, rel_error, sqnr
 
 pytestmark = pytest.mark.gpu
-
-
-def quantized(n, k, g=128, domain="float"):
-    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-    return w, Int4Tensor.from_hp(w, (1, g), zero_point_domain=domain)
 
 
 @pytest.mark.parametrize("n, k", [(4096, 4096), (8192, 1024), (200, 384), (96, 640), (4100, 2048)])
@@ -20,7 +14,7 @@ def quantized(n, k, g=128, domain="float"):
 def test_matches_reference(m, n, k):
     from int4tensor.kernels import triton_int4
 
-    w, t = quantized(n, k)
+    w, t = quantized_cuda(n, k)
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     out = triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, 128)
     assert out.shape == (m, n) and out.dtype == torch.bfloat16
@@ -35,7 +29,7 @@ def test_matches_reference(m, n, k):
 def test_group_sizes_and_domains(g, domain):
     from int4tensor.kernels import triton_int4
 
-    _, t = quantized(512, 1024, g, domain)
+    _, t = quantized_cuda(512, 1024, g, domain)
     x = torch.randn(3, 1024, dtype=torch.bfloat16, device="cuda")
     out = triton_int4.int4_matmul(x, t.qdata, t.scale, t.zero_point, g)
     assert rel_error(reference.linear(x, t, None), out) < 1e-2
@@ -44,7 +38,7 @@ def test_group_sizes_and_domains(g, domain):
 def test_every_output_is_written():
     from int4tensor.kernels import triton_int4
 
-    _, t = quantized(1000, 2048)
+    _, t = quantized_cuda(1000, 2048)
     x = torch.randn(7, 2048, dtype=torch.bfloat16, device="cuda")
     for cfg in (dict(kernel="mma", BLOCK_M=16, BLOCK_N=64, SPLIT_K=1, GROUPS_PER_ITER=1,
                      num_warps=4, num_stages=3),
@@ -68,7 +62,7 @@ def test_split_k_is_right_call_after_call_and_in_a_cuda_graph():
     replay with new inputs must all agree with the reference path."""
     from int4tensor.kernels import triton_int4
 
-    weights = [quantized(n, k)[1] for n, k in ((4096, 4096), (1000, 2048), (8192, 1024))]
+    weights = [quantized_cuda(n, k)[1] for n, k in ((4096, 4096), (1000, 2048), (8192, 1024))]
     for i in range(12):
         t = weights[i % 3]
         x = torch.randn(1, t.shape[1], dtype=torch.bfloat16, device="cuda")
