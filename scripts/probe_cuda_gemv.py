@@ -2,7 +2,8 @@
 reference path over shapes, M, group sizes and unaligned N/K, then a config sweep timed inside
 CUDA graphs next to bf16 and the Triton kernels.
 Usage: python scripts/probe_cuda_gemv.py [--quick] [--csv PATH (every config's time)]
-    [--shuffled (sweep the GEMV on fbgemm's bf16 preshuffled layout; needs fbgemm)]"""
+    [--shuffled (sweep the GEMV on fbgemm's bf16 preshuffled layout; needs fbgemm)]
+    [--shapes NxK,NxK,...] [--ms 1,8] [--blocks 1,2 (MIN_BLOCKS values swept)] [--no-check]"""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ sys.path.insert(0, ".")
 from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error, write_csv  # noqa: E402
 from int4tensor import Int4Tensor  # noqa: E402
 from int4tensor.kernels import cuda_gemv, reference, triton_int4  # noqa: E402
+
+
+def arg(flag):
+    return sys.argv[sys.argv.index(flag) + 1]
 
 
 def check():
@@ -47,6 +52,12 @@ def sweep(bw):
               (4096, 14336), (1024, 4096), (6144, 4096)]
     if "--quick" in sys.argv:
         shapes = [(8192, 8192), (28672, 8192), (4096, 4096), (4096, 14336)]
+    if "--shapes" in sys.argv:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in arg("--shapes").split(",")]
+    ms = (1, 4, 8, 16) if "--quick" in sys.argv else (1, 2, 4, 8, 16)
+    if "--ms" in sys.argv:
+        ms = tuple(int(v) for v in arg("--ms").split(","))
+    blocks = tuple(int(v) for v in arg("--blocks").split(",")) if "--blocks" in sys.argv else (1, 2)
     for n, k in shapes:
         copies = max(2, min(16, int(400e6 // (n * k * 2))))
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -61,7 +72,7 @@ def sweep(bw):
             fields = [(q.qdata, q.scale, q.zero_point) for q in qs]
         nbytes = n * k / 2 + 4 * n * k / 128
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for m in ((1, 4, 8, 16) if "--quick" in sys.argv else (1, 2, 4, 8, 16)):
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             pct = lambda t: nbytes / t / 1e3 / bw * 100  # noqa: E731
             t_bf16 = graph_time_us([lambda w=w: F.linear(x, w) for w in ws])
@@ -72,7 +83,7 @@ def sweep(bw):
                 ranked = []
                 combos = [(wn, sl) for wn in (1, 2, 4, 8) for sl in (1, 2, 4, 8)
                           if wn * sl == cuda_gemv.MAX_WARPS]
-                grid = [(wn, u, sl, b, r) for wn, sl in combos for u in (1, 2, 4) for b in (1, 2)
+                grid = [(wn, u, sl, b, r) for wn, sl in combos for u in (1, 2, 4) for b in blocks
                         for r in (1, 2)]
                 for wn, u, sl, b, r in grid:
                     cfg = dict(WARPS_N=wn, U=u, SLICES=sl, MIN_BLOCKS=b, R=r)
@@ -81,7 +92,7 @@ def sweep(bw):
                     ranked.append((t, cfg))
                     records.append(dict(N=n, K=k, M=m, **cfg, us=round(t, 2)))
                 ranked.sort(key=lambda r: r[0])
-                d = cuda_gemv.pick_config(m, n, k, sms)
+                d = cuda_gemv.pick_config(m, n, k, sms, shuffled)
                 t_def = graph_time_us([lambda f=f: cuda_gemv.int4_gemv(
                     x, *f, 128, shuffled=shuffled) for f in fields])
                 if shuffled:
@@ -97,12 +108,13 @@ def sweep(bw):
         del ws, qs, fields
         torch.cuda.empty_cache()
         if "--csv" in sys.argv and records:
-            write_csv(sys.argv[sys.argv.index("--csv") + 1], torch.cuda.get_device_name(), records)
+            write_csv(arg("--csv"), torch.cuda.get_device_name(), records)
 
 
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
-    check()
+    if "--no-check" not in sys.argv:
+        check()
     bw = copy_bandwidth_gbs()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     sweep(bw)

@@ -68,7 +68,7 @@ def main():
                 fns = [lambda q=q, kern=kern: kern(
                     grid=(-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), 1, 1), block=(32, cfg["WARPS_N"], cfg["SLICES"]),
                     args=[x, q.qdata, q.scale, q.zero_point, out, m, n, k, x.stride(0),
-                          q.scale.stride(0), out.stride(0), 7], shared_mem=smem) for q in qs]
+                          q.scale.stride(0), out.stride(0), 7, 0, 0, 0, 0], shared_mem=smem) for q in qs]
                 t = graph_time_us(fns)
                 line += f" | {tag} {t:.2f} ({nbytes / t / 1e3 / bw * 100:.0f}%)"
             print(line, flush=True)

@@ -61,7 +61,7 @@ def main():
                     kern(grid=(-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), 1, 1),
                          block=(32, cfg["WARPS_N"], cfg["SLICES"]),
                          args=[x, qd, q.scale, q.zero_point, out, m, n, k, x.stride(0),
-                               q.scale.stride(0), out.stride(0), 7], shared_mem=smem)
+                               q.scale.stride(0), out.stride(0), 7, 0, 0, 0, 0], shared_mem=smem)
                     return out
                 if i in (0, 2):
                     ref = cuda_gemv.int4_gemv(x, qs[0].qdata, qs[0].scale, qs[0].zero_point, 128)

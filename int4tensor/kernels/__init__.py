@@ -56,14 +56,17 @@ def _triton_can_run(x: torch.Tensor, weight) -> bool:
 
 def _cuda_gemv_can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                        zero_point: torch.Tensor, group_size: int) -> bool:
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    """Our GEMV for ``x [*, K]`` and a 2D weight (rows = all of x's leading dims), or for
+    ``x [B, M, K]`` and a 3D one (bmm, M rows per batch entry)."""
+    if not (x.is_cuda and x.numel() and x.stride(-1) == 1 and cuda_gemv.is_available()):
+        return False
+    if qdata.ndim == 2:
+        x = x.reshape(-1, x.shape[-1])
+    elif not (qdata.ndim == 3 and x.ndim == 3):
+        return False
     return (
-        0 < rows <= CUDA_GEMV_MAX_M
-        and qdata.ndim == 2
-        and x.is_cuda
-        and x.stride(-1) == 1
-        and cuda_gemv.is_available()
-        and cuda_gemv.can_run(x.reshape(-1, x.shape[-1]), qdata, scale, zero_point, group_size)
+        x.shape[-2] <= CUDA_GEMV_MAX_M
+        and cuda_gemv.can_run(x, qdata, scale, zero_point, group_size)
         and torch.cuda.get_device_capability(x.device) >= (8, 0)  # mma.m16n8k16 bf16
         and cuda_gemv.can_compile(x.device.index if x.device.index is not None
                                   else torch.cuda.current_device())
@@ -149,12 +152,12 @@ def round_fp8_rows(x2d: torch.Tensor) -> torch.Tensor:
     return quant_primitives.round_fp8_rows(x2d)
 
 
-def preshuffled_backend(x2d: torch.Tensor, weight) -> str:
-    """Name of the backend :func:`preshuffled_linear` uses: ``"cuda"`` (our GEMV reading the
-    preshuffled layout: bf16 activations, up to CUDA_GEMV_MAX_M rows, G = 128 / 256) or
-    ``"fbgemm"``."""
+def preshuffled_backend(x: torch.Tensor, weight) -> str:
+    """Name of the backend :func:`preshuffled_linear` and :func:`preshuffled_bmm` use:
+    ``"cuda"`` (our GEMV reading the preshuffled layout: bf16 activations, up to
+    CUDA_GEMV_MAX_M rows, per batch entry for a 3D weight; G = 128 / 256) or ``"fbgemm"``."""
     if weight.activation_dtype == "bf16" and _cuda_gemv_can_run(
-            x2d, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size):
+            x, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size):
         return "cuda"
     return "fbgemm"
 
@@ -176,10 +179,14 @@ def preshuffled_linear(x2d: torch.Tensor, weight) -> torch.Tensor:
 
 
 def preshuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
-    """``x [B, M, K] @ W[b].T -> [B, M, Np]`` for a 3D ``Int4PreshuffledTensor``: one batched
-    (bf16) or grouped (fp8) fbgemm kernel for all B, no loop over experts."""
+    """``x [B, M, K] @ W[b].T -> [B, M, Np]`` for a 3D ``Int4PreshuffledTensor``, one launch for
+    all B (no loop over experts): bf16 activations run our GEMV up to CUDA_GEMV_MAX_M rows per
+    entry, fbgemm's batched kernel above; fp8 activations fbgemm's grouped kernel."""
     n = weight.qdata.shape[-2]
     if weight.activation_dtype == "bf16":
+        if preshuffled_backend(x, weight) == "cuda":
+            return custom_ops.int4_gemv_cuda_preshuffled(
+                x, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size)
         return custom_ops.fbgemm_bf16i4_shuffled_batched(
             x.contiguous(), weight.qdata,
             weight.group_scale.reshape(-1, n), weight.group_zero.reshape(-1, n))
@@ -191,7 +198,10 @@ def preshuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
 
 
 def bmm_backend(x: torch.Tensor, weight) -> str:
-    """Name of the backend :func:`int4_bmm` uses: ``"fbgemm"`` or ``"reference"``."""
+    """Name of the backend :func:`int4_bmm` uses: ``"cuda"`` (our GEMV, up to
+    CUDA_GEMV_MAX_M rows per batch entry), ``"fbgemm"`` or ``"reference"``."""
+    if _cuda_gemv_can_run(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size):
+        return "cuda"
     if fbgemm.can_run_bmm(x, weight):
         return "fbgemm"
     return "reference"
@@ -203,6 +213,10 @@ def int4_bmm(x: torch.Tensor, weight) -> torch.Tensor:
         x = x * weight.act_pre_scale.to(x.dtype).unsqueeze(-2)
     if weight.activation_dtype == "fp8":  # the same activation rounding as linear, then bf16
         x = round_fp8_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-    if bmm_backend(x, weight) == "fbgemm":
+    backend = bmm_backend(x, weight)
+    if backend == "cuda":
+        return custom_ops.int4_gemv_cuda(x, weight.qdata, weight.scale, weight.zero_point,
+                                         weight.group_size)
+    if backend == "fbgemm":
         return fbgemm.bmm(x, weight)
     return reference.bmm(x, weight)

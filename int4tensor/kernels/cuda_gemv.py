@@ -234,9 +234,14 @@ extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS, MIN_BLOCKS)
 %(name)s(const bf16_t* __restrict__ x, const uint4* __restrict__ q,
          const bf16_t* __restrict__ scale, const bf16_t* __restrict__ zero,
          bf16_t* __restrict__ out, int M, int N, int K, int ldx, int lds, int ldo,
-         int group_shift) {
-  // block (32, WARPS_N, SLICES): lane, R 16-row tiles, K slice
+         int group_shift, int x_batch, int q_batch, int s_batch, int o_batch) {
+  // block (32, WARPS_N, SLICES): lane, R 16-row tiles, K slice; grid (row tiles, batch)
   extern __shared__ float partial[];  // K-slice partial sums (SLICES > 1)
+  {  // this block's batch entry (3D weights, bmm): strides in elements (q: uint4)
+    const size_t b = blockIdx.y;
+    x += b * x_batch; q += b * q_batch; scale += b * s_batch; zero += b * s_batch;
+    out += b * o_batch;
+  }
   const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
   const int slice = threadIdx.z, slices = blockDim.z;
   const int chunks = K >> 7;
@@ -367,10 +372,12 @@ def pick_config(m: int, n: int, k: int, num_sms: int, shuffled: bool = False) ->
     """Launch config for one call, from device sweeps of 48 configs in
     ``scripts/probe_cuda_gemv.py`` on an H200 (132 multiprocessors; ``probe_cuda_gemv_sweep.csv``
     and, for fbgemm's preshuffled layout, ``probe_cuda_gemv_shuffled_sweep.csv`` in
-    benchmarks/results). Plain layout: within 5.5% of each case's best on average (geometric
-    mean over 8 shapes x 5 M), 21% in the worst case; preshuffled: 1.9% on average over 4 shapes
-    x 4 M, 12% worst. 8 warps per block; K split over 8 of them where N <= 4096 (fewer row
-    tiles to share the multiprocessors), else over 4 (8 on the preshuffled layout). Above 4
+    benchmarks/results; ``probe_llama_shapes.csv`` adds the Llama-3 decode shapes and
+    MIN_BLOCKS 3-4, which never won). Plain layout: within 5.5% of each case's best on average
+    (geometric mean over 8 shapes x 5 M), 21% in the worst case; preshuffled: within 1.2% on
+    average over 8 shapes x 2-4 M, 7.2% worst. 8 warps per block; K split over 8 of them where
+    N <= 4096 (fewer row tiles to share the multiprocessors), else over 4 on the plain layout
+    and, on the preshuffled one, over as few as keep 12 warps per multiprocessor. Above 4
     activation rows (N > 4096; any M there on the preshuffled layout) and above 8 (N <= 4096)
     each warp takes two 16-row tiles (R = 2), which halves the activation loads per weight."""
     chunks = k // CHUNK
@@ -379,7 +386,16 @@ def pick_config(m: int, n: int, k: int, num_sms: int, shuffled: bool = False) ->
                dict(SLICES=8, U=4, MIN_BLOCKS=2, R=1) if m <= 8 else
                dict(SLICES=8, U=4, MIN_BLOCKS=1, R=2))
     elif shuffled:
-        cfg = dict(SLICES=8, U=2 if m <= 8 else 1, MIN_BLOCKS=2, R=2)
+        # as few K slices as keep >= 12 warps per multiprocessor busy: longer contiguous
+        # streams per warp (128256x4096 at M = 1: 83.8 us with 1 slice, 97.2 with 8)
+        tile_pairs, busy = n // 32, 12 * num_sms
+        if m <= 8 and 8 * tile_pairs < busy:  # few rows (6144x4096): one tile per warp
+            cfg = dict(SLICES=8, U=1, MIN_BLOCKS=2, R=1)
+        else:
+            slices = 1
+            while slices < 8 and slices * tile_pairs < busy:
+                slices *= 2
+            cfg = dict(SLICES=slices, U=2 if m <= 8 else 1, MIN_BLOCKS=2, R=2)
     else:
         cfg = (dict(SLICES=4, U=2, MIN_BLOCKS=2, R=1) if m <= 4 else
                dict(SLICES=8, U=2, MIN_BLOCKS=2, R=2) if m <= 8 else
@@ -389,27 +405,38 @@ def pick_config(m: int, n: int, k: int, num_sms: int, shuffled: bool = False) ->
     return dict(cfg, WARPS_N=MAX_WARPS // cfg["SLICES"])
 
 
-def can_run(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+def can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
             zero_point: torch.Tensor, group_size: int) -> bool:
-    """The kernel's contract, checked without touching the GPU: bf16 ``x [M <= 16, K]`` with
-    16-byte aligned rows, contiguous aligned ``qdata``, bf16 N-contiguous scales, G = 128 or
-    256 (a chunk of 128 must not straddle groups), K small enough for the shared memory."""
+    """The kernel's contract, checked without touching the GPU: bf16 ``x [M <= 16, K]`` (or
+    ``[B, M, K]`` with ``qdata [B, N, K/2]``) with 16-byte aligned rows, contiguous aligned
+    ``qdata``, bf16 N-contiguous scales, G = 128 or 256 (a chunk of 128 must not straddle
+    groups), batch strides that fit the kernel's 32-bit arguments."""
+    if not (x.ndim == qdata.ndim and x.ndim in (2, 3)):
+        return False
+    batched = x.ndim == 3
+    if batched and not (x.shape[0] == qdata.shape[0] == scale.shape[0] and scale.ndim == 3):
+        return False
+    n = qdata.shape[-2]
     return (
-        x2d.is_cuda
-        and x2d.dtype == torch.bfloat16
-        and 1 <= x2d.shape[0] <= MAX_M
-        and x2d.stride(-1) == 1
-        and x2d.stride(0) % 8 == 0
-        and x2d.storage_offset() % 8 == 0  # 16-byte aligned rows (allocations are aligned)
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and 1 <= x.shape[-2] <= MAX_M
+        and x.stride(-1) == 1
+        and all(s % 8 == 0 for s in x.stride()[:-1])
+        and x.storage_offset() % 8 == 0  # 16-byte aligned rows (allocations are aligned)
         and qdata.is_contiguous()
         and qdata.storage_offset() % 16 == 0
-        and qdata.shape[-1] * 2 == x2d.shape[-1]
-        and x2d.shape[-1] % CHUNK == 0
+        and qdata.shape[-1] * 2 == x.shape[-1]
+        and x.shape[-1] % CHUNK == 0
         and scale.dtype == torch.bfloat16
         and zero_point.dtype == torch.bfloat16
         and scale.stride(-1) == 1
         and zero_point.stride() == scale.stride()
+        and scale.shape[-1] == n
         and group_size in (128, 256)
+        and (not batched or (x.shape[0] < 2**16  # grid.y
+                             and max(x.stride(0), qdata.stride(0), scale.stride(0),
+                                     x.shape[1] * n) < 2**31))
     )
 
 
@@ -422,36 +449,44 @@ def int4_gemv(
     config: dict | None = None,
     shuffled: bool = False,
 ) -> torch.Tensor:
-    """``x [M, K] @ W.T -> [M, N]`` for ``W = q * scale + zero_point``.
+    """``x [M, K] @ W.T -> [M, N]`` for ``W = q * scale + zero_point``; batched (3D weights,
+    ``torch.bmm``): ``x [B, M, K] @ W[b].T -> [B, M, N]`` in one launch.
 
     Args:
-        x: bf16 ``[M, K]``, ``1 <= M <= 16``, rows 16-byte aligned (see :func:`can_run`).
-        qdata: int8 ``[N, K/2]`` contiguous: the plain layout (two's complement nibbles,
-            element 2i low), or with ``shuffled`` fbgemm's bf16 preshuffled layout
-            (``Int4PreshuffledTensor``, N a multiple of 16).
-        scale, zero_point: bf16 ``[K/G, N]``, last dim contiguous; G = 128 or 256.
+        x: bf16 ``[M, K]`` or ``[B, M, K]``, ``1 <= M <= 16``, rows 16-byte aligned (see
+            :func:`can_run`).
+        qdata: int8 ``[N, K/2]`` or ``[B, N, K/2]``, contiguous: the plain layout (two's
+            complement nibbles, element 2i low), or with ``shuffled`` fbgemm's bf16 preshuffled
+            layout (``Int4PreshuffledTensor``, N a multiple of 16).
+        scale, zero_point: bf16 ``[K/G, N]`` or ``[B, K/G, N]``, last dim contiguous; G = 128
+            or 256.
         config: any of ``WARPS_N``, ``U``, ``SLICES``, ``MIN_BLOCKS``, ``R`` (the rest from
             :func:`pick_config`).
         shuffled: read fbgemm's bf16 preshuffled layout instead of the plain one.
 
     Returns:
-        bf16 ``[M, N]``.
+        bf16 ``[M, N]`` or ``[B, M, N]``.
     """
-    m, k = x.shape
-    n = qdata.shape[0]
+    batched = x.ndim == 3
+    batch = x.shape[0] if batched else 1
+    m, k = x.shape[-2:]
+    n = qdata.shape[-2]
     if shuffled and n % 16:
         raise ValueError(f"a preshuffled weight has a multiple of 16 rows, got {n}")
     props = torch.cuda.get_device_properties(x.device)
-    cfg = dict(pick_config(m, n, k, props.multi_processor_count, shuffled), **(config or {}))
+    # the batch's row tiles share the multiprocessors, so the config sees all of them
+    cfg = dict(pick_config(m, batch * n, k, props.multi_processor_count, shuffled), **(config or {}))
     m_tiles = 1 if m <= 8 else 2
     kernel = _compiled(m_tiles, cfg["WARPS_N"], cfg["U"], (props.major, props.minor),
                        cfg["MIN_BLOCKS"], cfg["R"], shuffled)
-    out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16, device=x.device)
+    strides = ([x.stride(0), qdata.stride(0) // 16, scale.stride(0), out.stride(0)] if batched
+               else [0, 0, 0, 0])
     kernel(
-        grid=(-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), 1, 1),
+        grid=(-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), batch, 1),
         block=(32, cfg["WARPS_N"], cfg["SLICES"]),
-        args=[x, qdata, scale, zero_point, out, m, n, k, x.stride(0), scale.stride(0),
-              out.stride(0), group_size.bit_length() - 1],
+        args=[x, qdata, scale, zero_point, out, m, n, k, x.stride(-2), scale.stride(-2),
+              out.stride(-2), group_size.bit_length() - 1, *strides],
         shared_mem=_smem_bytes(m_tiles, cfg["WARPS_N"], cfg["SLICES"], cfg["R"]),
     )
     return out

@@ -28,7 +28,8 @@ def int4_gemv_cuda(
     x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
     group_size: int,
 ) -> torch.Tensor:
-    """``x [M <= 16, K] @ W.T -> [M, N]`` through our tensor-core GEMV (see cuda_gemv.py)."""
+    """``x [M <= 16, K] @ W.T -> [M, N]`` through our tensor-core GEMV (see cuda_gemv.py); 3D
+    weights: ``x [B, M, K] @ W[b].T -> [B, M, N]``."""
     return cuda_gemv.int4_gemv(x, qdata, scale, zero_point, group_size)
 
 
@@ -37,8 +38,9 @@ def int4_gemv_cuda_preshuffled(
     x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
     group_size: int,
 ) -> torch.Tensor:
-    """``x [M <= 16, K] @ W.T -> [M, Np]`` for a bf16 ``Int4PreshuffledTensor``'s fields through
-    the same GEMV, reading fbgemm's preshuffled layout."""
+    """``x [M <= 16, K] @ W.T -> [M, Np]`` (or ``[B, M, K] -> [B, M, Np]``) for a bf16
+    ``Int4PreshuffledTensor``'s fields through the same GEMV, reading fbgemm's preshuffled
+    layout."""
     return cuda_gemv.int4_gemv(x, qdata, group_scale, group_zero, group_size, shuffled=True)
 
 
@@ -183,8 +185,8 @@ def _(xq, qdata, x_scale, row_scale, group_scale):
     return xq.new_empty(xq.shape[0], xq.shape[1], qdata.shape[-2], dtype=torch.bfloat16)
 
 
-def _fake(x, qdata, scale, zero_point, group_size):
-    return x.new_empty(x.shape[0], qdata.shape[0])
+def _fake(x, qdata, scale, zero_point, group_size):  # x [M, K] or [B, M, K]
+    return x.new_empty(*x.shape[:-1], qdata.shape[-2])
 
 
 def _setup_context(ctx, inputs, output):

@@ -128,6 +128,41 @@ def test_in_a_cuda_graph_and_compiled():
     check_compiled_decode_mlp(custom_ops.int4_gemv_cuda)
 
 
+@gpu
+@pytest.mark.parametrize("e, m, n, k", [(8, 1, 1024, 2048), (4, 16, 512, 1024), (3, 5, 200, 384),
+                                        (64, 3, 256, 512), (2, 9, 4096, 4096)])
+def test_batched_weights_in_one_launch(e, m, n, k):
+    """3D weights (experts, ``torch.bmm``): one launch with a grid row per batch entry gives
+    each entry exactly what a 2D call with the same launch config gives, for activations with
+    a batch stride other than M * K too."""
+    w = torch.randn(e, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    t = Int4Tensor.from_hp(w, (1, 1, 128))
+    x = torch.randn(e, m + 3, k, dtype=torch.bfloat16, device="cuda")[:, 3:]
+    cfg = cuda_gemv.pick_config(m, e * n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+    out = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, 128, cfg)
+    assert out.shape == (e, m, n)
+    for b in range(e):
+        one = cuda_gemv.int4_gemv(x[b], t.qdata[b], t.scale[b], t.zero_point[b], 128, cfg)
+        assert torch.equal(one, out[b]), b
+    assert rel_error(reference.bmm(x, t), out) < 1e-2
+    assert sqnr(torch.bmm(x.double(), w.double().mT), out) > 18
+
+
+@gpu
+@pytest.mark.parametrize("m, backend", [(1, "cuda"), (16, "cuda"), (17, None)])
+def test_bmm_dispatch_takes_it_for_decode_sizes(m, backend):
+    w = torch.randn(4, 512, 1024, dtype=torch.bfloat16, device="cuda") * 0.02
+    t = Int4Tensor.from_hp(w, (1, 1, 128))
+    x = torch.randn(4, m, 1024, dtype=torch.bfloat16, device="cuda")
+    got = kernels.bmm_backend(x, t)
+    assert got == backend if backend else got != "cuda"
+    out = torch.bmm(x, t.mT)
+    assert out.shape == (4, m, 512)
+    assert rel_error(reference.bmm(x, t), out) < 1e-2
+    assert torch.library.opcheck(custom_ops.int4_gemv_cuda,
+                                 (x[:, :1], t.qdata, t.scale, t.zero_point, 128)) is not None
+
+
 def preshuffled(n, k, g=128):
     """A weight in the plain layout and in fbgemm's bf16 preshuffled one (needs fbgemm on an
     sm90+ GPU, like every preshuffled test)."""
@@ -172,6 +207,27 @@ def test_preshuffled_layout_with_every_launch_config(cfg, g):
 
 
 @gpu
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_reads_batched_preshuffled_experts(m):
+    """3D preshuffled weights (each expert shuffled on its own, N padded to 16): the batched
+    GEMV matches the plain layout's and the reference path; torch.bmm dispatches to it."""
+    if not fbgemm.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the preshuffled layout needs fbgemm-gpu-genai on an sm90+ GPU")
+    w = torch.randn(6, 200, 1024, dtype=torch.bfloat16, device="cuda") * 0.02
+    t = Int4Tensor.from_hp(w, (1, 1, 128))
+    p = Int4PreshuffledTensor.from_int4_tensor(t)
+    x = torch.randn(6, m, 1024, dtype=torch.bfloat16, device="cuda")
+    out = cuda_gemv.int4_gemv(x, p.qdata, p.group_scale, p.group_zero, 128, shuffled=True)
+    assert out.shape == (6, m, 208)
+    plain = cuda_gemv.int4_gemv(x, t.qdata, t.scale, t.zero_point, 128)
+    assert rel_error(plain, out[..., :200]) < 5e-3
+    assert kernels.preshuffled_backend(x, p) == "cuda"
+    via_bmm = torch.bmm(x, p.mT)
+    assert via_bmm.shape == (6, m, 200)
+    assert rel_error(reference.bmm(x, t), via_bmm) < 1e-2
+
+
+@gpu
 @pytest.mark.parametrize("m, backend", [(1, "cuda"), (16, "cuda"), (17, "fbgemm")])
 def test_preshuffled_dispatch_takes_it_for_decode_sizes(m, backend):
     _, t, p = preshuffled(512, 1024)
@@ -189,8 +245,13 @@ def test_contract_rejects_cpu_and_unsupported_inputs_without_compiling():
     assert not cuda_gemv.can_run(x, t.qdata, t.scale, t.zero_point, 128)
     cfg = cuda_gemv.pick_config(1, 8192, 8192, 132)
     assert cfg["WARPS_N"] * cfg["SLICES"] == cuda_gemv.MAX_WARPS and 8192 // 128 >= cfg["SLICES"]
+    t3 = Int4Tensor.from_hp(torch.randn(2, 64, 256, dtype=torch.bfloat16), (1, 1, 128))
+    x3 = torch.randn(2, 1, 256, dtype=torch.bfloat16)
+    assert not cuda_gemv.can_run(x3, t3.qdata, t3.scale, t3.zero_point, 128)
+    assert not cuda_gemv.can_run(x3, t.qdata, t.scale, t.zero_point, 128)  # 3D x, 2D weight
     assert cuda_gemv._compiled.cache_info().currsize == 0
     assert kernels.linear_backend(x, t) == "reference"
+    assert kernels.bmm_backend(x3, t3) == "reference"
 
 
 @pytest.mark.parametrize("m", [1, 4, 5, 8, 9, 16])
