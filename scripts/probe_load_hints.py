@@ -28,8 +28,7 @@ LOADS = [("wa[r] = qa[off];", "wa[r] = ldw(qa + off);"), ("wb[r] = qb[off];", "w
           "wb[r] = ldw(qb + (size_t)(rb[r] - rb[0]) * row_len + c * 4);")]
 
 
-def source_with(instr):
-    src = cuda_gemv._SOURCE
+def source_with(src, instr):
     if instr is None:
         return src
     helper = (
@@ -65,7 +64,7 @@ def main():
                     line = f"{n}x{k} M={m} {'shuffled' if shuffled else 'plain   '}:"
                     ref = None
                     for tag, instr in HINTS.items():
-                        cuda_gemv._SOURCE = source_with(instr)
+                        cuda_gemv._SOURCE = source_with(original, instr)
                         cuda_gemv._kernel_source.cache_clear()
                         cuda_gemv._compiled.cache_clear()
                         out = cuda_gemv.int4_gemv(x, *fields[0], 128, shuffled=shuffled)
