@@ -369,33 +369,33 @@ def can_compile(device_index: int) -> bool:
 
 
 def pick_config(m: int, n: int, k: int, num_sms: int, shuffled: bool = False) -> dict:
-    """Launch config for one call, from device sweeps of 48 configs in
-    ``scripts/probe_cuda_gemv.py`` on an H200 (132 multiprocessors; ``probe_cuda_gemv_sweep.csv``
-    and, for fbgemm's preshuffled layout, ``probe_cuda_gemv_shuffled_sweep.csv`` in
-    benchmarks/results; ``probe_llama_shapes.csv`` adds the Llama-3 decode shapes and
-    MIN_BLOCKS 3-4, which never won). Plain layout: within 5.5% of each case's best on average
-    (geometric mean over 8 shapes x 5 M), 21% in the worst case; preshuffled: within 1.2% on
-    average over 8 shapes x 2-4 M, 7.2% worst. 8 warps per block; K split over 8 of them where
-    N <= 4096 (fewer row tiles to share the multiprocessors), else over 4 on the plain layout
-    and, on the preshuffled one, over as few as keep 12 warps per multiprocessor. Above 4
-    activation rows (N > 4096; any M there on the preshuffled layout) and above 8 (N <= 4096)
-    each warp takes two 16-row tiles (R = 2), which halves the activation loads per weight."""
+    """Launch config for one call, from device sweeps in ``scripts/probe_cuda_gemv.py`` on an
+    H200 (132 multiprocessors; in benchmarks/results ``probe_cuda_gemv_sweep.csv`` for the plain
+    layout, ``probe_cuda_gemv_shuffled_sweep.csv`` and ``probe_llama_shapes.csv`` for fbgemm's
+    preshuffled one; MIN_BLOCKS 3-4 never won). Plain layout: within 3.5% of each case's best
+    on average (geometric mean over 8 shapes x 5 M), 16% in the worst case; preshuffled: 1.2%
+    on average over 8 shapes x 2-4 M, 7.2% worst.
+
+    8 warps per block. Where N <= 4096, K is split over 8 of them (few row tiles to share the
+    multiprocessors). Above, on the preshuffled layout and for K <= 4096 on the plain one, over
+    as few as keep 12 warps per multiprocessor busy, so each warp streams a longer stretch of
+    its rows (128256x4096 preshuffled at M = 1: 83.8 us with 1 slice, 97.2 with 8); the plain
+    layout with longer rows reads best split over 4-8. Above 4 activation rows (N > 4096) and
+    above 8 (N <= 4096) each warp takes two 16-row tiles (R = 2), which halves the activation
+    loads per weight."""
     chunks = k // CHUNK
+    tile_pairs, busy = n // 32, 12 * num_sms
     if n <= 4096 * num_sms // 132:
         cfg = (dict(SLICES=8, U=2, MIN_BLOCKS=2, R=1) if m <= 4 else
                dict(SLICES=8, U=4, MIN_BLOCKS=2, R=1) if m <= 8 else
                dict(SLICES=8, U=4, MIN_BLOCKS=1, R=2))
-    elif shuffled:
-        # as few K slices as keep >= 12 warps per multiprocessor busy: longer contiguous
-        # streams per warp (128256x4096 at M = 1: 83.8 us with 1 slice, 97.2 with 8)
-        tile_pairs, busy = n // 32, 12 * num_sms
-        if m <= 8 and 8 * tile_pairs < busy:  # few rows (6144x4096): one tile per warp
-            cfg = dict(SLICES=8, U=1, MIN_BLOCKS=2, R=1)
-        else:
-            slices = 1
-            while slices < 8 and slices * tile_pairs < busy:
-                slices *= 2
-            cfg = dict(SLICES=slices, U=2 if m <= 8 else 1, MIN_BLOCKS=2, R=2)
+    elif (shuffled or k <= 4096) and m <= 8 and 8 * tile_pairs < busy:
+        cfg = dict(SLICES=8, U=1, MIN_BLOCKS=2, R=1)  # few rows (6144x4096): a tile per warp
+    elif shuffled or (k <= 4096 and 8 * tile_pairs >= busy):
+        slices = 1
+        while slices < 8 and slices * tile_pairs < busy:
+            slices *= 2
+        cfg = dict(SLICES=slices, U=2 if m <= 8 else 1, MIN_BLOCKS=2, R=2)
     else:
         cfg = (dict(SLICES=4, U=2, MIN_BLOCKS=2, R=1) if m <= 4 else
                dict(SLICES=8, U=2, MIN_BLOCKS=2, R=2) if m <= 8 else

@@ -255,15 +255,22 @@ def test_contract_rejects_cpu_and_unsupported_inputs_without_compiling():
 
 
 @pytest.mark.parametrize("m", [1, 4, 5, 8, 9, 16])
-@pytest.mark.parametrize("n, k", [(8192, 8192), (4096, 14336), (96, 640), (1000, 256), (28672, 128)])
+@pytest.mark.parametrize("n, k", [(8192, 8192), (4096, 14336), (96, 640), (1000, 256), (28672, 128),
+                                  (14336, 4096), (6144, 4096), (128256, 4096), (8192, 28672)])
 @pytest.mark.parametrize("shuffled", [False, True])
 def test_launch_config_fits_the_block_and_k(m, n, k, shuffled):
     """Runs everywhere: 8 warps per block, no more K slices than half the chunks (except one
-    chunk), one or two row tiles per warp, two from 5 rows up where N > 4096 (any M on the
-    preshuffled layout) and from 9 rows up elsewhere."""
-    cfg = cuda_gemv.pick_config(m, n, k, 132, shuffled)
+    chunk), two row tiles per warp from 9 rows up; with many rows of at most 4096 K (any K on
+    the preshuffled layout), as few K slices as keep 12 warps per multiprocessor."""
+    sms = 132
+    cfg = cuda_gemv.pick_config(m, n, k, sms, shuffled)
     assert cfg["WARPS_N"] * cfg["SLICES"] == cuda_gemv.MAX_WARPS
     assert cfg["SLICES"] == 1 or k // cuda_gemv.CHUNK >= 2 * cfg["SLICES"]
-    assert cfg["U"] >= 1 and cfg["MIN_BLOCKS"] >= 1
-    large_n = n > 4096
-    assert cfg["R"] == (2 if m > 8 or (large_n and (m > 4 or shuffled)) else 1)
+    assert cfg["U"] >= 1 and cfg["MIN_BLOCKS"] >= 1 and cfg["R"] in (1, 2)
+    if m > 8:
+        assert cfg["R"] == 2
+    if n > 4096 and (shuffled or k <= 4096) and cfg["R"] == 2:
+        warps = lambda slices: n // 32 * slices  # noqa: E731
+        assert cfg["SLICES"] == 1 or warps(cfg["SLICES"] // 2) < 12 * sms
+        capped = cfg["SLICES"] == 8 or k // cuda_gemv.CHUNK < 4 * cfg["SLICES"]
+        assert warps(cfg["SLICES"]) >= 12 * sms or capped or m > 8
