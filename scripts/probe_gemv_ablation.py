@@ -17,7 +17,7 @@ EDITS = {
     "no activation sums": [(
         "      mma_bf16(e[mt], one, one, one, one, x04, x15);\n"
         "      mma_bf16(e[mt], one, one, one, one, x26, x37);", "")],
-    "no x loads": [("xv[mt][j] = m < M ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);",
+    "no x loads": [("xv[mt][j] = m < M ? __ldg(xp + (SHUFFLED ? (j & 1) + 8 * (j >> 1) : j)) : make_uint4(0, 0, 0, 0);",
                     "xv[mt][j] = make_uint4(kc, j, m, (unsigned)(size_t)xp);")],
     "no mma": [(
         '  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%%0,%%1,%%2,%%3}, "\n'
@@ -36,13 +36,17 @@ EDITS["weights only"] = [e for k in ("no activation sums", "no x loads", "no mma
 
 def kernel_for(edits, m_tiles, cfg, cap, tag, prefix="ablate"):
     """The GEMV kernel of cuda_gemv.py with ``edits`` (old, new) applied, compiled."""
-    src = cuda_gemv._SOURCE
+    src, helpers = cuda_gemv._SOURCE, nvrtc.MMA_HELPERS
     for old, new in edits:
-        assert old in src, old[:60]
-        src = src.replace(old, new)
+        if old in src:
+            src = src.replace(old, new)
+        else:  # the shared helpers are not %-formatted: no %% escapes
+            old, new = old.replace("%%", "%"), new.replace("%%", "%")
+            assert old in helpers, old[:60]
+            helpers = helpers.replace(old, new)
     name = f"{prefix}_{tag}"
     src = src % dict(m_tiles=m_tiles, u=cfg["U"], warps_n=cfg["WARPS_N"], max_warps=8, name=name,
-                     bf16_helpers=nvrtc.BF16_HELPERS, min_blocks=cfg["MIN_BLOCKS"],
+                     bf16_helpers=nvrtc.BF16_HELPERS, mma_helpers=helpers, min_blocks=cfg["MIN_BLOCKS"],
                      r=cfg.get("R", 1), shuffled=0)
     return nvrtc.compile_kernel(src, name, cap)
 

@@ -176,7 +176,7 @@ def compiled(m_tiles: int, tiles: int, ch: int, stages: int, capability: tuple[i
     block, ``ch`` chunks per stage and ``stages`` stages (NVRTC, once per process)."""
     name = f"int4_tc_gemv_pipelined_m{m_tiles}_t{tiles}_c{ch}_s{stages}"
     source = PIPELINED_SOURCE % dict(m_tiles=m_tiles, tiles=tiles, ch=ch, stages=stages, name=name,
-                                     bf16_helpers=nvrtc.BF16_HELPERS, r=1, shuffled=0)
+                                     bf16_helpers=nvrtc.BF16_HELPERS, mma_helpers=nvrtc.MMA_HELPERS, r=1, shuffled=0)
     kernel = nvrtc.compile_kernel(source, name, capability)
     kernel.set_shared_memory_config(smem_bytes(m_tiles, tiles, ch, stages))
     return kernel
@@ -244,7 +244,7 @@ def weights_only_kernel(m_tiles, cfg, cap):
     name = "pipelined_weights_only_t{TILES}_c{CH}_s{STAGES}".format(**cfg)
     src = src.replace(*WEIGHTS_ONLY) % dict(m_tiles=m_tiles, tiles=cfg["TILES"], ch=cfg["CH"],
                                             stages=cfg["STAGES"], name=name,
-                                            bf16_helpers=nvrtc.BF16_HELPERS, r=1, shuffled=0)
+                                            bf16_helpers=nvrtc.BF16_HELPERS, mma_helpers=nvrtc.MMA_HELPERS, r=1, shuffled=0)
     kernel = nvrtc.compile_kernel(src, name, cap)
     kernel.set_shared_memory_config(smem_bytes(m_tiles, cfg["TILES"], cfg["CH"], cfg["STAGES"]))
     return kernel

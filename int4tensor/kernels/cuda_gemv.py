@@ -64,22 +64,7 @@ _CHUNK_MATH = r"""
 #define SHUFFLED %(shuffled)d  // 0: plain [N, K/2]; 1: fbgemm's bf16 preshuffled layout
 
 %(bf16_helpers)s
-// nibbles at bits 0..3 and 16..19 of w (two's complement q) -> bf16x2 (136 + q): (w & m) ^ c
-__device__ __forceinline__ unsigned nibbles_to_bf16x2(unsigned w) {
-  unsigned r;
-  asm("lop3.b32 %%0, %%1, %%2, %%3, 0x6a;" : "=r"(r) : "r"(w), "n"(0x000F000F), "n"(0x43084308));
-  return r;
-}
-__device__ __forceinline__ void mma_bf16(float* d, unsigned a0, unsigned a1, unsigned a2,
-                                         unsigned a3, unsigned b0, unsigned b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%%0,%%1,%%2,%%3}, "
-      "{%%4,%%5,%%6,%%7}, {%%8,%%9}, {%%0,%%1,%%2,%%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ unsigned word(const uint4& v, int j) {
-  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
-}
+%(mma_helpers)s
 // One 128-wide K chunk c of R 16-row tiles (the lane's rows g and g + 8 of each), for all M
 // rows of x: acc[r][mt] += s * (x . (136 + q)) + (z - 136 s) * sum(x), see the module
 // docstring. The activations, their permutation and their sums are shared by the R tiles.
@@ -349,7 +334,8 @@ def _kernel_source(m_tiles: int, warps_n: int, u: int, min_blocks: int, r: int,
     fbgemm's bf16 preshuffled one."""
     name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}_b{min_blocks}_r{r}{'_shuffled' if shuffled else ''}"
     return _SOURCE % dict(m_tiles=m_tiles, u=u, warps_n=warps_n, max_warps=MAX_WARPS, name=name,
-                          bf16_helpers=nvrtc.BF16_HELPERS, min_blocks=min_blocks, r=r,
+                          bf16_helpers=nvrtc.BF16_HELPERS, mma_helpers=nvrtc.MMA_HELPERS,
+                          min_blocks=min_blocks, r=r,
                           shuffled=int(shuffled)), name
 
 

@@ -26,6 +26,27 @@ __device__ __forceinline__ bf16_t f_to_bf16(float f) {  // round to nearest even
 }
 """
 
+#: tensor-core helpers shared by the int4 kernels: the nibble-to-bf16 conversion, one bf16
+#: ``mma.m16n8k16`` with fp32 accumulators, and a uint4's j-th word
+MMA_HELPERS = r"""
+// nibbles at bits 0..3 and 16..19 of w (two's complement q) -> bf16x2 (136 + q): (w & m) ^ c
+__device__ __forceinline__ unsigned nibbles_to_bf16x2(unsigned w) {
+  unsigned r;
+  asm("lop3.b32 %0, %1, %2, %3, 0x6a;" : "=r"(r) : "r"(w), "n"(0x000F000F), "n"(0x43084308));
+  return r;
+}
+__device__ __forceinline__ void mma_bf16(float* d, unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+      "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned word(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+"""
+
 
 def is_available() -> bool:
     """True where the NVRTC runtime compiler is reachable through torch (CUDA builds)."""
