@@ -203,9 +203,10 @@ def _compiled(m_tiles: int, u: int, min_blocks: int, capability: tuple[int, int]
 
 
 @functools.lru_cache(maxsize=None)
-def _allow_smem(kernel, nbytes: int) -> None:
-    """Opt the kernel into ``nbytes`` of dynamic shared memory (above 48 KB), once."""
-    kernel.set_shared_memory_config(nbytes)
+def _allow_smem(kernel) -> None:
+    """Opt the kernel into up to MAX_SMEM of dynamic shared memory, once (a later, smaller
+    setting would lower torch's recorded limit for every launch)."""
+    kernel.set_shared_memory_config(MAX_SMEM)
 
 
 def can_compile(device_index: int) -> bool:
@@ -284,7 +285,7 @@ def int4_gemm(
                          f"M={m}, more than {MAX_SMEM}")
     kernel = _compiled(m_tiles, cfg["U"], cfg["MIN_BLOCKS"], (props.major, props.minor))
     if smem >= 48 * 1024:
-        _allow_smem(kernel, smem)
+        _allow_smem(kernel)
     acc = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     kernel(
         grid=(-(-n // BLOCK_N), -(-chunks // block_chunks), 1),
