@@ -32,13 +32,14 @@ def check():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = reference.linear(x, t, None)
         for cfg in (None, dict(U=1, BLOCK_CHUNKS=2), dict(U=2, BLOCK_CHUNKS=3, MIN_BLOCKS=1),
-                    dict(U=1, BLOCK_CHUNKS=12, MIN_BLOCKS=1)):
+                    dict(U=1, BLOCK_CHUNKS=12, MIN_BLOCKS=1, PREFETCH=False),
+                    dict(U=2, BLOCK_CHUNKS=5, MIN_BLOCKS=2, PREFETCH=True)):
             out = cuda_gemm.int4_gemm(x, p.qdata, p.group_scale, p.group_zero, g, cfg)[:, :n]
             err = rel_error(ref, out)
             worst = max(worst, err)
             if err > 1e-2:
                 print(f"WRONG n={n} k={k} g={g} m={m} cfg={cfg}: rel err {err:.4f}", flush=True)
-    print(f"check: {len(cases)} cases x 4 configs, worst rel err vs reference {worst:.2e} "
+    print(f"check: {len(cases)} cases x 5 configs, worst rel err vs reference {worst:.2e} "
           f"({time.time() - t0:.1f} s incl. compile)", flush=True)
 
 
@@ -60,16 +61,16 @@ def sweep(bw):
             t_over = graph_time_us([lambda: torch.zeros(m, n, device="cuda").to(torch.bfloat16)] * 4)
             ranked = []
             m_tiles = -(-m // 8)
-            for u in (1, 2):
-                for bc in (2, 4, 8, 16):
-                    for b in ((1, 2) if m_tiles <= 4 else (1,)):
-                        cfg = dict(U=u, BLOCK_CHUNKS=bc, MIN_BLOCKS=b)
-                        if cuda_gemm._smem_bytes(m_tiles, min(bc, k // 128)) * b > 220 * 1024:
-                            continue
-                        t = graph_time_us([lambda f=f, c=cfg: cuda_gemm.int4_gemm(x, *f, 128, c)
-                                           for f in fields], iters=5)
-                        ranked.append((t, cfg))
-                        records.append(dict(N=n, K=k, M=m, **cfg, us=round(t, 2)))
+            grid = [(u, bc, b, pf) for u in (1, 2) for bc in (2, 4, 8, 16)
+                    for b in ((1, 2) if m_tiles <= 4 else (1,)) for pf in (False, True)]
+            for u, bc, b, pf in grid:
+                cfg = dict(U=u, BLOCK_CHUNKS=bc, MIN_BLOCKS=b, PREFETCH=pf)
+                if cuda_gemm._smem_bytes(m_tiles, min(bc, k // 128)) * b > 220 * 1024:
+                    continue
+                t = graph_time_us([lambda f=f, c=cfg: cuda_gemm.int4_gemm(x, *f, 128, c)
+                                   for f in fields], iters=5)
+                ranked.append((t, cfg))
+                records.append(dict(N=n, K=k, M=m, **cfg, us=round(t, 2)))
             ranked.sort(key=lambda r: r[0])
             t_def = graph_time_us([lambda f=f: cuda_gemm.int4_gemm(x, *f, 128) for f in fields])
             pct = lambda t: nbytes / t / 1e3 / bw * 100  # noqa: E731

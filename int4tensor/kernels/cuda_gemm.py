@@ -41,6 +41,7 @@ _SOURCE = r"""
 #define MT %(m_tiles)d        // 8-row activation tiles
 #define U %(u)d               // K chunks in flight per warp
 #define MIN_BLOCKS %(min_blocks)d
+#define PREFETCH %(prefetch)d     // load the next U chunks while multiplying these
 #define WARPS 8
 #define R 2                   // 16-row weight tiles per warp
 
@@ -55,6 +56,78 @@ __device__ __forceinline__ unsigned dequant2(unsigned v, unsigned s2, unsigned z
   return w;
 }
 __device__ __forceinline__ unsigned splat(bf16_t v) { return (unsigned)v | ((unsigned)v << 16); }
+
+// U chunks from chunk c: the lane's weights (K steps 8c + t and 8c + 4 + t of row pair g of
+// its R tiles, as the GEMV reads them) and the group scales / zeros of its rows; chunks past
+// the block's range repeat its last one (loaded, not used)
+__device__ __forceinline__ void load_stage(
+    uint4 (&wa)[U][R], uint4 (&wb)[U][R], bf16_t (&sz)[U][4][R], int c, int c_end,
+    const uint4* __restrict__ qa, const uint4* __restrict__ qb, const bf16_t* __restrict__ scale,
+    const bf16_t* __restrict__ zero, const int (&toff)[R], const int (&ra)[R], const int (&rb)[R],
+    int tiles, int lds, int group_shift) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int cc = min(c + u, c_end - 1);
+    const size_t gi = (size_t)((cc << 7) >> group_shift) * lds;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const size_t off = (size_t)cc * 64 * tiles + toff[r];
+      wa[u][r] = qa[off];
+      wb[u][r] = qb[off];
+      sz[u][0][r] = scale[gi + ra[r]]; sz[u][1][r] = scale[gi + rb[r]];
+      sz[u][2][r] = zero[gi + ra[r]]; sz[u][3][r] = zero[gi + rb[r]];
+    }
+  }
+}
+
+// acc += W x for the U loaded chunks (the first `left` of them are in the block's range);
+// xc: the lane's activations of the first chunk in shared memory
+__device__ __forceinline__ void mma_stage(
+    float (&acc)[R][MT][4], const uint4 (&wa)[U][R], const uint4 (&wb)[U][R],
+    const bf16_t (&sz)[U][4][R], const bf16_t* xc0, int xs_stride, int left) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (u >= left) break;
+    const bf16_t* xc = xc0 + (u << 7);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      // words j, j + 1 of the lane's 16 bytes: K pairs (2j, 2j + 2) and (2j + 8, 2j + 10)
+      // of its step, rows g (even slots) and g + 8 (odd slots), see cuda_gemv.py
+      unsigned lo[2][R][4], hi[2][R][4];
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint4 W = half ? wb[u][r] : wa[u][r];
+          const unsigned w0 = word(W, 2 * jj), w1 = word(W, 2 * jj + 1);
+          const unsigned sa = splat(sz[u][0][r]), sb = splat(sz[u][1][r]);
+          const unsigned za = splat(sz[u][2][r]), zb = splat(sz[u][3][r]);
+          lo[jj][r][0] = dequant2(nibbles_to_bf16x2(w0), sa, za);
+          lo[jj][r][1] = dequant2(nibbles_to_bf16x2(w0 >> 4), sb, zb);
+          lo[jj][r][2] = dequant2(nibbles_to_bf16x2(w1), sa, za);
+          lo[jj][r][3] = dequant2(nibbles_to_bf16x2(w1 >> 4), sb, zb);
+          hi[jj][r][0] = dequant2(nibbles_to_bf16x2(w0 >> 8), sa, za);
+          hi[jj][r][1] = dequant2(nibbles_to_bf16x2(w0 >> 12), sb, zb);
+          hi[jj][r][2] = dequant2(nibbles_to_bf16x2(w1 >> 8), sa, za);
+          hi[jj][r][3] = dequant2(nibbles_to_bf16x2(w1 >> 12), sb, zb);
+        }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint4* xp = reinterpret_cast<const uint4*>(xc + mt * 8 * xs_stride + half * 64);
+        const uint4 X0 = xp[0], X1 = xp[1];  // K 0..7 and 8..15 of the step
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            mma_bf16(acc[r][mt], lo[jj][r][0], lo[jj][r][1], lo[jj][r][2], lo[jj][r][3],
+                     word(X0, 2 * jj), word(X0, 2 * jj + 1));
+            mma_bf16(acc[r][mt], hi[jj][r][0], hi[jj][r][1], hi[jj][r][2], hi[jj][r][3],
+                     word(X1, 2 * jj), word(X1, 2 * jj + 1));
+          }
+      }
+    }
+  }
+}
 
 extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 %(name)s(const bf16_t* __restrict__ x, const uint4* __restrict__ q,
@@ -108,68 +181,36 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][mt][i] = 0.f;
 
+  // U chunks' weights and group scales / zeros; with PREFETCH the next U are loaded while
+  // these are multiplied
+  uint4 wa[U][R], wb[U][R], na[U][R], nb[U][R];
+  bf16_t sz[U][4][R], nsz[U][4][R];
+  const bool active = r0 < N;
+  if (active) load_stage(wa, wb, sz, c_begin, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds, group_shift);
   asm volatile("cp.async.wait_all;" ::: "memory");
   __syncthreads();
-  if (r0 >= N) return;
+  if (!active) return;
 
+#pragma unroll 1
   for (int c = c_begin; c < c_end; c += U) {
-    uint4 wa[U][R], wb[U][R];
-    bf16_t s[U][4][R];
+#if PREFETCH
+    if (c + U < c_end)
+      load_stage(na, nb, nsz, c + U, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds, group_shift);
+#endif
+    mma_stage(acc, wa, wb, sz, xl + ((c - c_begin) << 7), xs_stride, c_end - c);
+#if PREFETCH
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int cc = min(c + u, c_end - 1);  // a repeated last chunk is loaded, not used
-      const size_t gi = (size_t)((cc << 7) >> group_shift) * lds;
+    for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const size_t off = (size_t)cc * 64 * tiles + toff[r];
-        wa[u][r] = qa[off];
-        wb[u][r] = qb[off];
-        s[u][0][r] = scale[gi + ra[r]]; s[u][1][r] = scale[gi + rb[r]];
-        s[u][2][r] = zero[gi + ra[r]]; s[u][3][r] = zero[gi + rb[r]];
+        wa[u][r] = na[u][r]; wb[u][r] = nb[u][r];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sz[u][i][r] = nsz[u][i][r];
       }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (c + u >= c_end) break;
-      const bf16_t* xc = xl + ((c + u - c_begin) << 7);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        // words j, j + 1 of the lane's 16 bytes: K pairs (2j, 2j + 2) and (2j + 8, 2j + 10)
-        // of its step, rows g (even slots) and g + 8 (odd slots), see cuda_gemv.py
-        unsigned lo[2][R][4], hi[2][R][4];
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const uint4 W = half ? wb[u][r] : wa[u][r];
-            const unsigned w0 = word(W, 2 * jj), w1 = word(W, 2 * jj + 1);
-            const unsigned sa = splat(s[u][0][r]), sb = splat(s[u][1][r]);
-            const unsigned za = splat(s[u][2][r]), zb = splat(s[u][3][r]);
-            lo[jj][r][0] = dequant2(nibbles_to_bf16x2(w0), sa, za);
-            lo[jj][r][1] = dequant2(nibbles_to_bf16x2(w0 >> 4), sb, zb);
-            lo[jj][r][2] = dequant2(nibbles_to_bf16x2(w1), sa, za);
-            lo[jj][r][3] = dequant2(nibbles_to_bf16x2(w1 >> 4), sb, zb);
-            hi[jj][r][0] = dequant2(nibbles_to_bf16x2(w0 >> 8), sa, za);
-            hi[jj][r][1] = dequant2(nibbles_to_bf16x2(w0 >> 12), sb, zb);
-            hi[jj][r][2] = dequant2(nibbles_to_bf16x2(w1 >> 8), sa, za);
-            hi[jj][r][3] = dequant2(nibbles_to_bf16x2(w1 >> 12), sb, zb);
-          }
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const uint4* xp = reinterpret_cast<const uint4*>(xc + mt * 8 * xs_stride + half * 64);
-          const uint4 X0 = xp[0], X1 = xp[1];  // K 0..7 and 8..15 of the step
-#pragma unroll
-          for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-              mma_bf16(acc[r][mt], lo[jj][r][0], lo[jj][r][1], lo[jj][r][2], lo[jj][r][3],
-                       word(X0, 2 * jj), word(X0, 2 * jj + 1));
-              mma_bf16(acc[r][mt], hi[jj][r][0], hi[jj][r][1], hi[jj][r][2], hi[jj][r][3],
-                       word(X1, 2 * jj), word(X1, 2 * jj + 1));
-            }
-        }
-      }
-    }
+#else
+    if (c + U < c_end)
+      load_stage(wa, wb, sz, c + U, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds, group_shift);
+#endif
   }
 
   // C fragment: acc[r][mt][i] is out[m = 8 mt + 2t + (i & 1)][n = r0 + 16 r + g + 8 (i >> 1)]
@@ -191,15 +232,15 @@ def _smem_bytes(m_tiles: int, block_chunks: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_source(m_tiles: int, u: int, min_blocks: int) -> tuple[str, str]:
-    name = f"int4_tc_gemm_shuffled_m{m_tiles}_u{u}_b{min_blocks}"
-    return _SOURCE % dict(m_tiles=m_tiles, u=u, min_blocks=min_blocks, name=name,
+def _kernel_source(m_tiles: int, u: int, min_blocks: int, prefetch: bool) -> tuple[str, str]:
+    name = f"int4_tc_gemm_shuffled_m{m_tiles}_u{u}_b{min_blocks}{'_pf' if prefetch else ''}"
+    return _SOURCE % dict(m_tiles=m_tiles, u=u, min_blocks=min_blocks, prefetch=int(prefetch), name=name,
                           bf16_helpers=nvrtc.BF16_HELPERS, mma_helpers=nvrtc.MMA_HELPERS), name
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(m_tiles: int, u: int, min_blocks: int, capability: tuple[int, int]):
-    return nvrtc.compile_kernel(*_kernel_source(m_tiles, u, min_blocks), capability)
+def _compiled(m_tiles: int, u: int, min_blocks: int, prefetch: bool, capability: tuple[int, int]):
+    return nvrtc.compile_kernel(*_kernel_source(m_tiles, u, min_blocks, prefetch), capability)
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,14 +252,15 @@ def _allow_smem(kernel) -> None:
 
 def can_compile(device_index: int) -> bool:
     """Whether the kernel compiles and loads on this device (tried once per device)."""
-    return nvrtc.compiles(*_kernel_source(3, 2, 1), torch.cuda.get_device_capability(device_index))
+    return nvrtc.compiles(*_kernel_source(3, 2, 1, True), torch.cuda.get_device_capability(device_index))
 
 
 def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
     """``U`` chunks in flight per warp, ``MIN_BLOCKS`` per multiprocessor (a register cap) and
     ``BLOCK_CHUNKS`` 128-wide K chunks per block (the shared-memory activation copy)."""
     m_tiles = -(-m // 8)
-    cfg = dict(U=2, MIN_BLOCKS=2 if m_tiles <= 4 else 1, BLOCK_CHUNKS=8 if m_tiles <= 4 else 4)
+    cfg = dict(U=2, MIN_BLOCKS=2 if m_tiles <= 4 else 1, BLOCK_CHUNKS=8 if m_tiles <= 4 else 4,
+               PREFETCH=True)
     return cfg
 
 
@@ -266,7 +308,7 @@ def int4_gemm(
         x: bf16 ``[M, K]``, ``17 <= M <= 64``, rows 16-byte aligned (see :func:`can_run`).
         qdata: int8 ``[N, K/2]`` in fbgemm's bf16 preshuffled layout, N a multiple of 16.
         group_scale, group_zero: bf16 ``[K/G, N]``, last dim contiguous; G = 128 or 256.
-        config: any of ``U``, ``MIN_BLOCKS``, ``BLOCK_CHUNKS`` (the rest from
+        config: any of ``U``, ``MIN_BLOCKS``, ``BLOCK_CHUNKS``, ``PREFETCH`` (the rest from
             :func:`pick_config`).
 
     Returns:
@@ -283,7 +325,8 @@ def int4_gemm(
     if smem > MAX_SMEM:
         raise ValueError(f"BLOCK_CHUNKS={block_chunks} needs {smem} bytes of shared memory at "
                          f"M={m}, more than {MAX_SMEM}")
-    kernel = _compiled(m_tiles, cfg["U"], cfg["MIN_BLOCKS"], (props.major, props.minor))
+    kernel = _compiled(m_tiles, cfg["U"], cfg["MIN_BLOCKS"], bool(cfg["PREFETCH"]),
+                       (props.major, props.minor))
     if smem >= 48 * 1024:
         _allow_smem(kernel)
     acc = torch.zeros(m, n, dtype=torch.float32, device=x.device)
