@@ -31,9 +31,9 @@ def check():
         p = Int4PreshuffledTensor.from_int4_tensor(t)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = reference.linear(x, t, None)
-        for cfg in (None, dict(U=1, BLOCK_CHUNKS=2), dict(U=2, BLOCK_CHUNKS=3, MIN_BLOCKS=1),
-                    dict(U=1, BLOCK_CHUNKS=12, MIN_BLOCKS=1, PREFETCH=False),
-                    dict(U=2, BLOCK_CHUNKS=5, MIN_BLOCKS=2, PREFETCH=True)):
+        for cfg in (None, dict(STAGES=2, BLOCK_CHUNKS=2), dict(STAGES=3, BLOCK_CHUNKS=3),
+                    dict(STAGES=6, BLOCK_CHUNKS=5, MIN_BLOCKS=1),
+                    dict(STAGES=4, BLOCK_CHUNKS=12, MIN_BLOCKS=1)):
             out = cuda_gemm.int4_gemm(x, p.qdata, p.group_scale, p.group_zero, g, cfg)[:, :n]
             err = rel_error(ref, out)
             worst = max(worst, err)
@@ -61,11 +61,11 @@ def sweep(bw):
             t_over = graph_time_us([lambda: torch.zeros(m, n, device="cuda").to(torch.bfloat16)] * 4)
             ranked = []
             m_tiles = -(-m // 8)
-            grid = [(u, bc, b, pf) for u in (1, 2) for bc in (2, 4, 8, 16)
-                    for b in ((1, 2) if m_tiles <= 4 else (1,)) for pf in (False, True)]
-            for u, bc, b, pf in grid:
-                cfg = dict(U=u, BLOCK_CHUNKS=bc, MIN_BLOCKS=b, PREFETCH=pf)
-                if cuda_gemm._smem_bytes(m_tiles, min(bc, k // 128)) * b > 220 * 1024:
+            grid = [(st, bc, b) for st in (2, 3, 4, 6) for bc in (2, 4, 8, 16)
+                    for b in ((1, 2) if m_tiles <= 4 else (1,))]
+            for st, bc, b in grid:
+                cfg = dict(STAGES=st, BLOCK_CHUNKS=bc, MIN_BLOCKS=b)
+                if cuda_gemm._smem_bytes(m_tiles, min(bc, k // 128), st) * b > 220 * 1024:
                     continue
                 t = graph_time_us([lambda f=f, c=cfg: cuda_gemm.int4_gemm(x, *f, 128, c)
                                    for f in fields], iters=5)
