@@ -33,7 +33,7 @@ def check():
         ref = reference.linear(x, t, None)
         for cfg in (None, dict(STAGES=2, BLOCK_CHUNKS=2), dict(STAGES=3, BLOCK_CHUNKS=3),
                     dict(STAGES=6, BLOCK_CHUNKS=5, MIN_BLOCKS=1),
-                    dict(STAGES=4, BLOCK_CHUNKS=12, MIN_BLOCKS=1)):
+                    dict(STAGES=3, BLOCK_CHUNKS=8, MIN_BLOCKS=1)):
             out = cuda_gemm.int4_gemm(x, p.qdata, p.group_scale, p.group_zero, g, cfg)[:, :n]
             err = rel_error(ref, out)
             worst = max(worst, err)
@@ -65,7 +65,8 @@ def sweep(bw):
                     for b in ((1, 2) if m_tiles <= 4 else (1,))]
             for st, bc, b in grid:
                 cfg = dict(STAGES=st, BLOCK_CHUNKS=bc, MIN_BLOCKS=b)
-                if cuda_gemm._smem_bytes(m_tiles, min(bc, k // 128), st) * b > 220 * 1024:
+                smem = cuda_gemm._smem_bytes(m_tiles, min(bc, k // 128), st)
+                if smem > cuda_gemm.MAX_SMEM or smem * b > 227 * 1024:
                     continue
                 t = graph_time_us([lambda f=f, c=cfg: cuda_gemm.int4_gemm(x, *f, 128, c)
                                    for f in fields], iters=5)
