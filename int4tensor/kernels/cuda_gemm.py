@@ -1,22 +1,29 @@
-"""CUDA tensor-core GEMM over fbgemm's bf16 preshuffled layout for 17 to 64 activation rows
-(batched decode, short prompts), where the weights are still read once but each weight now
-meets enough activation rows that the decode GEMV's per-warp activation loads dominate.
+"""CUDA tensor-core GEMM over fbgemm's bf16 preshuffled layout for 17 to 32 activation rows
+(batched decode), where the weights are still read once but each weight meets enough
+activation rows that the decode GEMV's per-warp activation loads (through L1/L2, once per
+warp) dominate.
 
 * A block of 8 warps owns 256 weight rows (two 16-row tiles per warp, as the GEMV's ``R = 2``)
   and a range of ``BLOCK_CHUNKS`` 128-wide K chunks (split-K over the grid's y). It first
   copies the activations of its K range, ``x [M, K range]``, into shared memory
   (``cp.async``, rows up to the next multiple of 8 zero-filled); all warps then read them
-  there. Activation traffic is one copy per block instead of one per warp.
-* Weights stream from HBM into registers (``U`` chunks in flight per warp) in the layout the
-  GEMV reads (see cuda_gemv.py: a lane's 16-byte load holds four mma A fragments of its K
-  step, so the activations need no permutation), and are dequantized before the mma:
-  ``(136 + q) -> q`` exactly, then ``q * s + z`` in one bf16x2 fma, rounded once as the
-  reference path rounds its dequantized weight. With M >= 17 this costs fewer instructions
-  than the GEMV's separate activation sums, whose mma count grows with M.
-* Each ``mma.m16n8k16`` multiplies a 16-row weight tile by 8 activation rows; the fp32
-  results of the K ranges are added into a zeroed fp32 ``[M, N]`` buffer (``red.add``, in
-  L2) and cast to bf16 at the end.
+  there, one copy per block instead of one per warp.
+* Weights stream from HBM into registers in the layout the GEMV reads (see cuda_gemv.py: a
+  lane's 16-byte load holds four mma A fragments of its K step, so the activations need no
+  permutation); with ``PREFETCH`` the next ``U`` chunks are loaded while the current ones are
+  multiplied. They are dequantized before the mma: ``(136 + q) -> q`` exactly, then
+  ``q * s + z`` in one bf16x2 fma, rounded once as the reference path rounds its dequantized
+  weight. At M >= 17 that costs fewer instructions than the GEMV's activation sums on the
+  tensor cores, whose count grows with M.
+* Each ``mma.m16n8k16`` multiplies a 16-row weight tile by 8 activation rows in fp32. Each
+  block stores its K range's sums to a ``[splits, M, N]`` fp32 buffer; the last block of each
+  column of blocks to arrive (an arrival counter) adds them up and writes bf16, so a call is
+  one kernel after a tiny zero-fill.
 
+Measured on an H200 (``scripts/probe_cuda_gemm.py``, ``benchmarks/results/probe_cuda_gemm.txt``):
+1.1-1.7x bf16 at M = 17 and 1.0-1.3x at M = 32 where fbgemm's ``bf16i4bf16_shuffled`` gives
+0.7-1.3x and 0.7-1.2x; above 32 rows it falls behind fbgemm (the activation reads from shared
+memory and the mma count grow with M), so the dispatcher stops there.
 Compiled at first use with NVRTC (like cuda_gemv.py); this module imports nothing but torch.
 """
 
@@ -28,8 +35,8 @@ import torch
 
 from int4tensor.kernels import nvrtc
 
-#: the activation rows this kernel is built for (8-row mma tiles: up to 8 of them)
-MIN_M, MAX_M = 17, 64
+#: the activation rows the dispatcher gives this kernel (it runs any M up to 64)
+MIN_M, MAX_M = 17, 32
 CHUNK = 128
 WARPS = 8
 #: weight rows per block: 8 warps x 2 tiles x 16 rows
@@ -38,14 +45,12 @@ BLOCK_N = WARPS * 2 * 16
 MAX_SMEM = 200 * 1024
 
 _SOURCE = r"""
-#define MT %(m_tiles)d          // 8-row activation tiles
-#define STAGES %(stages)d       // K chunks in flight per warp (cp.async ring)
+#define MT %(m_tiles)d        // 8-row activation tiles
+#define U %(u)d               // K chunks in flight per warp
 #define MIN_BLOCKS %(min_blocks)d
+#define PREFETCH %(prefetch)d     // load the next U chunks while multiplying these
 #define WARPS 8
-#define R 2                     // 16-row weight tiles per warp
-// a warp's ring slot: R tiles x (K steps 8c + t, 8c + 4 + t) x 32 lanes x 16 bytes, then the
-// 32 rows' group scales and zeros (64 bytes each)
-#define SLOT_BYTES (R * 2 * 512 + 128)
+#define R 2                   // 16-row weight tiles per warp
 
 %(bf16_helpers)s
 %(mma_helpers)s
@@ -58,108 +63,52 @@ __device__ __forceinline__ unsigned dequant2(unsigned v, unsigned s2, unsigned z
   return w;
 }
 __device__ __forceinline__ unsigned splat(bf16_t v) { return (unsigned)v | ((unsigned)v << 16); }
-// 16 bytes global -> shared, asynchronously; zero-filled where !valid (nothing is read)
-__device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %%1; cvt.u32.u64 %%0, t; }" : "=r"(a) : "l"(dst));
-  asm volatile("cp.async.cg.shared.global [%%0], [%%1], 16, %%2;" :: "r"(a), "l"(src), "r"(valid ? 16 : 0));
-}
 
-extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
-%(name)s(const bf16_t* __restrict__ x, const uint4* __restrict__ q,
-         const bf16_t* __restrict__ scale, const bf16_t* __restrict__ zero,
-         float* __restrict__ out, int M, int N, int K, int ldx, int lds, int group_shift,
-         int block_chunks) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int c_begin = blockIdx.y * block_chunks;
-  const int c_end = min(c_begin + block_chunks, K >> 7);
-  // activation rows of 16-byte pieces plus 16 bytes: a warp's 16-byte reads of 8 rows x 4 K
-  // steps hit distinct banks
-  const int xs_stride = (block_chunks << 7) + 8;
-  bf16_t* xs = reinterpret_cast<bf16_t*>(smem);
-  unsigned char* ring = smem + 16 * MT * xs_stride + warp * STAGES * SLOT_BYTES;
-
-  {  // x[0, 8 MT) x [K range] -> shared memory; rows >= M are zero-filled
-    const int pieces = (c_end - c_begin) << 4, k0 = c_begin << 7;
-    for (int i = threadIdx.x; i < 8 * MT * pieces; i += 32 * WARPS) {
-      const int m = i / pieces, p = i - m * pieces;
-      copy16(xs + m * xs_stride + 8 * p, x + (size_t)min(m, M - 1) * ldx + k0 + 8 * p, m < M);
+// U chunks from chunk c: the lane's weights (K steps 8c + t and 8c + 4 + t of row pair g of
+// its R tiles, as the GEMV reads them) and the group scales / zeros of its rows; chunks past
+// the block's range repeat its last one (loaded, not used)
+__device__ __forceinline__ void load_stage(
+    uint4 (&wa)[U][R], uint4 (&wb)[U][R], bf16_t (&sz)[U][4][R], int c, int c_end,
+    const uint4* __restrict__ qa, const uint4* __restrict__ qb, const bf16_t* __restrict__ scale,
+    const bf16_t* __restrict__ zero, const int (&toff)[R], const int (&ra)[R], const int (&rb)[R],
+    int tiles, int lds, int group_shift) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int cc = min(c + u, c_end - 1);
+    const size_t gi = (size_t)((cc << 7) >> group_shift) * lds;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const size_t off = (size_t)cc * 64 * tiles + toff[r];
+      wa[u][r] = qa[off];
+      wb[u][r] = qb[off];
+      sz[u][0][r] = scale[gi + ra[r]]; sz[u][1][r] = scale[gi + rb[r]];
+      sz[u][2][r] = zero[gi + ra[r]]; sz[u][3][r] = zero[gi + rb[r]];
     }
   }
+}
 
-  const int r0 = blockIdx.x * (WARPS * R * 16) + warp * (R * 16);  // this warp's first row
-  const int tiles = N >> 4;
-  // lane (g, t) reads K steps 8c + t (wa) and 8c + 4 + t (wb) of row pair g of its tiles (the
-  // GEMV's addressing); a tile past N reads the last one again (its output is not written)
-  const int tile0 = min(r0 >> 4, tiles - 1);
-  const uint4* qa = q + ((size_t)t * tiles + tile0) * 8 + g;
-  const uint4* qb = qa + (size_t)32 * tiles;
-  int toff[R];
+// acc += W x for the U loaded chunks (the first `left` of them are in the block's range);
+// xc: the lane's activations of the first chunk in shared memory
+__device__ __forceinline__ void mma_stage(
+    float (&acc)[R][MT][4], const uint4 (&wa)[U][R], const uint4 (&wb)[U][R],
+    const bf16_t (&sz)[U][4][R], const bf16_t* xc0, int xs_stride, int left) {
 #pragma unroll
-  for (int r = 0; r < R; ++r) toff[r] = 8 * (min((r0 >> 4) + r, tiles - 1) - tile0);
-
-  // chunk c -> ring slot: every lane its own weights, lanes 0-7 the warp's scales and zeros;
-  // one commit group per call (empty past the block's range) keeps the group count uniform
-  auto issue = [&](int slot, int c) {
-    if (c < c_end) {
-      unsigned char* base = ring + slot * SLOT_BYTES;
-      uint4* w = reinterpret_cast<uint4*>(base);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const size_t off = (size_t)c * 64 * tiles + toff[r];
-        copy16(w + (2 * r) * 32 + lane, qa + off, true);
-        copy16(w + (2 * r + 1) * 32 + lane, qb + off, true);
-      }
-      if (lane < 8) {  // 4 x 16 bytes of scales, then of zeros: rows r0 .. r0 + 31
-        const int piece = lane & 3;
-        const bool valid = r0 + 8 * piece < N;
-        const bf16_t* src = (lane < 4 ? scale : zero) + (size_t)((c << 7) >> group_shift) * lds +
-                            r0 + 8 * piece;
-        copy16(base + R * 2 * 512 + (lane >> 2) * 64 + piece * 16, valid ? src : scale, valid);
-      }
-    }
-    asm volatile("cp.async.commit_group;");
-  };
-
-  float acc[R][MT][4];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][mt][i] = 0.f;
-
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) issue(s, c_begin + s);  // the first group holds x too
-  asm volatile("cp.async.wait_group %%0;" :: "n"(STAGES - 2) : "memory");
-  __syncthreads();  // every thread's share of x has landed
-  if (r0 >= N) return;
-
-  // this lane's activations: row g of each 8-row tile, the 16 values of its K step
-  const bf16_t* xl = xs + g * xs_stride + (t << 4);
-#pragma unroll 1
-  for (int c = c_begin, i = 0; c < c_end; ++c, ++i) {
-    asm volatile("cp.async.wait_group %%0;" :: "n"(STAGES - 2) : "memory");
-    __syncwarp();  // chunk c's slot complete for all lanes; the previous slot read by all
-    issue((i + STAGES - 1) %% STAGES, c + STAGES - 1);
-    const unsigned char* base = ring + (i %% STAGES) * SLOT_BYTES;
-    const uint4* w = reinterpret_cast<const uint4*>(base);
-    const bf16_t* sc = reinterpret_cast<const bf16_t*>(base + R * 2 * 512);
-    const bf16_t* xc = xl + ((c - c_begin) << 7);
+  for (int u = 0; u < U; ++u) {
+    if (u >= left) break;
+    const bf16_t* xc = xc0 + (u << 7);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       // words j, j + 1 of the lane's 16 bytes: K pairs (2j, 2j + 2) and (2j + 8, 2j + 10)
       // of its step, rows g (even slots) and g + 8 (odd slots), see cuda_gemv.py
       unsigned lo[2][R][4], hi[2][R][4];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint4 W = w[(2 * r + half) * 32 + lane];
-        const unsigned sa = splat(sc[16 * r + g]), sb = splat(sc[16 * r + g + 8]);
-        const unsigned za = splat(sc[32 + 16 * r + g]), zb = splat(sc[32 + 16 * r + g + 8]);
+      for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
+        for (int r = 0; r < R; ++r) {
+          const uint4 W = half ? wb[u][r] : wa[u][r];
           const unsigned w0 = word(W, 2 * jj), w1 = word(W, 2 * jj + 1);
+          const unsigned sa = splat(sz[u][0][r]), sb = splat(sz[u][1][r]);
+          const unsigned za = splat(sz[u][2][r]), zb = splat(sz[u][3][r]);
           lo[jj][r][0] = dequant2(nibbles_to_bf16x2(w0), sa, za);
           lo[jj][r][1] = dequant2(nibbles_to_bf16x2(w0 >> 4), sb, zb);
           lo[jj][r][2] = dequant2(nibbles_to_bf16x2(w1), sa, za);
@@ -169,7 +118,6 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
           hi[jj][r][2] = dequant2(nibbles_to_bf16x2(w1 >> 8), sa, za);
           hi[jj][r][3] = dequant2(nibbles_to_bf16x2(w1 >> 12), sb, zb);
         }
-      }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         const uint4* xp = reinterpret_cast<const uint4*>(xc + mt * 8 * xs_stride + half * 64);
@@ -186,8 +134,95 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
       }
     }
   }
+}
 
-  // C fragment: acc[r][mt][i] is out[m = 8 mt + 2t + (i & 1)][n = r0 + 16 r + g + 8 (i >> 1)]
+extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
+%(name)s(const bf16_t* __restrict__ x, const uint4* __restrict__ q,
+         const bf16_t* __restrict__ scale, const bf16_t* __restrict__ zero,
+         float* __restrict__ partial, unsigned* __restrict__ arrived, bf16_t* __restrict__ out,
+         int M, int N, int K, int ldx, int lds, int ldo, int group_shift, int block_chunks) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16_t* xs = reinterpret_cast<bf16_t*>(smem);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int c_begin = blockIdx.y * block_chunks;
+  const int c_end = min(c_begin + block_chunks, K >> 7);
+  // a row of 16-byte pieces plus 16 bytes: a warp's 16-byte reads of 8 rows x 4 K steps hit
+  // distinct banks
+  const int xs_stride = (block_chunks << 7) + 8;
+
+  {  // x[0, 8 MT) x [K range] -> shared memory; rows >= M are zero-filled
+    const int pieces = (c_end - c_begin) << 4, k0 = c_begin << 7;
+    for (int i = threadIdx.x; i < 8 * MT * pieces; i += 32 * WARPS) {
+      const int m = i / pieces, p = i - m * pieces;
+      const bf16_t* src = x + (size_t)min(m, M - 1) * ldx + k0 + 8 * p;
+      unsigned dst;
+      asm("{ .reg .u64 a; cvta.to.shared.u64 a, %%1; cvt.u32.u64 %%0, a; }"
+          : "=r"(dst) : "l"(xs + m * xs_stride + 8 * p));
+      asm volatile("cp.async.cg.shared.global [%%0], [%%1], 16, %%2;"
+                   :: "r"(dst), "l"(src), "r"(m < M ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;");
+  }
+
+  const int r0 = blockIdx.x * (WARPS * R * 16) + warp * (R * 16);  // this warp's first row
+  const int tiles = N >> 4;
+  // lane (g, t) reads K steps 8c + t (wa) and 8c + 4 + t (wb) of row pair g of its tiles (the
+  // GEMV's addressing); a tile past N reads the last one again (its output is not written)
+  const uint4* qa = q + ((size_t)t * tiles + min(r0 >> 4, tiles - 1)) * 8 + g;
+  const uint4* qb = qa + (size_t)32 * tiles;
+  int toff[R], ra[R], rb[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    toff[r] = 8 * (min((r0 >> 4) + r, tiles - 1) - min(r0 >> 4, tiles - 1));
+    ra[r] = min(r0 + 16 * r + g, N - 1);
+    rb[r] = min(r0 + 16 * r + g + 8, N - 1);
+  }
+  // this lane's activations: row g of each 8-row tile, the 16 values of its K step
+  const bf16_t* xl = xs + g * xs_stride + (t << 4);
+
+  float acc[R][MT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][mt][i] = 0.f;
+
+  // U chunks' weights and group scales / zeros; with PREFETCH the next U are loaded while
+  // these are multiplied
+  uint4 wa[U][R], wb[U][R], na[U][R], nb[U][R];
+  bf16_t sz[U][4][R], nsz[U][4][R];
+  const bool active = r0 < N;  // warps past N skip the work but not the block's barriers
+  if (active) load_stage(wa, wb, sz, c_begin, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds, group_shift);
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();
+
+#pragma unroll 1
+  for (int c = c_begin; active && c < c_end; c += U) {
+#if PREFETCH
+    if (c + U < c_end)
+      load_stage(na, nb, nsz, c + U, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds, group_shift);
+#endif
+    mma_stage(acc, wa, wb, sz, xl + ((c - c_begin) << 7), xs_stride, c_end - c);
+#if PREFETCH
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        wa[u][r] = na[u][r]; wb[u][r] = nb[u][r];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sz[u][i][r] = nsz[u][i][r];
+      }
+#else
+    if (c + U < c_end)
+      load_stage(wa, wb, sz, c + U, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds, group_shift);
+#endif
+  }
+
+  // C fragment: acc[r][mt][i] is out[m = 8 mt + 2t + (i & 1)][n = r0 + 16 r + g + 8 (i >> 1)].
+  // This block's K range -> partial[blockIdx.y]; the last block of the column of blocks to
+  // arrive adds the ranges up and writes bf16 (no zero-filled buffer, no second kernel).
+  float* mine = partial + (size_t)blockIdx.y * M * N;
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -195,27 +230,40 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = 8 * mt + 2 * t + (i & 1), n = r0 + 16 * r + g + 8 * (i >> 1);
-        if (m < M && n < N) atomicAdd(out + (size_t)m * N + n, acc[r][mt][i]);
+        if (m < M && n < N) mine[(size_t)m * N + n] = acc[r][mt][i];
       }
+  __shared__ bool last;
+  __threadfence();  // this block's partial sums before its arrival
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(arrived + blockIdx.x, 1u) == gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // the other blocks' partial sums after their arrivals
+  const int n0 = blockIdx.x * (WARPS * R * 16), cols = min(WARPS * R * 16, N - n0);
+  for (int i = threadIdx.x; i < M * cols; i += 32 * WARPS) {
+    const int m = i / cols, n = n0 + i - m * cols;
+    float sum = 0.f;
+    for (int z = 0; z < gridDim.y; ++z) sum += __ldcg(partial + ((size_t)z * M + m) * N + n);
+    out[(size_t)m * ldo + n] = f_to_bf16(sum);
+  }
 }
 """
 
 
-def _smem_bytes(m_tiles: int, block_chunks: int, stages: int) -> int:
-    """The activation copy plus each warp's ring of ``stages`` weight slots."""
-    return 16 * m_tiles * (block_chunks * CHUNK + 8) + WARPS * stages * (2 * 2 * 512 + 128)
+def _smem_bytes(m_tiles: int, block_chunks: int) -> int:
+    return 8 * m_tiles * ((block_chunks * CHUNK + 8) * 2)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_source(m_tiles: int, stages: int, min_blocks: int) -> tuple[str, str]:
-    name = f"int4_tc_gemm_shuffled_m{m_tiles}_s{stages}_b{min_blocks}"
-    return _SOURCE % dict(m_tiles=m_tiles, stages=stages, min_blocks=min_blocks, name=name,
+def _kernel_source(m_tiles: int, u: int, min_blocks: int, prefetch: bool) -> tuple[str, str]:
+    name = f"int4_tc_gemm_shuffled_m{m_tiles}_u{u}_b{min_blocks}{'_pf' if prefetch else ''}"
+    return _SOURCE % dict(m_tiles=m_tiles, u=u, min_blocks=min_blocks, prefetch=int(prefetch), name=name,
                           bf16_helpers=nvrtc.BF16_HELPERS, mma_helpers=nvrtc.MMA_HELPERS), name
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(m_tiles: int, stages: int, min_blocks: int, capability: tuple[int, int]):
-    return nvrtc.compile_kernel(*_kernel_source(m_tiles, stages, min_blocks), capability)
+def _compiled(m_tiles: int, u: int, min_blocks: int, prefetch: bool, capability: tuple[int, int]):
+    return nvrtc.compile_kernel(*_kernel_source(m_tiles, u, min_blocks, prefetch), capability)
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,19 +275,25 @@ def _allow_smem(kernel) -> None:
 
 def can_compile(device_index: int) -> bool:
     """Whether the kernel compiles and loads on this device (tried once per device)."""
-    return nvrtc.compiles(*_kernel_source(3, 4, 1), torch.cuda.get_device_capability(device_index))
+    return nvrtc.compiles(*_kernel_source(3, 2, 1, True), torch.cuda.get_device_capability(device_index))
 
 
 def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
-    """``STAGES`` K chunks in flight per warp, ``MIN_BLOCKS`` per multiprocessor (a register
-    cap) and ``BLOCK_CHUNKS`` 128-wide K chunks per block (the shared-memory activation
-    copy)."""
-    return dict(STAGES=4, MIN_BLOCKS=1, BLOCK_CHUNKS=8)
+    """``U`` chunks per step (``PREFETCH``: the next step's loaded during this one's math),
+    ``MIN_BLOCKS`` per multiprocessor (a register cap) and ``BLOCK_CHUNKS`` 128-wide K chunks
+    per block: the most of 8, 4, 2 that still give 1.25 blocks per multiprocessor (the sweep
+    of ``scripts/probe_cuda_gemm.py`` on an H200: 8 on 8192x8192, 4 on 6144x4096, 2 on
+    4096x4096)."""
+    m_tiles, chunks = -(-m // 8), k // CHUNK
+    block_chunks = 8
+    while block_chunks > 2 and -(-n // BLOCK_N) * -(-chunks // block_chunks) < 1.25 * num_sms:
+        block_chunks //= 2
+    return dict(U=1, PREFETCH=True, MIN_BLOCKS=2 if m_tiles <= 3 else 1, BLOCK_CHUNKS=block_chunks)
 
 
 def can_run(x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor,
             group_zero: torch.Tensor, group_size: int) -> bool:
-    """The kernel's contract, checked without touching the GPU: bf16 ``x [17 <= M <= 64, K]``
+    """The kernel's contract, checked without touching the GPU: bf16 ``x [17 <= M <= 32, K]``
     with 16-byte aligned rows, a contiguous preshuffled ``qdata [N, K/2]`` (N a multiple of
     16), bf16 N-contiguous group scales / zeros, G = 128 or 256, K a multiple of 128, and the
     shared-memory API of torch's NVRTC kernels (above 48 KB)."""
@@ -278,10 +332,11 @@ def int4_gemm(
     ``W = q * group_scale + group_zero``.
 
     Args:
-        x: bf16 ``[M, K]``, ``17 <= M <= 64``, rows 16-byte aligned (see :func:`can_run`).
+        x: bf16 ``[M, K]``, ``1 <= M <= 64`` (the dispatcher sends 17 to 32), rows 16-byte
+            aligned.
         qdata: int8 ``[N, K/2]`` in fbgemm's bf16 preshuffled layout, N a multiple of 16.
         group_scale, group_zero: bf16 ``[K/G, N]``, last dim contiguous; G = 128 or 256.
-        config: any of ``STAGES``, ``MIN_BLOCKS``, ``BLOCK_CHUNKS`` (the rest from
+        config: any of ``U``, ``MIN_BLOCKS``, ``BLOCK_CHUNKS``, ``PREFETCH`` (the rest from
             :func:`pick_config`).
 
     Returns:
@@ -294,19 +349,24 @@ def int4_gemm(
     m_tiles = -(-m // 8)
     chunks = k // CHUNK
     block_chunks = min(cfg["BLOCK_CHUNKS"], chunks)
-    smem = _smem_bytes(m_tiles, block_chunks, cfg["STAGES"])
+    smem = _smem_bytes(m_tiles, block_chunks)
     if smem > MAX_SMEM:
-        raise ValueError(f"{cfg} needs {smem} bytes of shared memory at M={m}, more than "
-                         f"{MAX_SMEM}")
-    kernel = _compiled(m_tiles, cfg["STAGES"], cfg["MIN_BLOCKS"], (props.major, props.minor))
+        raise ValueError(f"BLOCK_CHUNKS={block_chunks} needs {smem} bytes of shared memory at "
+                         f"M={m}, more than {MAX_SMEM}")
+    kernel = _compiled(m_tiles, cfg["U"], cfg["MIN_BLOCKS"], bool(cfg["PREFETCH"]),
+                       (props.major, props.minor))
     if smem >= 48 * 1024:
         _allow_smem(kernel)
-    acc = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    splits = -(-chunks // block_chunks)
+    grid = (-(-n // BLOCK_N), splits, 1)
+    partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    arrived = torch.zeros(grid[0], dtype=torch.int32, device=x.device)
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     kernel(
-        grid=(-(-n // BLOCK_N), -(-chunks // block_chunks), 1),
+        grid=grid,
         block=(32 * WARPS, 1, 1),
-        args=[x, qdata, group_scale, group_zero, acc, m, n, k, x.stride(0),
-              group_scale.stride(0), group_size.bit_length() - 1, block_chunks],
+        args=[x, qdata, group_scale, group_zero, partial, arrived, out, m, n, k, x.stride(0),
+              group_scale.stride(0), out.stride(0), group_size.bit_length() - 1, block_chunks],
         shared_mem=smem,
     )
-    return acc.to(torch.bfloat16)
+    return out
