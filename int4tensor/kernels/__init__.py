@@ -1,9 +1,9 @@
 """Kernel dispatch: the one place that decides which backend computes an int4 op.
 
 Backends live one per module (:mod:`.reference`, :mod:`.fbgemm`, :mod:`.cuda_gemv`,
-:mod:`.cuda_fp8_rows`, :mod:`.cuda_dequant`, :mod:`.triton_int4`) and take the tensor
-subclass's fields; the tensor classes call only the functions here, so a backend can be
-added or swapped without touching them. Inputs are validated by the caller (the op
+:mod:`.cuda_gemm`, :mod:`.cuda_fp8_rows`, :mod:`.cuda_dequant`, :mod:`.triton_int4`) and take
+the tensor subclass's fields; the tensor classes call only the functions here, so a backend
+can be added or swapped without touching them. Inputs are validated by the caller (the op
 implementation) before they get here.
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from int4tensor import quant_primitives
-from int4tensor.kernels import cuda_dequant, cuda_fp8_rows, cuda_gemv, custom_ops, fbgemm, reference
+from int4tensor.kernels import (
+    cuda_dequant, cuda_fp8_rows, cuda_gemm, cuda_gemv, custom_ops, fbgemm, reference)
 
 #: Dispatch by the number of activation rows M (from benchmarks/bench_linear.py and
 #: scripts/probe_cuda_gemv.py on an H200): up to CUDA_GEMV_MAX_M rows run our tensor-core
@@ -152,25 +153,45 @@ def round_fp8_rows(x2d: torch.Tensor) -> torch.Tensor:
     return quant_primitives.round_fp8_rows(x2d)
 
 
+def _cuda_gemm_can_run(x2d: torch.Tensor, weight) -> bool:
+    return (
+        x2d.is_cuda
+        and cuda_gemm.MIN_M <= x2d.shape[0] <= cuda_gemm.MAX_M
+        and cuda_gemm.is_available()
+        and cuda_gemm.can_run(x2d, weight.qdata, weight.group_scale, weight.group_zero,
+                              weight.group_size)
+        and torch.cuda.get_device_capability(x2d.device) >= (8, 0)  # cp.async, bf16x2 fma
+        and cuda_gemm.can_compile(x2d.device.index if x2d.device.index is not None
+                                  else torch.cuda.current_device())
+    )
+
+
 def preshuffled_backend(x: torch.Tensor, weight) -> str:
-    """Name of the backend :func:`preshuffled_linear` and :func:`preshuffled_bmm` use:
-    ``"cuda"`` (our GEMV reading the preshuffled layout: bf16 activations, up to
-    CUDA_GEMV_MAX_M rows, per batch entry for a 3D weight; G = 128 / 256) or ``"fbgemm"``."""
-    if weight.activation_dtype == "bf16" and _cuda_gemv_can_run(
-            x, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size):
+    """Name of the backend :func:`preshuffled_linear` and :func:`preshuffled_bmm` use, for bf16
+    activations: ``"cuda"`` (our GEMV reading the preshuffled layout, up to CUDA_GEMV_MAX_M
+    rows, per batch entry for a 3D weight; G = 128 / 256), ``"cuda_gemm"`` (our GEMM, 17 to
+    32 rows of a 2D weight) or ``"fbgemm"``."""
+    if weight.activation_dtype != "bf16":
+        return "fbgemm"
+    if _cuda_gemv_can_run(x, weight.qdata, weight.group_scale, weight.group_zero,
+                          weight.group_size):
         return "cuda"
+    if x.ndim == 2 and weight.qdata.ndim == 2 and _cuda_gemm_can_run(x, weight):
+        return "cuda_gemm"
     return "fbgemm"
 
 
 def preshuffled_linear(x2d: torch.Tensor, weight) -> torch.Tensor:
     """``x [M, K] @ W.T -> [M, Np]`` for a 2D ``Int4PreshuffledTensor``: bf16 activations run
     our GEMV at decode sizes (see :func:`preshuffled_backend`; fbgemm's ``bf16i4bf16_shuffled``
-    takes 1.5-3x its time there) and ``bf16i4bf16_shuffled`` above; fp8 activations
-    ``f8i4bf16_shuffled`` after quantizing ``x`` per row."""
+    takes 1.5-3x its time there), our GEMM from 17 to 32 rows and ``bf16i4bf16_shuffled``
+    above; fp8 activations ``f8i4bf16_shuffled`` after quantizing ``x`` per row."""
     if weight.activation_dtype == "bf16":
-        if preshuffled_backend(x2d, weight) == "cuda":
-            return custom_ops.int4_gemv_cuda_preshuffled(
-                x2d, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size)
+        backend = preshuffled_backend(x2d, weight)
+        if backend in ("cuda", "cuda_gemm"):
+            op = (custom_ops.int4_gemv_cuda_preshuffled if backend == "cuda"
+                  else custom_ops.int4_gemm_cuda_preshuffled)
+            return op(x2d, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size)
         return custom_ops.fbgemm_bf16i4_shuffled(
             x2d, weight.qdata, weight.group_scale, weight.group_zero)
     xq, x_scale = quantize_fp8_rows(x2d)

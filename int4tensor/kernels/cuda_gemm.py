@@ -15,10 +15,9 @@ warp) dominate.
   ``q * s + z`` in one bf16x2 fma, rounded once as the reference path rounds its dequantized
   weight. At M >= 17 that costs fewer instructions than the GEMV's activation sums on the
   tensor cores, whose count grows with M.
-* Each ``mma.m16n8k16`` multiplies a 16-row weight tile by 8 activation rows in fp32. Each
-  block stores its K range's sums to a ``[splits, M, N]`` fp32 buffer; the last block of each
-  column of blocks to arrive (an arrival counter) adds them up and writes bf16, so a call is
-  one kernel after a tiny zero-fill.
+* Each ``mma.m16n8k16`` multiplies a 16-row weight tile by 8 activation rows in fp32. The K
+  ranges' sums are added into a zero-filled fp32 ``[M, N]`` buffer in L2 (``red.add``), cast
+  to bf16 after the kernel (the zero-fill and the cast take ~3.5 us of a call on an H200).
 
 Measured on an H200 (``scripts/probe_cuda_gemm.py``, ``benchmarks/results/probe_cuda_gemm.txt``):
 1.1-1.7x bf16 at M = 17 and 1.0-1.3x at M = 32 where fbgemm's ``bf16i4bf16_shuffled`` gives
@@ -139,8 +138,8 @@ __device__ __forceinline__ void mma_stage(
 extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 %(name)s(const bf16_t* __restrict__ x, const uint4* __restrict__ q,
          const bf16_t* __restrict__ scale, const bf16_t* __restrict__ zero,
-         float* __restrict__ partial, unsigned* __restrict__ arrived, bf16_t* __restrict__ out,
-         int M, int N, int K, int ldx, int lds, int ldo, int group_shift, int block_chunks) {
+         float* __restrict__ out, int M, int N, int K, int ldx, int lds, int group_shift,
+         int block_chunks) {
   extern __shared__ __align__(16) unsigned char smem[];
   bf16_t* xs = reinterpret_cast<bf16_t*>(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -192,16 +191,20 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   // these are multiplied
   uint4 wa[U][R], wb[U][R], na[U][R], nb[U][R];
   bf16_t sz[U][4][R], nsz[U][4][R];
-  const bool active = r0 < N;  // warps past N skip the work but not the block's barriers
-  if (active) load_stage(wa, wb, sz, c_begin, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds, group_shift);
+  const bool active = r0 < N;
+  if (active)
+    load_stage(wa, wb, sz, c_begin, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds,
+               group_shift);
   asm volatile("cp.async.wait_all;" ::: "memory");
   __syncthreads();
+  if (!active) return;
 
 #pragma unroll 1
-  for (int c = c_begin; active && c < c_end; c += U) {
+  for (int c = c_begin; c < c_end; c += U) {
 #if PREFETCH
     if (c + U < c_end)
-      load_stage(na, nb, nsz, c + U, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds, group_shift);
+      load_stage(na, nb, nsz, c + U, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds,
+                 group_shift);
 #endif
     mma_stage(acc, wa, wb, sz, xl + ((c - c_begin) << 7), xs_stride, c_end - c);
 #if PREFETCH
@@ -215,14 +218,16 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
       }
 #else
     if (c + U < c_end)
-      load_stage(wa, wb, sz, c + U, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds, group_shift);
+      load_stage(wa, wb, sz, c + U, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds,
+                 group_shift);
 #endif
   }
 
-  // C fragment: acc[r][mt][i] is out[m = 8 mt + 2t + (i & 1)][n = r0 + 16 r + g + 8 (i >> 1)].
-  // This block's K range -> partial[blockIdx.y]; the last block of the column of blocks to
-  // arrive adds the ranges up and writes bf16 (no zero-filled buffer, no second kernel).
-  float* mine = partial + (size_t)blockIdx.y * M * N;
+  // C fragment: acc[r][mt][i] is out[m = 8 mt + 2t + (i & 1)][n = r0 + 16 r + g + 8 (i >> 1)];
+  // the K ranges are added in L2 (red.add into the zero-filled fp32 buffer). Measured on an
+  // H200 and not kept: storing per-range sums for the last-arriving block to add (1.3-1.8x
+  // the time at M = 32), and that block casting the sums to bf16 after a fence (the fence
+  // waits for the contended red.adds: slower than a separate cast kernel).
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -230,22 +235,8 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = 8 * mt + 2 * t + (i & 1), n = r0 + 16 * r + g + 8 * (i >> 1);
-        if (m < M && n < N) mine[(size_t)m * N + n] = acc[r][mt][i];
+        if (m < M && n < N) atomicAdd(out + (size_t)m * N + n, acc[r][mt][i]);
       }
-  __shared__ bool last;
-  __threadfence();  // this block's partial sums before its arrival
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(arrived + blockIdx.x, 1u) == gridDim.y - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();  // the other blocks' partial sums after their arrivals
-  const int n0 = blockIdx.x * (WARPS * R * 16), cols = min(WARPS * R * 16, N - n0);
-  for (int i = threadIdx.x; i < M * cols; i += 32 * WARPS) {
-    const int m = i / cols, n = n0 + i - m * cols;
-    float sum = 0.f;
-    for (int z = 0; z < gridDim.y; ++z) sum += __ldcg(partial + ((size_t)z * M + m) * N + n);
-    out[(size_t)m * ldo + n] = f_to_bf16(sum);
-  }
 }
 """
 
@@ -256,13 +247,17 @@ def _smem_bytes(m_tiles: int, block_chunks: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_source(m_tiles: int, u: int, min_blocks: int, prefetch: bool) -> tuple[str, str]:
+    """(source, name) of the kernel for ``8 * m_tiles`` activation rows, ``u`` chunks per step,
+    at least ``min_blocks`` blocks per multiprocessor and with or without the prefetch."""
     name = f"int4_tc_gemm_shuffled_m{m_tiles}_u{u}_b{min_blocks}{'_pf' if prefetch else ''}"
-    return _SOURCE % dict(m_tiles=m_tiles, u=u, min_blocks=min_blocks, prefetch=int(prefetch), name=name,
-                          bf16_helpers=nvrtc.BF16_HELPERS, mma_helpers=nvrtc.MMA_HELPERS), name
+    return _SOURCE % dict(m_tiles=m_tiles, u=u, min_blocks=min_blocks, prefetch=int(prefetch),
+                          name=name, bf16_helpers=nvrtc.BF16_HELPERS,
+                          mma_helpers=nvrtc.MMA_HELPERS), name
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(m_tiles: int, u: int, min_blocks: int, prefetch: bool, capability: tuple[int, int]):
+    """The kernel of :func:`_kernel_source` for one GPU architecture (NVRTC, once per process)."""
     return nvrtc.compile_kernel(*_kernel_source(m_tiles, u, min_blocks, prefetch), capability)
 
 
@@ -273,9 +268,13 @@ def _allow_smem(kernel) -> None:
     kernel.set_shared_memory_config(MAX_SMEM)
 
 
+is_available = nvrtc.is_available
+
+
 def can_compile(device_index: int) -> bool:
     """Whether the kernel compiles and loads on this device (tried once per device)."""
-    return nvrtc.compiles(*_kernel_source(3, 2, 1, True), torch.cuda.get_device_capability(device_index))
+    return nvrtc.compiles(*_kernel_source(3, 1, 2, True),
+                          torch.cuda.get_device_capability(device_index))
 
 
 def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
@@ -288,7 +287,7 @@ def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
     block_chunks = 8
     while block_chunks > 2 and -(-n // BLOCK_N) * -(-chunks // block_chunks) < 1.25 * num_sms:
         block_chunks //= 2
-    return dict(U=1, PREFETCH=True, MIN_BLOCKS=2 if m_tiles <= 3 else 1, BLOCK_CHUNKS=block_chunks)
+    return dict(U=1, PREFETCH=True, MIN_BLOCKS=2 if m_tiles <= 4 else 1, BLOCK_CHUNKS=block_chunks)
 
 
 def can_run(x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor,
@@ -357,16 +356,12 @@ def int4_gemm(
                        (props.major, props.minor))
     if smem >= 48 * 1024:
         _allow_smem(kernel)
-    splits = -(-chunks // block_chunks)
-    grid = (-(-n // BLOCK_N), splits, 1)
-    partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    arrived = torch.zeros(grid[0], dtype=torch.int32, device=x.device)
-    out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    sums = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     kernel(
-        grid=grid,
+        grid=(-(-n // BLOCK_N), -(-chunks // block_chunks), 1),
         block=(32 * WARPS, 1, 1),
-        args=[x, qdata, group_scale, group_zero, partial, arrived, out, m, n, k, x.stride(0),
-              group_scale.stride(0), out.stride(0), group_size.bit_length() - 1, block_chunks],
+        args=[x, qdata, group_scale, group_zero, sums, m, n, k, x.stride(0),
+              group_scale.stride(0), group_size.bit_length() - 1, block_chunks],
         shared_mem=smem,
     )
-    return out
+    return sums.to(torch.bfloat16)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from int4tensor.kernels import (  # import only torch; compile on first call
-    cuda_dequant, cuda_fp8_rows, cuda_gemv)
+    cuda_dequant, cuda_fp8_rows, cuda_gemm, cuda_gemv)
 from int4tensor.quant_primitives import dequantize_int4
 
 
@@ -42,6 +42,16 @@ def int4_gemv_cuda_preshuffled(
     ``Int4PreshuffledTensor``'s fields through the same GEMV, reading fbgemm's preshuffled
     layout."""
     return cuda_gemv.int4_gemv(x, qdata, group_scale, group_zero, group_size, shuffled=True)
+
+
+@torch.library.custom_op("int4tensor::int4_gemm_cuda_preshuffled", mutates_args=())
+def int4_gemm_cuda_preshuffled(
+    x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """``x [17 <= M <= 32, K] @ W.T -> [M, Np]`` for a bf16 ``Int4PreshuffledTensor``'s fields
+    through our tensor-core GEMM (see cuda_gemm.py)."""
+    return cuda_gemm.int4_gemm(x, qdata, group_scale, group_zero, group_size)
 
 
 @torch.library.custom_op("int4tensor::dequantize_int4_cuda", mutates_args=())
@@ -206,4 +216,5 @@ def _backward(ctx, grad_out):
 for _op in (int4_matmul_triton, int4_gemv_cuda, int4_matmul_fbgemm):
     _op.register_fake(_fake)
     _op.register_autograd(_backward, setup_context=_setup_context)
-int4_gemv_cuda_preshuffled.register_fake(_fake)  # like fbgemm's shuffled ops: no autograd
+for _op in (int4_gemv_cuda_preshuffled, int4_gemm_cuda_preshuffled):
+    _op.register_fake(_fake)  # like fbgemm's shuffled ops: no autograd

@@ -228,7 +228,8 @@ def test_reads_batched_preshuffled_experts(m):
 
 
 @gpu
-@pytest.mark.parametrize("m, backend", [(1, "cuda"), (16, "cuda"), (17, "fbgemm")])
+@pytest.mark.parametrize("m, backend", [(1, "cuda"), (16, "cuda"), (17, "cuda_gemm"),
+                                        (33, "fbgemm")])
 def test_preshuffled_dispatch_takes_it_for_decode_sizes(m, backend):
     _, t, p = preshuffled(512, 1024)
     x = torch.randn(m, 1024, dtype=torch.bfloat16, device="cuda")

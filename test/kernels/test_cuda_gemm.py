@@ -1,0 +1,100 @@
+"""The mid-M tensor-core GEMM over fbgemm's preshuffled layout (int4tensor/kernels/cuda_gemm.py)
+against the reference path on random inputs, its dispatch, and its use compiled (CUDA with
+fbgemm on sm90+, except the contract and config checks at the end, which run everywhere)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from int4tensor import Int4PreshuffledTensor, Int4Tensor, kernels
+from int4tensor.kernels import cuda_gemm, custom_ops, fbgemm, reference
+from test.helpers import quantized_cuda, rel_error, sqnr
+
+gpu = pytest.mark.gpu
+
+
+def preshuffled(n, k, g=128):
+    if not fbgemm.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the preshuffled layout needs fbgemm-gpu-genai on an sm90+ GPU")
+    w, t = quantized_cuda(n, k, g)
+    return w, t, Int4PreshuffledTensor.from_int4_tensor(t)
+
+
+@gpu
+@pytest.mark.parametrize("n, k", [(4096, 4096), (208, 384), (1000, 4224), (8192, 1024)])
+@pytest.mark.parametrize("m", [17, 20, 24, 31, 32])
+def test_matches_reference(m, n, k):
+    """N padded to 16 (1000 -> 1008), K ranges that do not divide the chunks (4224 = 33)."""
+    w, t, p = preshuffled(n, k)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    out = cuda_gemm.int4_gemm(x, p.qdata, p.group_scale, p.group_zero, 128)
+    assert out.shape == (m, p.qdata.shape[0]) and out.dtype == torch.bfloat16
+    out = out[:, :n]
+    err = rel_error(reference.linear(x, t, None), out)
+    print(f"cuda gemm vs reference M={m} N={n} K={k}: rel err {err:.2e}")
+    assert err < 2e-3  # the weights are dequantized and rounded to bf16 as the reference does
+    assert sqnr(x.double() @ w.double().t(), out) > 18
+
+
+@gpu
+@pytest.mark.parametrize("cfg", [dict(U=1, BLOCK_CHUNKS=2), dict(U=2, BLOCK_CHUNKS=3, MIN_BLOCKS=1),
+                                 dict(U=1, BLOCK_CHUNKS=8, PREFETCH=False),
+                                 dict(U=2, BLOCK_CHUNKS=12, MIN_BLOCKS=1)])
+@pytest.mark.parametrize("g", [128, 256])
+def test_every_launch_config_and_group_size(cfg, g):
+    """Blocks past N (1008 rows: 4 blocks of 256), a last block of fewer chunks, chunks left
+    after the U-chunk steps, with and without the register prefetch; G = 256 (two chunks a
+    group); M up to the kernel's 64 rows."""
+    _, t, p = preshuffled(1008, 2304, g)
+    for m in (17, 32, 40, 64):
+        x = torch.randn(m, 2304, dtype=torch.bfloat16, device="cuda")
+        out = cuda_gemm.int4_gemm(x, p.qdata, p.group_scale, p.group_zero, g, cfg)
+        assert torch.isfinite(out).all()
+        assert rel_error(reference.linear(x, t, None), out[:, :1008]) < 2e-3
+
+
+@gpu
+@pytest.mark.parametrize("m, backend", [(16, "cuda"), (17, "cuda_gemm"), (32, "cuda_gemm"),
+                                        (33, "fbgemm")])
+def test_dispatch_takes_it_from_17_to_32_rows(m, backend):
+    _, t, p = preshuffled(512, 1024)
+    x = torch.randn(m, 1024, dtype=torch.bfloat16, device="cuda")
+    assert kernels.preshuffled_backend(x, p) == backend
+    assert rel_error(reference.linear(x, t, None), F.linear(x, p)) < 1e-2
+    x3 = torch.randn(2, m, 1024, dtype=torch.bfloat16, device="cuda")
+    assert kernels.preshuffled_backend(x3, p) != "cuda_gemm"  # [2, M, K] is 2M rows
+
+
+@gpu
+def test_custom_op_and_compiled_linear():
+    _, t, p = preshuffled(512, 1024)
+    x = torch.randn(24, 1024, dtype=torch.bfloat16, device="cuda")
+    assert torch.library.opcheck(custom_ops.int4_gemm_cuda_preshuffled,
+                                 (x, p.qdata, p.group_scale, p.group_zero, 128)) is not None
+    fn = torch.compile(lambda x, w: F.linear(x, w), fullgraph=True)
+    assert rel_error(F.linear(x, p), fn(x, p)) < 1e-3
+
+
+def test_contract_rejects_cpu_and_out_of_range_inputs_without_compiling():
+    """Runs everywhere: the contract check never touches a GPU or compiles anything."""
+    t = Int4Tensor.from_hp(torch.randn(64, 256, dtype=torch.bfloat16), (1, 128))
+    for m in (16, 24, 33):
+        x = torch.randn(m, 256, dtype=torch.bfloat16)
+        assert not cuda_gemm.can_run(x, t.qdata, t.scale, t.zero_point, 128)
+    assert cuda_gemm._compiled.cache_info().currsize == 0
+
+
+@pytest.mark.parametrize("n, k", [(8192, 8192), (6144, 4096), (4096, 4096), (4096, 14336),
+                                  (96, 640), (28672, 128)])
+@pytest.mark.parametrize("m", [17, 24, 32])
+def test_launch_config_fits_shared_memory_and_fills_the_gpu(m, n, k):
+    """Runs everywhere: the activation copy fits the shared memory, and K chunks per block
+    halve (8, 4, 2) until the grid gives 1.25 blocks per multiprocessor."""
+    cfg = cuda_gemm.pick_config(m, n, k, 132)
+    chunks = k // cuda_gemm.CHUNK
+    block_chunks = min(cfg["BLOCK_CHUNKS"], chunks)
+    assert cuda_gemm._smem_bytes(-(-m // 8), block_chunks) * cfg["MIN_BLOCKS"] <= 227 * 1024
+    blocks = lambda bc: -(-n // cuda_gemm.BLOCK_N) * -(-chunks // bc)  # noqa: E731
+    assert cfg["BLOCK_CHUNKS"] in (2, 4, 8)
+    assert cfg["BLOCK_CHUNKS"] == 2 or blocks(cfg["BLOCK_CHUNKS"]) >= 1.25 * 132
+    assert cfg["BLOCK_CHUNKS"] == 8 or blocks(2 * cfg["BLOCK_CHUNKS"]) < 1.25 * 132
