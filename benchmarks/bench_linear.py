@@ -26,11 +26,11 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.make_tables import plot  # noqa: E402
 from int4tensor import Int4PreshuffledTensor, Int4Tensor  # noqa: E402
 from int4tensor.kernels import fbgemm as fbgemm_backend  # noqa: E402
-from int4tensor.kernels import cuda_gemv, reference, triton_int4  # noqa: E402
+from int4tensor.kernels import cuda_gemm, cuda_gemv, reference, triton_int4  # noqa: E402
 
 G = 128
 SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096), (4096, 14336)]
-MS = [1, 4, 8, 16, 32, 64, 128, 1024, 8192]
+MS = [1, 4, 8, 16, 24, 32, 64, 128, 1024, 8192]
 
 
 def tinygemm_pack(t: Int4Tensor):
@@ -71,6 +71,10 @@ def int4_paths(x, prep: dict, have_fbgemm: bool):
         wq, s = prep["shuffled"]
         p8 = prep["preshuffled_fp8"]
         paths["int4 preshuffled"] = lambda: F.linear(x, prep["preshuffled"])
+        if 17 <= m <= 64:  # the dispatcher takes it for 17-32 rows
+            pre = prep["preshuffled"]
+            paths["int4 cuda tc-gemm (preshuffled)"] = lambda: cuda_gemm.int4_gemm(
+                x, pre.qdata, pre.group_scale, pre.group_zero, G)
         paths["int4 preshuffled, fp8 activations"] = lambda: F.linear(x, p8)
         paths["fbgemm rowwise"] = lambda: fb.bf16i4bf16_rowwise(x, t.qdata, t.scale, t.zero_point)
         paths["fbgemm shuffled"] = lambda: fb.bf16i4bf16_shuffled(x, wq, s, t.zero_point)
