@@ -47,13 +47,17 @@ def kernel_times(model, batch, start, steps=3, compile=False):
     return totals, counts
 
 
+def is_linear(name):  # Inductor names its fused kernels after the ops they follow: not GEMMs
+    return not name.startswith("triton_") and any(h in name for h in LINEAR_HINTS)
+
+
 def report(label, totals, counts):
-    lin = sum(t for n, t in totals.items() if any(h in n for h in LINEAR_HINTS))
+    lin = sum(t for n, t in totals.items() if is_linear(n))
     total = sum(totals.values())
     print(f"\n== {label}: {total / 1e3:.3f} ms of kernels per step; linear-like {lin / 1e3:.3f} ms, "
           f"other {(total - lin) / 1e3:.3f} ms")
     for name, t in totals.most_common(18):
-        tag = "L" if any(h in name for h in LINEAR_HINTS) else " "
+        tag = "L" if is_linear(name) else " "
         print(f"  {tag} {t:9.1f} us  x{counts[name]:5.0f}  {name[:110]}")
 
 
