@@ -32,7 +32,7 @@ import functools
 
 import torch
 
-from int4tensor.kernels import nvrtc
+from int4tensor.kernels import cuda_gemv, nvrtc
 
 #: the activation rows the dispatcher gives this kernel (it runs any M up to 64)
 MIN_M, MAX_M = 17, 32
@@ -292,28 +292,15 @@ def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
 
 def can_run(x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor,
             group_zero: torch.Tensor, group_size: int) -> bool:
-    """The kernel's contract, checked without touching the GPU: bf16 ``x [17 <= M <= 32, K]``
-    with 16-byte aligned rows, a contiguous preshuffled ``qdata [N, K/2]`` (N a multiple of
-    16), bf16 N-contiguous group scales / zeros, G = 128 or 256, K a multiple of 128, and the
-    shared-memory API of torch's NVRTC kernels (above 48 KB)."""
+    """The kernel's contract, checked without touching the GPU: ``x [17 <= M <= 32, K]`` and a
+    preshuffled ``qdata [N, K/2]`` (N a multiple of 16) that fit the GEMV's per-lane layout
+    (:func:`cuda_gemv.operands_fit`), and torch's NVRTC kernels able to take more than 48 KB of
+    shared memory."""
     return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and x.ndim == 2 and qdata.ndim == 2
+        x.ndim == 2 and qdata.ndim == 2
         and MIN_M <= x.shape[0] <= MAX_M
-        and x.stride(-1) == 1
-        and x.stride(0) % 8 == 0
-        and x.storage_offset() % 8 == 0
-        and qdata.is_contiguous()
-        and qdata.storage_offset() % 16 == 0
         and qdata.shape[0] % 16 == 0
-        and qdata.shape[-1] * 2 == x.shape[-1]
-        and x.shape[-1] % CHUNK == 0
-        and group_scale.dtype == torch.bfloat16
-        and group_zero.dtype == torch.bfloat16
-        and group_scale.stride(-1) == 1
-        and group_zero.stride() == group_scale.stride()
-        and group_size in (128, 256)
+        and cuda_gemv.operands_fit(x, qdata, group_scale, group_zero, group_size)
         and hasattr(getattr(torch.cuda, "_utils", None), "_CudaKernel")
         and hasattr(torch.cuda._utils._CudaKernel, "set_shared_memory_config")
     )

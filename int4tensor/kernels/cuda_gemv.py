@@ -391,22 +391,15 @@ def pick_config(m: int, n: int, k: int, num_sms: int, shuffled: bool = False) ->
     return dict(cfg, WARPS_N=MAX_WARPS // cfg["SLICES"])
 
 
-def can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-            zero_point: torch.Tensor, group_size: int) -> bool:
-    """The kernel's contract, checked without touching the GPU: bf16 ``x [M <= 16, K]`` (or
-    ``[B, M, K]`` with ``qdata [B, N, K/2]``) with 16-byte aligned rows, contiguous aligned
-    ``qdata``, bf16 N-contiguous scales, G = 128 or 256 (a chunk of 128 must not straddle
-    groups), batch strides that fit the kernel's 32-bit arguments."""
-    if not (x.ndim == qdata.ndim and x.ndim in (2, 3)):
-        return False
-    batched = x.ndim == 3
-    if batched and not (x.shape[0] == qdata.shape[0] == scale.shape[0] and scale.ndim == 3):
-        return False
-    n = qdata.shape[-2]
+def operands_fit(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                 zero_point: torch.Tensor, group_size: int) -> bool:
+    """What every kernel reading this per-lane layout needs of its operands (any M): bf16 ``x``
+    on CUDA with 16-byte aligned rows, contiguous 16-byte aligned ``qdata [.., N, K/2]`` with K
+    a multiple of 128, bf16 N-contiguous scales and zero points ``[.., K/G, N]``, and G = 128
+    or 256 (a 128-wide chunk must not straddle groups)."""
     return (
         x.is_cuda
         and x.dtype == torch.bfloat16
-        and 1 <= x.shape[-2] <= MAX_M
         and x.stride(-1) == 1
         and all(s % 8 == 0 for s in x.stride()[:-1])
         and x.storage_offset() % 8 == 0  # 16-byte aligned rows (allocations are aligned)
@@ -418,11 +411,27 @@ def can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
         and zero_point.dtype == torch.bfloat16
         and scale.stride(-1) == 1
         and zero_point.stride() == scale.stride()
-        and scale.shape[-1] == n
+        and scale.shape[-1] == qdata.shape[-2]
         and group_size in (128, 256)
+    )
+
+
+def can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+            zero_point: torch.Tensor, group_size: int) -> bool:
+    """The kernel's contract, checked without touching the GPU: :func:`operands_fit` for
+    ``x [M <= 16, K]``, or ``x [B, M, K]`` with ``qdata [B, N, K/2]`` and batch strides that fit
+    the kernel's 32-bit arguments."""
+    if not (x.ndim == qdata.ndim and x.ndim in (2, 3)):
+        return False
+    batched = x.ndim == 3
+    if batched and not (x.shape[0] == qdata.shape[0] == scale.shape[0] and scale.ndim == 3):
+        return False
+    return (
+        1 <= x.shape[-2] <= MAX_M
+        and operands_fit(x, qdata, scale, zero_point, group_size)
         and (not batched or (x.shape[0] < 2**16  # grid.y
                              and max(x.stride(0), qdata.stride(0), scale.stride(0),
-                                     x.shape[1] * n) < 2**31))
+                                     x.shape[1] * qdata.shape[-2]) < 2**31))
     )
 
 

@@ -1,12 +1,13 @@
 """The mid-M tensor-core GEMM over fbgemm's preshuffled layout (int4tensor/kernels/cuda_gemm.py)
-against the reference path on random inputs, its dispatch, and its use compiled (CUDA with
-fbgemm on sm90+, except the contract and config checks at the end, which run everywhere)."""
+against the reference path on random inputs, and compiled (its place in the dispatch:
+test_cuda_gemv.py). CUDA with fbgemm on sm90+, except the contract and config checks at the
+end, which run everywhere."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from int4tensor import Int4PreshuffledTensor, Int4Tensor, kernels
+from int4tensor import Int4PreshuffledTensor, Int4Tensor
 from int4tensor.kernels import cuda_gemm, custom_ops, fbgemm, reference
 from test.helpers import quantized_cuda, rel_error, sqnr
 
@@ -51,18 +52,6 @@ def test_every_launch_config_and_group_size(cfg, g):
         out = cuda_gemm.int4_gemm(x, p.qdata, p.group_scale, p.group_zero, g, cfg)
         assert torch.isfinite(out).all()
         assert rel_error(reference.linear(x, t, None), out[:, :1008]) < 2e-3
-
-
-@gpu
-@pytest.mark.parametrize("m, backend", [(16, "cuda"), (17, "cuda_gemm"), (32, "cuda_gemm"),
-                                        (33, "fbgemm")])
-def test_dispatch_takes_it_from_17_to_32_rows(m, backend):
-    _, t, p = preshuffled(512, 1024)
-    x = torch.randn(m, 1024, dtype=torch.bfloat16, device="cuda")
-    assert kernels.preshuffled_backend(x, p) == backend
-    assert rel_error(reference.linear(x, t, None), F.linear(x, p)) < 1e-2
-    x3 = torch.randn(2, m, 1024, dtype=torch.bfloat16, device="cuda")
-    assert kernels.preshuffled_backend(x3, p) != "cuda_gemm"  # [2, M, K] is 2M rows
 
 
 @gpu

@@ -229,12 +229,16 @@ def test_reads_batched_preshuffled_experts(m):
 
 @gpu
 @pytest.mark.parametrize("m, backend", [(1, "cuda"), (16, "cuda"), (17, "cuda_gemm"),
-                                        (33, "fbgemm")])
-def test_preshuffled_dispatch_takes_it_for_decode_sizes(m, backend):
+                                        (32, "cuda_gemm"), (33, "fbgemm")])
+def test_preshuffled_dispatch_ladder(m, backend):
+    """The GEMV up to 16 rows, our GEMM (cuda_gemm.py) from 17 to 32, fbgemm above; x [2, M, K]
+    on a 2D weight is 2M rows."""
     _, t, p = preshuffled(512, 1024)
     x = torch.randn(m, 1024, dtype=torch.bfloat16, device="cuda")
     assert kernels.preshuffled_backend(x, p) == backend
     assert rel_error(reference.linear(x, t, None), F.linear(x, p)) < 1e-2
+    if backend == "cuda_gemm":
+        assert kernels.preshuffled_backend(x.expand(2, m, 1024), p) != "cuda_gemm"
     assert torch.library.opcheck(custom_ops.int4_gemv_cuda_preshuffled,
                                  (x[:1], p.qdata, p.group_scale, p.group_zero, 128)) is not None
 
