@@ -1,8 +1,9 @@
 """Device probe for the mid-M tensor-core GEMM (int4tensor/kernels/cuda_gemm.py): correctness
 against the reference path, then a launch-config sweep timed in CUDA graphs over rotating
-weights, next to bf16 and fbgemm's bf16i4bf16_shuffled on the same preshuffled weights.
+weights, next to bf16 and fbgemm's kernel for the same layout on the same weights
+(bf16i4bf16_shuffled; with --plain the GEMM reads the plain layout, against bf16i4bf16_rowwise).
 
-    python scripts/probe_cuda_gemm.py [--csv PATH] [--shapes NxK,...] [--ms 17,32,64]
+    python scripts/probe_cuda_gemm.py [--plain] [--csv PATH] [--shapes NxK,...] [--ms 17,32,64]
 """
 from __future__ import annotations
 
@@ -34,12 +35,15 @@ def check():
         for cfg in (None, dict(U=1, BLOCK_CHUNKS=2), dict(U=2, BLOCK_CHUNKS=3, MIN_BLOCKS=1),
                     dict(U=1, BLOCK_CHUNKS=8, MIN_BLOCKS=1, PREFETCH=False),
                     dict(U=2, BLOCK_CHUNKS=5, MIN_BLOCKS=1, PREFETCH=True)):
-            out = cuda_gemm.int4_gemm(x, p.qdata, p.group_scale, p.group_zero, g, cfg)[:, :n]
-            err = rel_error(ref, out)
-            worst = max(worst, err)
-            if err > 1e-2:
-                print(f"WRONG n={n} k={k} g={g} m={m} cfg={cfg}: rel err {err:.4f}", flush=True)
-    print(f"check: {len(cases)} cases x 5 configs, worst rel err vs reference {worst:.2e} "
+            for shuffled in (True, False):
+                f = (p.qdata, p.group_scale, p.group_zero) if shuffled else (t.qdata, t.scale, t.zero_point)
+                out = cuda_gemm.int4_gemm(x, *f, g, cfg, shuffled=shuffled)[:, :n]
+                err = rel_error(ref, out)
+                worst = max(worst, err)
+                if err > 1e-2:
+                    print(f"WRONG n={n} k={k} g={g} m={m} cfg={cfg} shuffled={shuffled}: "
+                          f"rel err {err:.4f}", flush=True)
+    print(f"check: {len(cases)} cases x 5 configs x 2 layouts, worst rel err vs reference {worst:.2e} "
           f"({time.time() - t0:.1f} s incl. compile)", flush=True)
 
 
@@ -51,13 +55,21 @@ def sweep(bw):
     for n, k in shapes:
         copies = max(2, min(16, int(400e6 // (n * k * 2))))
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        ps = [Int4PreshuffledTensor.from_int4_tensor(Int4Tensor.from_hp(w, (1, 128))) for w in ws]
-        fields = [(p.qdata, p.group_scale, p.group_zero) for p in ps]
+        ts = [Int4Tensor.from_hp(w, (1, 128)) for w in ws]
+        shuffled = "--plain" not in sys.argv
+        if shuffled:
+            ps = [Int4PreshuffledTensor.from_int4_tensor(t) for t in ts]
+            fields = [(p.qdata, p.group_scale, p.group_zero) for p in ps]
+            fbgemm_op = custom_ops.fbgemm_bf16i4_shuffled
+        else:
+            fields = [(t.qdata, t.scale, t.zero_point) for t in ts]
+            fbgemm_op = custom_ops.int4_matmul_fbgemm
         nbytes = n * k / 2 + 4 * n * k / 128
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_bf16 = graph_time_us([lambda w=w: F.linear(x, w) for w in ws])
-            t_fb = graph_time_us([lambda f=f: custom_ops.fbgemm_bf16i4_shuffled(x, *f) for f in fields])
+            t_fb = graph_time_us([lambda f=f: fbgemm_op(x, *f, *([128] if not shuffled else []))
+                                  for f in fields])
             ranked = []
             m_tiles = -(-m // 8)
             grid = [(u, bc, b, pf) for u in (1, 2) for bc in (2, 4, 8, 16)
@@ -67,19 +79,21 @@ def sweep(bw):
                 smem = cuda_gemm._smem_bytes(m_tiles, min(bc, k // 128))
                 if smem > cuda_gemm.MAX_SMEM or smem * b > 227 * 1024:
                     continue
-                t = graph_time_us([lambda f=f, c=cfg: cuda_gemm.int4_gemm(x, *f, 128, c)
+                t = graph_time_us([lambda f=f, c=cfg: cuda_gemm.int4_gemm(x, *f, 128, c, shuffled)
                                    for f in fields], iters=5)
                 ranked.append((t, cfg))
                 records.append(dict(N=n, K=k, M=m, **cfg, us=round(t, 2)))
             ranked.sort(key=lambda r: r[0])
-            t_def = graph_time_us([lambda f=f: cuda_gemm.int4_gemm(x, *f, 128) for f in fields])
+            t_def = graph_time_us([lambda f=f: cuda_gemm.int4_gemm(x, *f, 128, shuffled=shuffled)
+                                   for f in fields])
             pct = lambda t: nbytes / t / 1e3 / bw * 100  # noqa: E731
-            print(f"{n}x{k} M={m}: bf16 {t_bf16:.2f} | fbgemm shuffled {t_fb:.2f} ({t_bf16 / t_fb:.2f}x)"
+            print(f"{n}x{k} M={m}: bf16 {t_bf16:.2f} | fbgemm {'shuffled' if shuffled else 'rowwise'}"
+                  f" {t_fb:.2f} ({t_bf16 / t_fb:.2f}x)"
                   f" | gemm default {t_def:.2f} ({t_bf16 / t_def:.2f}x, "
                   f"{pct(t_def):.0f}% copy) {cuda_gemm.pick_config(m, n, k, 132)} | best "
                   f"{ranked[0][0]:.2f} ({t_bf16 / ranked[0][0]:.2f}x) {ranked[0][1]}, "
                   f"{ranked[1][0]:.2f} {ranked[1][1]}, {ranked[2][0]:.2f} {ranked[2][1]}", flush=True)
-        del ws, ps, fields
+        del ws, ts, fields
         torch.cuda.empty_cache()
         if "--csv" in sys.argv and records:
             write_csv(arg("--csv", ""), torch.cuda.get_device_name(), records)

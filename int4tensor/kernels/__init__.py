@@ -17,8 +17,9 @@ from int4tensor.kernels import (
 
 #: Dispatch by the number of activation rows M (from benchmarks/bench_linear.py and
 #: scripts/probe_cuda_gemv.py on an H200): up to CUDA_GEMV_MAX_M rows run our tensor-core
-#: GEMV (G = 128/256; faster than fbgemm, tinygemm and Triton there on every shape measured);
-#: where it cannot run, M = 1 runs our Triton GEMV. Larger M runs fbgemm's CUTLASS GEMM on
+#: GEMV (G = 128/256; faster than fbgemm, tinygemm and Triton there on every shape measured),
+#: 17 to 32 rows our tensor-core GEMM (cuda_gemm.MIN_M, MAX_M; scripts/probe_cuda_gemm.py);
+#: where they cannot run, M = 1 runs our Triton GEMV. Larger M runs fbgemm's CUTLASS GEMM on
 #: Hopper, or our Triton tensor-core kernel up to TRITON_MAX_M where fbgemm cannot run (other
 #: GPUs, G = 32); beyond that the reference path.
 CUDA_GEMV_MAX_M = 16
@@ -75,12 +76,15 @@ def _cuda_gemv_can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor
 
 
 def linear_backend(x: torch.Tensor, weight) -> str:
-    """Name of the backend :func:`int4_linear` uses for these arguments: ``"cuda"``,
-    ``"triton"``, ``"fbgemm"`` or ``"reference"`` (dequantize, then the dense op; see
-    CUDA_GEMV_MAX_M and DENSE_MIN_M)."""
+    """Name of the backend :func:`int4_linear` uses for these arguments: ``"cuda"`` (our
+    GEMV), ``"cuda_gemm"`` (our GEMM, 17 to 32 rows), ``"triton"``, ``"fbgemm"`` or
+    ``"reference"`` (dequantize, then the dense op; see CUDA_GEMV_MAX_M and DENSE_MIN_M)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if _cuda_gemv_can_run(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size):
         return "cuda"
+    if _cuda_gemm_can_run(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size,
+                          shuffled=False):
+        return "cuda_gemm"
     if rows >= DENSE_MIN_M and x.is_cuda and \
             cuda_dequant.can_run(weight.qdata, weight.scale, weight.zero_point, x.dtype):
         return "reference"  # dequantize (one kernel), then cuBLAS
@@ -114,8 +118,9 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
             return out + bias if bias is not None else out
         x = round_fp8_rows(x2d).reshape(x.shape)
     backend = linear_backend(x, weight)
-    if backend in ("cuda", "triton"):
-        op = custom_ops.int4_gemv_cuda if backend == "cuda" else custom_ops.int4_matmul_triton
+    if backend in ("cuda", "cuda_gemm", "triton"):
+        op = dict(cuda=custom_ops.int4_gemv_cuda, cuda_gemm=custom_ops.int4_gemm_cuda,
+                  triton=custom_ops.int4_matmul_triton)[backend]
         out = op(x.reshape(-1, x.shape[-1]).contiguous(), weight.qdata, weight.scale,
                  weight.zero_point, weight.group_size)
         out = out.reshape(*x.shape[:-1], out.shape[-1])
@@ -153,15 +158,18 @@ def round_fp8_rows(x2d: torch.Tensor) -> torch.Tensor:
     return quant_primitives.round_fp8_rows(x2d)
 
 
-def _cuda_gemm_can_run(x2d: torch.Tensor, weight) -> bool:
+def _cuda_gemm_can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                       zero_point: torch.Tensor, group_size: int, shuffled: bool) -> bool:
+    """Our GEMM for ``x [*, K]`` (17 to 32 rows in all) and a 2D weight."""
+    if not (x.is_cuda and x.numel() and x.stride(-1) == 1 and qdata.ndim == 2
+            and cuda_gemm.is_available()):
+        return False
+    x = x.reshape(-1, x.shape[-1])
     return (
-        x2d.is_cuda
-        and cuda_gemm.MIN_M <= x2d.shape[0] <= cuda_gemm.MAX_M
-        and cuda_gemm.is_available()
-        and cuda_gemm.can_run(x2d, weight.qdata, weight.group_scale, weight.group_zero,
-                              weight.group_size)
-        and torch.cuda.get_device_capability(x2d.device) >= (8, 0)  # cp.async, bf16x2 fma
-        and cuda_gemm.can_compile(x2d.device.index if x2d.device.index is not None
+        cuda_gemm.MIN_M <= x.shape[0] <= cuda_gemm.MAX_M
+        and cuda_gemm.can_run(x, qdata, scale, zero_point, group_size, shuffled)
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)  # cp.async, bf16x2 fma
+        and cuda_gemm.can_compile(x.device.index if x.device.index is not None
                                   else torch.cuda.current_device())
     )
 
@@ -176,7 +184,8 @@ def preshuffled_backend(x: torch.Tensor, weight) -> str:
     if _cuda_gemv_can_run(x, weight.qdata, weight.group_scale, weight.group_zero,
                           weight.group_size):
         return "cuda"
-    if x.ndim == 2 and weight.qdata.ndim == 2 and _cuda_gemm_can_run(x, weight):
+    if x.ndim == 2 and _cuda_gemm_can_run(x, weight.qdata, weight.group_scale, weight.group_zero,
+                                          weight.group_size, shuffled=True):
         return "cuda_gemm"
     return "fbgemm"
 

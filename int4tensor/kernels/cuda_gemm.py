@@ -48,6 +48,7 @@ _SOURCE = r"""
 #define U %(u)d               // K chunks in flight per warp
 #define MIN_BLOCKS %(min_blocks)d
 #define PREFETCH %(prefetch)d     // load the next U chunks while multiplying these
+#define SHUFFLED %(shuffled)d      // 1: fbgemm's bf16 preshuffled layout; 0: plain [N, K/2]
 #define WARPS 8
 #define R 2                   // 16-row weight tiles per warp
 
@@ -62,24 +63,28 @@ __device__ __forceinline__ unsigned dequant2(unsigned v, unsigned s2, unsigned z
   return w;
 }
 __device__ __forceinline__ unsigned splat(bf16_t v) { return (unsigned)v | ((unsigned)v << 16); }
+// Where 16-byte piece p of an activation row lives in shared memory. On the plain layout the
+// lanes t = 0..3 of a row read pieces 4t + j, which fall on the same banks for t and t + 2;
+// flipping bit 1 of the pieces 8-15 of each 128-wide chunk spreads them (with rows 16 bytes
+// apart, a quarter warp's reads then hit distinct banks).
+__device__ __forceinline__ int swizzle(int p) { return SHUFFLED ? p : p ^ (((p >> 3) & 1) << 1); }
 
-// U chunks from chunk c: the lane's weights (K steps 8c + t and 8c + 4 + t of row pair g of
-// its R tiles, as the GEMV reads them) and the group scales / zeros of its rows; chunks past
-// the block's range repeat its last one (loaded, not used)
+// U chunks from chunk c: the lane's weights as the GEMV reads them (rows g and g + 8 of its R
+// tiles: uint4 `c * cstride + offa[r]` of qa, `... + offb[r]` of qb) and the group scales /
+// zeros of its rows; chunks past the block's range repeat its last one (loaded, not used)
 __device__ __forceinline__ void load_stage(
     uint4 (&wa)[U][R], uint4 (&wb)[U][R], bf16_t (&sz)[U][4][R], int c, int c_end,
     const uint4* __restrict__ qa, const uint4* __restrict__ qb, const bf16_t* __restrict__ scale,
-    const bf16_t* __restrict__ zero, const int (&toff)[R], const int (&ra)[R], const int (&rb)[R],
-    int tiles, int lds, int group_shift) {
+    const bf16_t* __restrict__ zero, const size_t (&offa)[R], const size_t (&offb)[R],
+    size_t cstride, const int (&ra)[R], const int (&rb)[R], int lds, int group_shift) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int cc = min(c + u, c_end - 1);
     const size_t gi = (size_t)((cc << 7) >> group_shift) * lds;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const size_t off = (size_t)cc * 64 * tiles + toff[r];
-      wa[u][r] = qa[off];
-      wb[u][r] = qb[off];
+      wa[u][r] = qa[cc * cstride + offa[r]];
+      wb[u][r] = qb[cc * cstride + offb[r]];
       sz[u][0][r] = scale[gi + ra[r]]; sz[u][1][r] = scale[gi + rb[r]];
       sz[u][2][r] = zero[gi + ra[r]]; sz[u][3][r] = zero[gi + rb[r]];
     }
@@ -87,14 +92,15 @@ __device__ __forceinline__ void load_stage(
 }
 
 // acc += W x for the U loaded chunks (the first `left` of them are in the block's range);
-// xc: the lane's activations of the first chunk in shared memory
+// xrow: activation row g of the first chunk in shared memory
 __device__ __forceinline__ void mma_stage(
     float (&acc)[R][MT][4], const uint4 (&wa)[U][R], const uint4 (&wb)[U][R],
-    const bf16_t (&sz)[U][4][R], const bf16_t* xc0, int xs_stride, int left) {
+    const bf16_t (&sz)[U][4][R], const bf16_t* xrow, int xs_stride, int left, int t) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     if (u >= left) break;
-    const bf16_t* xc = xc0 + (u << 7);
+#if SHUFFLED
+    const bf16_t* xc = xrow + (u << 7) + (t << 4);  // the 16 values of the lane's K step
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       // words j, j + 1 of the lane's 16 bytes: K pairs (2j, 2j + 2) and (2j + 8, 2j + 10)
@@ -132,6 +138,38 @@ __device__ __forceinline__ void mma_stage(
           }
       }
     }
+#else
+    // plain layout: word j of the lane's 16 bytes holds K kc + 8j .. + 7 (kc = 32 t) of its
+    // row; pair p = nibbles (p, p + 4). The activations follow with a byte permute, as in the
+    // GEMV; their 16-byte pieces are swizzled in shared memory (see swizzle()).
+    const bf16_t* xc = xrow + (u << 7);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      unsigned fa[R][4], fb[R][4];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const unsigned sa = splat(sz[u][0][r]), sb = splat(sz[u][1][r]);
+        const unsigned za = splat(sz[u][2][r]), zb = splat(sz[u][3][r]);
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          fa[r][p] = dequant2(nibbles_to_bf16x2(word(wa[u][r], j) >> (4 * p)), sa, za);
+          fb[r][p] = dequant2(nibbles_to_bf16x2(word(wb[u][r], j) >> (4 * p)), sb, zb);
+        }
+      }
+      const int piece = swizzle(4 * t + j);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint4 X = *reinterpret_cast<const uint4*>(xc + mt * 8 * xs_stride + 8 * piece);
+        const unsigned x04 = __byte_perm(X.x, X.z, 0x5410), x15 = __byte_perm(X.x, X.z, 0x7632);
+        const unsigned x26 = __byte_perm(X.y, X.w, 0x5410), x37 = __byte_perm(X.y, X.w, 0x7632);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          mma_bf16(acc[r][mt], fa[r][0], fb[r][0], fa[r][1], fb[r][1], x04, x15);
+          mma_bf16(acc[r][mt], fa[r][2], fb[r][2], fa[r][3], fb[r][3], x26, x37);
+        }
+      }
+    }
+#endif
   }
 }
 
@@ -145,8 +183,8 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int c_begin = blockIdx.y * block_chunks;
   const int c_end = min(c_begin + block_chunks, K >> 7);
-  // a row of 16-byte pieces plus 16 bytes: a warp's 16-byte reads of 8 rows x 4 K steps hit
-  // distinct banks
+  // a row of 16-byte pieces plus 16 bytes: a quarter warp's 16-byte reads (2 rows x 4 lanes)
+  // hit distinct banks
   const int xs_stride = (block_chunks << 7) + 8;
 
   {  // x[0, 8 MT) x [K range] -> shared memory; rows >= M are zero-filled
@@ -156,7 +194,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
       const bf16_t* src = x + (size_t)min(m, M - 1) * ldx + k0 + 8 * p;
       unsigned dst;
       asm("{ .reg .u64 a; cvta.to.shared.u64 a, %%1; cvt.u32.u64 %%0, a; }"
-          : "=r"(dst) : "l"(xs + m * xs_stride + 8 * p));
+          : "=r"(dst) : "l"(xs + m * xs_stride + 8 * swizzle(p)));
       asm volatile("cp.async.cg.shared.global [%%0], [%%1], 16, %%2;"
                    :: "r"(dst), "l"(src), "r"(m < M ? 16 : 0));
     }
@@ -164,20 +202,34 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   }
 
   const int r0 = blockIdx.x * (WARPS * R * 16) + warp * (R * 16);  // this warp's first row
-  const int tiles = N >> 4;
-  // lane (g, t) reads K steps 8c + t (wa) and 8c + 4 + t (wb) of row pair g of its tiles (the
-  // GEMV's addressing); a tile past N reads the last one again (its output is not written)
-  const uint4* qa = q + ((size_t)t * tiles + min(r0 >> 4, tiles - 1)) * 8 + g;
-  const uint4* qb = qa + (size_t)32 * tiles;
-  int toff[R], ra[R], rb[R];
+  int ra[R], rb[R];  // the lane's rows g and g + 8 of each tile; rows past N read the last one
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    toff[r] = 8 * (min((r0 >> 4) + r, tiles - 1) - min(r0 >> 4, tiles - 1));
     ra[r] = min(r0 + 16 * r + g, N - 1);
     rb[r] = min(r0 + 16 * r + g + 8, N - 1);
   }
-  // this lane's activations: row g of each 8-row tile, the 16 values of its K step
-  const bf16_t* xl = xs + g * xs_stride + (t << 4);
+  size_t offa[R], offb[R], cstride;  // the GEMV's addressing, per layout
+#if SHUFFLED
+  // K steps 8c + t (wa) and 8c + 4 + t (wb) of row pair g of the lane's tiles
+  const int tiles = N >> 4, tile0 = min(r0 >> 4, tiles - 1);
+  const uint4* qa = q + ((size_t)t * tiles + tile0) * 8 + g;
+  const uint4* qb = qa + (size_t)32 * tiles;
+#pragma unroll
+  for (int r = 0; r < R; ++r) offa[r] = offb[r] = 8 * (min(tile0 + r, tiles - 1) - tile0);
+  cstride = (size_t)64 * tiles;
+#else
+  // 32 nibbles of rows ra / rb from K 128 c + 32 t
+  const int row_len = K >> 5;  // uint4 per row
+  const uint4* qa = q + (size_t)ra[0] * row_len + t;
+  const uint4* qb = q + (size_t)rb[0] * row_len + t;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    offa[r] = (size_t)(ra[r] - ra[0]) * row_len;
+    offb[r] = (size_t)(rb[r] - rb[0]) * row_len;
+  }
+  cstride = 4;
+#endif
+  const bf16_t* xl = xs + g * xs_stride;  // activation row g of each 8-row tile
 
   float acc[R][MT][4];
 #pragma unroll
@@ -193,7 +245,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   bf16_t sz[U][4][R], nsz[U][4][R];
   const bool active = r0 < N;
   if (active)
-    load_stage(wa, wb, sz, c_begin, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds,
+    load_stage(wa, wb, sz, c_begin, c_end, qa, qb, scale, zero, offa, offb, cstride, ra, rb, lds,
                group_shift);
   asm volatile("cp.async.wait_all;" ::: "memory");
   __syncthreads();
@@ -203,10 +255,10 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   for (int c = c_begin; c < c_end; c += U) {
 #if PREFETCH
     if (c + U < c_end)
-      load_stage(na, nb, nsz, c + U, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds,
-                 group_shift);
+      load_stage(na, nb, nsz, c + U, c_end, qa, qb, scale, zero, offa, offb, cstride, ra, rb,
+                 lds, group_shift);
 #endif
-    mma_stage(acc, wa, wb, sz, xl + ((c - c_begin) << 7), xs_stride, c_end - c);
+    mma_stage(acc, wa, wb, sz, xl + ((c - c_begin) << 7), xs_stride, c_end - c, t);
 #if PREFETCH
 #pragma unroll
     for (int u = 0; u < U; ++u)
@@ -218,8 +270,8 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
       }
 #else
     if (c + U < c_end)
-      load_stage(wa, wb, sz, c + U, c_end, qa, qb, scale, zero, toff, ra, rb, tiles, lds,
-                 group_shift);
+      load_stage(wa, wb, sz, c + U, c_end, qa, qb, scale, zero, offa, offb, cstride, ra, rb,
+                 lds, group_shift);
 #endif
   }
 
@@ -246,19 +298,24 @@ def _smem_bytes(m_tiles: int, block_chunks: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_source(m_tiles: int, u: int, min_blocks: int, prefetch: bool) -> tuple[str, str]:
+def _kernel_source(m_tiles: int, u: int, min_blocks: int, prefetch: bool,
+                   shuffled: bool = True) -> tuple[str, str]:
     """(source, name) of the kernel for ``8 * m_tiles`` activation rows, ``u`` chunks per step,
-    at least ``min_blocks`` blocks per multiprocessor and with or without the prefetch."""
-    name = f"int4_tc_gemm_shuffled_m{m_tiles}_u{u}_b{min_blocks}{'_pf' if prefetch else ''}"
+    at least ``min_blocks`` blocks per multiprocessor, with or without the prefetch, reading
+    fbgemm's preshuffled layout or (``shuffled=False``) the plain one."""
+    name = (f"int4_tc_gemm_{'shuffled' if shuffled else 'plain'}_m{m_tiles}_u{u}_b{min_blocks}"
+            f"{'_pf' if prefetch else ''}")
     return _SOURCE % dict(m_tiles=m_tiles, u=u, min_blocks=min_blocks, prefetch=int(prefetch),
-                          name=name, bf16_helpers=nvrtc.BF16_HELPERS,
+                          shuffled=int(shuffled), name=name, bf16_helpers=nvrtc.BF16_HELPERS,
                           mma_helpers=nvrtc.MMA_HELPERS), name
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(m_tiles: int, u: int, min_blocks: int, prefetch: bool, capability: tuple[int, int]):
+def _compiled(m_tiles: int, u: int, min_blocks: int, prefetch: bool, shuffled: bool,
+              capability: tuple[int, int]):
     """The kernel of :func:`_kernel_source` for one GPU architecture (NVRTC, once per process)."""
-    return nvrtc.compile_kernel(*_kernel_source(m_tiles, u, min_blocks, prefetch), capability)
+    return nvrtc.compile_kernel(*_kernel_source(m_tiles, u, min_blocks, prefetch, shuffled),
+                                capability)
 
 
 @functools.lru_cache(maxsize=None)
@@ -290,17 +347,17 @@ def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
     return dict(U=1, PREFETCH=True, MIN_BLOCKS=2 if m_tiles <= 4 else 1, BLOCK_CHUNKS=block_chunks)
 
 
-def can_run(x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor,
-            group_zero: torch.Tensor, group_size: int) -> bool:
-    """The kernel's contract, checked without touching the GPU: ``x [17 <= M <= 32, K]`` and a
-    preshuffled ``qdata [N, K/2]`` (N a multiple of 16) that fit the GEMV's per-lane layout
-    (:func:`cuda_gemv.operands_fit`), and torch's NVRTC kernels able to take more than 48 KB of
-    shared memory."""
+def can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+            zero_point: torch.Tensor, group_size: int, shuffled: bool = True) -> bool:
+    """The kernel's contract, checked without touching the GPU: ``x [17 <= M <= 32, K]`` and
+    ``qdata [N, K/2]`` (plain, or preshuffled with N a multiple of 16) that fit the GEMV's
+    per-lane layout (:func:`cuda_gemv.operands_fit`), and torch's NVRTC kernels able to take
+    more than 48 KB of shared memory."""
     return (
         x.ndim == 2 and qdata.ndim == 2
         and MIN_M <= x.shape[0] <= MAX_M
-        and qdata.shape[0] % 16 == 0
-        and cuda_gemv.operands_fit(x, qdata, group_scale, group_zero, group_size)
+        and (not shuffled or qdata.shape[0] % 16 == 0)
+        and cuda_gemv.operands_fit(x, qdata, scale, zero_point, group_size)
         and hasattr(getattr(torch.cuda, "_utils", None), "_CudaKernel")
         and hasattr(torch.cuda._utils._CudaKernel, "set_shared_memory_config")
     )
@@ -309,21 +366,24 @@ def can_run(x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor,
 def int4_gemm(
     x: torch.Tensor,
     qdata: torch.Tensor,
-    group_scale: torch.Tensor,
-    group_zero: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
     group_size: int,
     config: dict | None = None,
+    shuffled: bool = True,
 ) -> torch.Tensor:
-    """``x [M, K] @ W.T -> [M, N]`` for a bf16 ``Int4PreshuffledTensor``'s fields,
-    ``W = q * group_scale + group_zero``.
+    """``x [M, K] @ W.T -> [M, N]`` for ``W = q * scale + zero_point``.
 
     Args:
         x: bf16 ``[M, K]``, ``1 <= M <= 64`` (the dispatcher sends 17 to 32), rows 16-byte
             aligned.
-        qdata: int8 ``[N, K/2]`` in fbgemm's bf16 preshuffled layout, N a multiple of 16.
-        group_scale, group_zero: bf16 ``[K/G, N]``, last dim contiguous; G = 128 or 256.
+        qdata: int8 ``[N, K/2]``: fbgemm's bf16 preshuffled layout (N a multiple of 16;
+            ``Int4PreshuffledTensor``), or with ``shuffled=False`` the plain layout
+            (``Int4Tensor``, any N).
+        scale, zero_point: bf16 ``[K/G, N]``, last dim contiguous; G = 128 or 256.
         config: any of ``U``, ``MIN_BLOCKS``, ``BLOCK_CHUNKS``, ``PREFETCH`` (the rest from
             :func:`pick_config`).
+        shuffled: which layout ``qdata`` is in.
 
     Returns:
         bf16 ``[M, N]``.
@@ -339,7 +399,7 @@ def int4_gemm(
     if smem > MAX_SMEM:
         raise ValueError(f"BLOCK_CHUNKS={block_chunks} needs {smem} bytes of shared memory at "
                          f"M={m}, more than {MAX_SMEM}")
-    kernel = _compiled(m_tiles, cfg["U"], cfg["MIN_BLOCKS"], bool(cfg["PREFETCH"]),
+    kernel = _compiled(m_tiles, cfg["U"], cfg["MIN_BLOCKS"], bool(cfg["PREFETCH"]), shuffled,
                        (props.major, props.minor))
     if smem >= 48 * 1024:
         _allow_smem(kernel)
@@ -347,8 +407,8 @@ def int4_gemm(
     kernel(
         grid=(-(-n // BLOCK_N), -(-chunks // block_chunks), 1),
         block=(32 * WARPS, 1, 1),
-        args=[x, qdata, group_scale, group_zero, sums, m, n, k, x.stride(0),
-              group_scale.stride(0), group_size.bit_length() - 1, block_chunks],
+        args=[x, qdata, scale, zero_point, sums, m, n, k, x.stride(0), scale.stride(0),
+              group_size.bit_length() - 1, block_chunks],
         shared_mem=smem,
     )
     return sums.to(torch.bfloat16)

@@ -44,6 +44,16 @@ def int4_gemv_cuda_preshuffled(
     return cuda_gemv.int4_gemv(x, qdata, group_scale, group_zero, group_size, shuffled=True)
 
 
+@torch.library.custom_op("int4tensor::int4_gemm_cuda", mutates_args=())
+def int4_gemm_cuda(
+    x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """``x [17 <= M <= 32, K] @ W.T -> [M, N]`` for a plain ``Int4Tensor``'s fields through our
+    tensor-core GEMM (see cuda_gemm.py)."""
+    return cuda_gemm.int4_gemm(x, qdata, scale, zero_point, group_size, shuffled=False)
+
+
 @torch.library.custom_op("int4tensor::int4_gemm_cuda_preshuffled", mutates_args=())
 def int4_gemm_cuda_preshuffled(
     x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
@@ -213,7 +223,7 @@ def _backward(ctx, grad_out):
     return grad_out @ weight, None, None, None, None
 
 
-for _op in (int4_matmul_triton, int4_gemv_cuda, int4_matmul_fbgemm):
+for _op in (int4_matmul_triton, int4_gemv_cuda, int4_gemm_cuda, int4_matmul_fbgemm):
     _op.register_fake(_fake)
     _op.register_autograd(_backward, setup_context=_setup_context)
 for _op in (int4_gemv_cuda_preshuffled, int4_gemm_cuda_preshuffled):

@@ -1,13 +1,14 @@
-"""The mid-M tensor-core GEMM over fbgemm's preshuffled layout (int4tensor/kernels/cuda_gemm.py)
-against the reference path on random inputs, and compiled (its place in the dispatch:
-test_cuda_gemv.py). CUDA with fbgemm on sm90+, except the contract and config checks at the
-end, which run everywhere."""
+"""The mid-M tensor-core GEMM (int4tensor/kernels/cuda_gemm.py) on fbgemm's preshuffled layout
+and on the plain one, against the reference path on random inputs, its dispatch on the plain
+layout (on the preshuffled one: test_cuda_gemv.py's ladder) and compiled. CUDA (the
+preshuffled tests: with fbgemm on sm90+), except the contract and config checks at the end,
+which run everywhere."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from int4tensor import Int4PreshuffledTensor, Int4Tensor
+from int4tensor import Int4PreshuffledTensor, Int4Tensor, kernels
 from int4tensor.kernels import cuda_gemm, custom_ops, fbgemm, reference
 from test.helpers import quantized_cuda, rel_error, sqnr
 
@@ -55,6 +56,41 @@ def test_every_launch_config_and_group_size(cfg, g):
 
 
 @gpu
+@pytest.mark.parametrize("n, k", [(4096, 4096), (200, 384), (1000, 4224)])
+@pytest.mark.parametrize("m", [17, 24, 32])
+@pytest.mark.parametrize("g", [128, 256])
+def test_plain_layout_matches_reference(m, n, k, g):
+    """The same GEMM on the plain Int4Tensor layout (any N; activations permuted per lane and
+    swizzled in shared memory)."""
+    if k % g:
+        pytest.skip("K must be a multiple of G")
+    w, t = quantized_cuda(n, k, g)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    out = cuda_gemm.int4_gemm(x, t.qdata, t.scale, t.zero_point, g, shuffled=False)
+    assert out.shape == (m, n)
+    assert rel_error(reference.linear(x, t, None), out) < 2e-3
+    assert sqnr(x.double() @ w.double().t(), out) > 18
+    for cfg in (dict(U=2, BLOCK_CHUNKS=3, MIN_BLOCKS=1), dict(U=1, BLOCK_CHUNKS=2, PREFETCH=False)):
+        again = cuda_gemm.int4_gemm(x, t.qdata, t.scale, t.zero_point, g, cfg, shuffled=False)
+        assert rel_error(reference.linear(x, t, None), again) < 2e-3
+
+
+@gpu
+@pytest.mark.parametrize("m, backend", [(16, "cuda"), (17, "cuda_gemm"), (32, "cuda_gemm")])
+def test_plain_dispatch_from_17_to_32_rows(m, backend):
+    """F.linear on an Int4Tensor: rows counted over x's leading dims; the custom op has an
+    autograd formula for the activation like the other plain-layout ops."""
+    _, t = quantized_cuda(512, 1024)
+    x = torch.randn(m, 1024, dtype=torch.bfloat16, device="cuda")
+    assert kernels.linear_backend(x, t) == backend
+    assert kernels.linear_backend(x.expand(2, m, 1024), t) != "cuda_gemm"  # 2M rows
+    assert rel_error(reference.linear(x, t, None), F.linear(x, t)) < 1e-2
+    if backend == "cuda_gemm":
+        assert torch.library.opcheck(custom_ops.int4_gemm_cuda,
+                                     (x, t.qdata, t.scale, t.zero_point, 128)) is not None
+
+
+@gpu
 def test_custom_op_and_compiled_linear():
     _, t, p = preshuffled(512, 1024)
     x = torch.randn(24, 1024, dtype=torch.bfloat16, device="cuda")
@@ -70,6 +106,8 @@ def test_contract_rejects_cpu_and_out_of_range_inputs_without_compiling():
     for m in (16, 24, 33):
         x = torch.randn(m, 256, dtype=torch.bfloat16)
         assert not cuda_gemm.can_run(x, t.qdata, t.scale, t.zero_point, 128)
+        assert not cuda_gemm.can_run(x, t.qdata, t.scale, t.zero_point, 128, shuffled=False)
+    assert kernels.linear_backend(torch.randn(24, 256, dtype=torch.bfloat16), t) == "reference"
     assert cuda_gemm._compiled.cache_info().currsize == 0
 
 
