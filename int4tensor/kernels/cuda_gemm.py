@@ -1,17 +1,19 @@
-"""CUDA tensor-core GEMM over fbgemm's bf16 preshuffled layout for 17 to 32 activation rows
-(batched decode), where the weights are still read once but each weight meets enough
-activation rows that the decode GEMV's per-warp activation loads (through L1/L2, once per
-warp) dominate.
+"""CUDA tensor-core GEMM for 17 to 32 activation rows (batched decode) over fbgemm's bf16
+preshuffled layout or the plain Int4Tensor one, where the weights are still read once but
+each weight meets enough activation rows that the decode GEMV's per-warp activation loads
+(through L1/L2, once per warp) dominate.
 
 * A block of 8 warps owns 256 weight rows (two 16-row tiles per warp, as the GEMV's ``R = 2``)
   and a range of ``BLOCK_CHUNKS`` 128-wide K chunks (split-K over the grid's y). It first
   copies the activations of its K range, ``x [M, K range]``, into shared memory
   (``cp.async``, rows up to the next multiple of 8 zero-filled); all warps then read them
   there, one copy per block instead of one per warp.
-* Weights stream from HBM into registers in the layout the GEMV reads (see cuda_gemv.py: a
-  lane's 16-byte load holds four mma A fragments of its K step, so the activations need no
-  permutation); with ``PREFETCH`` the next ``U`` chunks are loaded while the current ones are
-  multiplied. They are dequantized before the mma: ``(136 + q) -> q`` exactly, then
+* Weights stream from HBM into registers with the GEMV's per-lane addressing (see
+  cuda_gemv.py: on the preshuffled layout a lane's 16-byte load holds four mma A fragments of
+  its K step, so the activations need no permutation; on the plain one it holds 32 K of one
+  row and the lane permutes its activations, whose 16-byte pieces are swizzled in shared
+  memory so that the four lanes of a row read distinct banks); with ``PREFETCH`` the next
+  ``U`` chunks are loaded while the current ones are multiplied. They are dequantized before the mma: ``(136 + q) -> q`` exactly, then
   ``q * s + z`` in one bf16x2 fma, rounded once as the reference path rounds its dequantized
   weight. At M >= 17 that costs fewer instructions than the GEMV's activation sums on the
   tensor cores, whose count grows with M.
@@ -19,10 +21,12 @@ warp) dominate.
   ranges' sums are added into a zero-filled fp32 ``[M, N]`` buffer in L2 (``red.add``), cast
   to bf16 after the kernel (the zero-fill and the cast take ~3.5 us of a call on an H200).
 
-Measured on an H200 (``scripts/probe_cuda_gemm.py``, ``benchmarks/results/probe_cuda_gemm.txt``):
-1.1-1.7x bf16 at M = 17 and 1.0-1.3x at M = 32 where fbgemm's ``bf16i4bf16_shuffled`` gives
-0.7-1.3x and 0.7-1.2x; above 32 rows it falls behind fbgemm (the activation reads from shared
-memory and the mma count grow with M), so the dispatcher stops there.
+Measured on an H200 (``scripts/probe_cuda_gemm.py [--plain]``, ``benchmarks/results/
+probe_cuda_gemm*.txt``): preshuffled 1.1-1.8x bf16 at M = 17 and 1.0-1.4x at M = 32 where
+fbgemm's ``bf16i4bf16_shuffled`` gives 0.7-1.3x and 0.7-1.2x; plain 1.1-1.7x and 0.9-1.1x where
+``bf16i4bf16_rowwise`` gives 0.6-1.1x and 0.7-1.0x. Above 32 rows it falls behind fbgemm (the
+activation reads from shared memory and the mma count grow with M), so the dispatcher stops
+there.
 Compiled at first use with NVRTC (like cuda_gemv.py); this module imports nothing but torch.
 """
 
