@@ -27,7 +27,7 @@ G = 128
 SHAPES = [("Mixtral-8x7B w1", 8, 14336, 4096), ("Mixtral-8x7B w2", 8, 4096, 14336),
           ("DeepSeek-V2-Lite up", 64, 1408, 2048), ("DeepSeek-V2-Lite down", 64, 2048, 1408),
           ("Qwen3-30B-A3B up", 128, 768, 2048), ("Qwen3-30B-A3B down", 128, 2048, 768)]
-MS = [1, 4, 16, 64]
+MS = [1, 4, 16, 32, 64]
 
 
 def main():

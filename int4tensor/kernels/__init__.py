@@ -160,13 +160,16 @@ def round_fp8_rows(x2d: torch.Tensor) -> torch.Tensor:
 
 def _cuda_gemm_can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                        zero_point: torch.Tensor, group_size: int, shuffled: bool) -> bool:
-    """Our GEMM for ``x [*, K]`` (17 to 32 rows in all) and a 2D weight."""
-    if not (x.is_cuda and x.numel() and x.stride(-1) == 1 and qdata.ndim == 2
-            and cuda_gemm.is_available()):
+    """Our GEMM for ``x [*, K]`` (17 to 32 rows in all) and a 2D weight, or for ``x [B, M, K]``
+    and a 3D one (bmm, 17 to 32 rows per batch entry)."""
+    if not (x.is_cuda and x.numel() and x.stride(-1) == 1 and cuda_gemm.is_available()):
         return False
-    x = x.reshape(-1, x.shape[-1])
+    if qdata.ndim == 2:
+        x = x.reshape(-1, x.shape[-1])
+    elif not (qdata.ndim == 3 and x.ndim == 3):
+        return False
     return (
-        cuda_gemm.MIN_M <= x.shape[0] <= cuda_gemm.MAX_M
+        cuda_gemm.MIN_M <= x.shape[-2] <= cuda_gemm.MAX_M
         and cuda_gemm.can_run(x, qdata, scale, zero_point, group_size, shuffled)
         and torch.cuda.get_device_capability(x.device) >= (8, 0)  # cp.async, bf16x2 fma
         and cuda_gemm.can_compile(x.device.index if x.device.index is not None
@@ -177,15 +180,15 @@ def _cuda_gemm_can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor
 def preshuffled_backend(x: torch.Tensor, weight) -> str:
     """Name of the backend :func:`preshuffled_linear` and :func:`preshuffled_bmm` use, for bf16
     activations: ``"cuda"`` (our GEMV reading the preshuffled layout, up to CUDA_GEMV_MAX_M
-    rows, per batch entry for a 3D weight; G = 128 / 256), ``"cuda_gemm"`` (our GEMM, 17 to
-    32 rows of a 2D weight) or ``"fbgemm"``."""
+    rows; G = 128 / 256), ``"cuda_gemm"`` (our GEMM, 17 to 32 rows) or ``"fbgemm"``; rows
+    count per batch entry for a 3D weight."""
     if weight.activation_dtype != "bf16":
         return "fbgemm"
     if _cuda_gemv_can_run(x, weight.qdata, weight.group_scale, weight.group_zero,
                           weight.group_size):
         return "cuda"
-    if x.ndim == 2 and _cuda_gemm_can_run(x, weight.qdata, weight.group_scale, weight.group_zero,
-                                          weight.group_size, shuffled=True):
+    if _cuda_gemm_can_run(x, weight.qdata, weight.group_scale, weight.group_zero,
+                          weight.group_size, shuffled=True):
         return "cuda_gemm"
     return "fbgemm"
 
@@ -214,9 +217,11 @@ def preshuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
     entry, fbgemm's batched kernel above; fp8 activations fbgemm's grouped kernel."""
     n = weight.qdata.shape[-2]
     if weight.activation_dtype == "bf16":
-        if preshuffled_backend(x, weight) == "cuda":
-            return custom_ops.int4_gemv_cuda_preshuffled(
-                x, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size)
+        backend = preshuffled_backend(x, weight)
+        if backend in ("cuda", "cuda_gemm"):
+            op = (custom_ops.int4_gemv_cuda_preshuffled if backend == "cuda"
+                  else custom_ops.int4_gemm_cuda_preshuffled)
+            return op(x, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size)
         return custom_ops.fbgemm_bf16i4_shuffled_batched(
             x.contiguous(), weight.qdata,
             weight.group_scale.reshape(-1, n), weight.group_zero.reshape(-1, n))
@@ -229,9 +234,13 @@ def preshuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
 
 def bmm_backend(x: torch.Tensor, weight) -> str:
     """Name of the backend :func:`int4_bmm` uses: ``"cuda"`` (our GEMV, up to
-    CUDA_GEMV_MAX_M rows per batch entry), ``"fbgemm"`` or ``"reference"``."""
+    CUDA_GEMV_MAX_M rows per batch entry), ``"cuda_gemm"`` (our GEMM, 17 to 32 rows per entry),
+    ``"fbgemm"`` or ``"reference"``."""
     if _cuda_gemv_can_run(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size):
         return "cuda"
+    if _cuda_gemm_can_run(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size,
+                          shuffled=False):
+        return "cuda_gemm"
     if fbgemm.can_run_bmm(x, weight):
         return "fbgemm"
     return "reference"
@@ -244,9 +253,9 @@ def int4_bmm(x: torch.Tensor, weight) -> torch.Tensor:
     if weight.activation_dtype == "fp8":  # the same activation rounding as linear, then bf16
         x = round_fp8_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape)
     backend = bmm_backend(x, weight)
-    if backend == "cuda":
-        return custom_ops.int4_gemv_cuda(x, weight.qdata, weight.scale, weight.zero_point,
-                                         weight.group_size)
+    if backend in ("cuda", "cuda_gemm"):
+        op = custom_ops.int4_gemv_cuda if backend == "cuda" else custom_ops.int4_gemm_cuda
+        return op(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size)
     if backend == "fbgemm":
         return fbgemm.bmm(x, weight)
     return reference.bmm(x, weight)

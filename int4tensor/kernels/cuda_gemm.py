@@ -23,7 +23,7 @@ each weight meets enough activation rows that the decode GEMV's per-warp activat
 
 Measured on an H200 (``scripts/probe_cuda_gemm.py [--plain]``, ``benchmarks/results/
 probe_cuda_gemm*.txt``): preshuffled 1.1-1.8x bf16 at M = 17 and 1.0-1.4x at M = 32 where
-fbgemm's ``bf16i4bf16_shuffled`` gives 0.7-1.3x and 0.7-1.2x; plain 1.1-1.7x and 0.9-1.1x where
+fbgemm's ``bf16i4bf16_shuffled`` gives 0.7-1.3x and 0.7-1.2x; plain 1.05-1.7x and 0.9-1.1x where
 ``bf16i4bf16_rowwise`` gives 0.6-1.1x and 0.7-1.0x. Above 32 rows it falls behind fbgemm (the
 activation reads from shared memory and the mma count grow with M), so the dispatcher stops
 there.
@@ -181,8 +181,14 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 %(name)s(const bf16_t* __restrict__ x, const uint4* __restrict__ q,
          const bf16_t* __restrict__ scale, const bf16_t* __restrict__ zero,
          float* __restrict__ out, int M, int N, int K, int ldx, int lds, int group_shift,
-         int block_chunks) {
+         int block_chunks, int x_batch, int q_batch, int s_batch) {
+  // block: 8 warps; grid (256-row blocks, K ranges, batch entries of 3D weights)
   extern __shared__ __align__(16) unsigned char smem[];
+  {  // this block's batch entry: strides in elements (q: uint4); out is [B, M, N]
+    const size_t b = blockIdx.z;
+    x += b * x_batch; q += b * q_batch; scale += b * s_batch; zero += b * s_batch;
+    out += b * M * N;
+  }
   bf16_t* xs = reinterpret_cast<bf16_t*>(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int c_begin = blockIdx.y * block_chunks;
@@ -354,14 +360,22 @@ def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
 def can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
             zero_point: torch.Tensor, group_size: int, shuffled: bool = True) -> bool:
     """The kernel's contract, checked without touching the GPU: ``x [17 <= M <= 32, K]`` and
-    ``qdata [N, K/2]`` (plain, or preshuffled with N a multiple of 16) that fit the GEMV's
-    per-lane layout (:func:`cuda_gemv.operands_fit`), and torch's NVRTC kernels able to take
-    more than 48 KB of shared memory."""
+    ``qdata [N, K/2]`` (plain, or preshuffled with N a multiple of 16), or ``x [B, M, K]`` with
+    ``qdata [B, N, K/2]`` and batch strides that fit the kernel's 32-bit arguments, fitting the
+    GEMV's per-lane layout (:func:`cuda_gemv.operands_fit`); and torch's NVRTC kernels able to
+    take more than 48 KB of shared memory."""
+    if not (x.ndim == qdata.ndim and x.ndim in (2, 3)):
+        return False
+    batched = x.ndim == 3
+    if batched and not (x.shape[0] == qdata.shape[0] == scale.shape[0] and scale.ndim == 3):
+        return False
     return (
-        x.ndim == 2 and qdata.ndim == 2
-        and MIN_M <= x.shape[0] <= MAX_M
-        and (not shuffled or qdata.shape[0] % 16 == 0)
+        MIN_M <= x.shape[-2] <= MAX_M
+        and (not shuffled or qdata.shape[-2] % 16 == 0)
         and cuda_gemv.operands_fit(x, qdata, scale, zero_point, group_size)
+        and (not batched or (x.shape[0] < 2**16  # grid.z
+                             and max(x.stride(0), qdata.stride(0), scale.stride(0),
+                                     x.shape[1] * qdata.shape[-2]) < 2**31))
         and hasattr(getattr(torch.cuda, "_utils", None), "_CudaKernel")
         and hasattr(torch.cuda._utils._CudaKernel, "set_shared_memory_config")
     )
@@ -376,26 +390,31 @@ def int4_gemm(
     config: dict | None = None,
     shuffled: bool = True,
 ) -> torch.Tensor:
-    """``x [M, K] @ W.T -> [M, N]`` for ``W = q * scale + zero_point``.
+    """``x [M, K] @ W.T -> [M, N]`` for ``W = q * scale + zero_point``; 3D weights
+    (``torch.bmm``, MoE experts): ``x [B, M, K] @ W[b].T -> [B, M, N]`` in one launch.
 
     Args:
-        x: bf16 ``[M, K]``, ``1 <= M <= 64`` (the dispatcher sends 17 to 32), rows 16-byte
-            aligned.
-        qdata: int8 ``[N, K/2]``: fbgemm's bf16 preshuffled layout (N a multiple of 16;
-            ``Int4PreshuffledTensor``), or with ``shuffled=False`` the plain layout
-            (``Int4Tensor``, any N).
-        scale, zero_point: bf16 ``[K/G, N]``, last dim contiguous; G = 128 or 256.
+        x: bf16 ``[M, K]`` or ``[B, M, K]``, ``1 <= M <= 64`` (the dispatcher sends 17 to 32),
+            rows 16-byte aligned.
+        qdata: int8 ``[N, K/2]`` or ``[B, N, K/2]``: fbgemm's bf16 preshuffled layout (N a
+            multiple of 16; ``Int4PreshuffledTensor``), or with ``shuffled=False`` the plain
+            layout (``Int4Tensor``, any N).
+        scale, zero_point: bf16 ``[K/G, N]`` or ``[B, K/G, N]``, last dim contiguous; G = 128
+            or 256.
         config: any of ``U``, ``MIN_BLOCKS``, ``BLOCK_CHUNKS``, ``PREFETCH`` (the rest from
             :func:`pick_config`).
         shuffled: which layout ``qdata`` is in.
 
     Returns:
-        bf16 ``[M, N]``.
+        bf16 ``[M, N]`` or ``[B, M, N]``.
     """
-    m, k = x.shape
-    n = qdata.shape[0]
+    batched = x.ndim == 3
+    batch = x.shape[0] if batched else 1
+    m, k = x.shape[-2:]
+    n = qdata.shape[-2]
     props = torch.cuda.get_device_properties(x.device)
-    cfg = dict(pick_config(m, n, k, props.multi_processor_count), **(config or {}))
+    # the batch's blocks share the multiprocessors, so the config sees all of their rows
+    cfg = dict(pick_config(m, batch * n, k, props.multi_processor_count), **(config or {}))
     m_tiles = -(-m // 8)
     chunks = k // CHUNK
     block_chunks = min(cfg["BLOCK_CHUNKS"], chunks)
@@ -407,12 +426,13 @@ def int4_gemm(
                        (props.major, props.minor))
     if smem >= 48 * 1024:
         _allow_smem(kernel)
-    sums = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    sums = torch.zeros(*x.shape[:-1], n, dtype=torch.float32, device=x.device)
+    strides = [x.stride(0), qdata.stride(0) // 16, scale.stride(0)] if batched else [0, 0, 0]
     kernel(
-        grid=(-(-n // BLOCK_N), -(-chunks // block_chunks), 1),
+        grid=(-(-n // BLOCK_N), -(-chunks // block_chunks), batch),
         block=(32 * WARPS, 1, 1),
-        args=[x, qdata, scale, zero_point, sums, m, n, k, x.stride(0), scale.stride(0),
-              group_size.bit_length() - 1, block_chunks],
+        args=[x, qdata, scale, zero_point, sums, m, n, k, x.stride(-2), scale.stride(-2),
+              group_size.bit_length() - 1, block_chunks, *strides],
         shared_mem=smem,
     )
     return sums.to(torch.bfloat16)

@@ -50,7 +50,7 @@ def int4_gemm_cuda(
     group_size: int,
 ) -> torch.Tensor:
     """``x [17 <= M <= 32, K] @ W.T -> [M, N]`` for a plain ``Int4Tensor``'s fields through our
-    tensor-core GEMM (see cuda_gemm.py)."""
+    tensor-core GEMM (see cuda_gemm.py); 3D weights: ``x [B, M, K] @ W[b].T -> [B, M, N]``."""
     return cuda_gemm.int4_gemm(x, qdata, scale, zero_point, group_size, shuffled=False)
 
 
@@ -59,8 +59,8 @@ def int4_gemm_cuda_preshuffled(
     x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
     group_size: int,
 ) -> torch.Tensor:
-    """``x [17 <= M <= 32, K] @ W.T -> [M, Np]`` for a bf16 ``Int4PreshuffledTensor``'s fields
-    through our tensor-core GEMM (see cuda_gemm.py)."""
+    """``x [17 <= M <= 32, K] @ W.T -> [M, Np]`` (or ``[B, M, K] -> [B, M, Np]``) for a bf16
+    ``Int4PreshuffledTensor``'s fields through our tensor-core GEMM (see cuda_gemm.py)."""
     return cuda_gemm.int4_gemm(x, qdata, group_scale, group_zero, group_size)
 
 

@@ -92,6 +92,36 @@ def test_plain_dispatch_from_17_to_32_rows(m, backend):
 
 
 @gpu
+@pytest.mark.parametrize("shuffled", [False, True])
+@pytest.mark.parametrize("e, m, n, k", [(8, 17, 1024, 2048), (4, 32, 512, 1024), (3, 24, 208, 384)])
+def test_batched_weights_in_one_launch(shuffled, e, m, n, k):
+    """3D weights (MoE experts, torch.bmm): one launch with a grid z per expert gives each
+    expert exactly what a 2D call with the same launch config gives; bmm dispatches to it."""
+    w = torch.randn(e, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    t = Int4Tensor.from_hp(w, (1, 1, 128))
+    if shuffled:
+        if not fbgemm.is_available() or torch.cuda.get_device_capability() < (9, 0):
+            pytest.skip("the preshuffled layout needs fbgemm-gpu-genai on an sm90+ GPU")
+        p = Int4PreshuffledTensor.from_int4_tensor(t)
+        fields, weight = (p.qdata, p.group_scale, p.group_zero), p
+    else:
+        fields, weight = (t.qdata, t.scale, t.zero_point), t
+    x = torch.randn(e, m + 5, k, dtype=torch.bfloat16, device="cuda")[:, 5:]
+    cfg = cuda_gemm.pick_config(m, e * fields[0].shape[-2], k, 132)
+    out = cuda_gemm.int4_gemm(x, *fields, 128, cfg, shuffled=shuffled)
+    assert out.shape == (e, m, fields[0].shape[-2])
+    for b in range(e):
+        one = cuda_gemm.int4_gemm(x[b], *(f[b] for f in fields), 128, cfg, shuffled=shuffled)
+        assert torch.equal(one, out[b]), b
+    assert rel_error(reference.bmm(x, t), out[..., :n]) < 2e-3
+    if shuffled:
+        assert kernels.preshuffled_backend(x, weight) == "cuda_gemm"
+    else:
+        assert kernels.bmm_backend(x, weight) == "cuda_gemm"
+    assert rel_error(reference.bmm(x, t), torch.bmm(x, weight.mT)) < 2e-3
+
+
+@gpu
 def test_custom_op_and_compiled_linear():
     _, t, p = preshuffled(512, 1024)
     x = torch.randn(24, 1024, dtype=torch.bfloat16, device="cuda")
