@@ -96,7 +96,8 @@ def test_plain_dispatch_from_17_to_32_rows(m, backend):
 @pytest.mark.parametrize("e, m, n, k", [(8, 17, 1024, 2048), (4, 32, 512, 1024), (3, 24, 208, 384)])
 def test_batched_weights_in_one_launch(shuffled, e, m, n, k):
     """3D weights (MoE experts, torch.bmm): one launch with a grid z per expert gives each
-    expert exactly what a 2D call with the same launch config gives; bmm dispatches to it."""
+    expert what a 2D call with the same launch config gives, up to the order in which the K
+    ranges' fp32 sums land (atomic additions: not bit-reproducible); bmm dispatches to it."""
     w = torch.randn(e, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
     t = Int4Tensor.from_hp(w, (1, 1, 128))
     if shuffled:
@@ -112,7 +113,7 @@ def test_batched_weights_in_one_launch(shuffled, e, m, n, k):
     assert out.shape == (e, m, fields[0].shape[-2])
     for b in range(e):
         one = cuda_gemm.int4_gemm(x[b], *(f[b] for f in fields), 128, cfg, shuffled=shuffled)
-        assert torch.equal(one, out[b]), b
+        assert rel_error(one, out[b]) < 1e-3, b
     assert rel_error(reference.bmm(x, t), out[..., :n]) < 2e-3
     if shuffled:
         assert kernels.preshuffled_backend(x, weight) == "cuda_gemm"
