@@ -20,6 +20,9 @@ each weight meets enough activation rows that the decode GEMV's per-warp activat
 * Each ``mma.m16n8k16`` multiplies a 16-row weight tile by 8 activation rows in fp32. The K
   ranges' sums are added into a zero-filled fp32 ``[M, N]`` buffer in L2 (``red.add``), cast
   to bf16 after the kernel (the zero-fill and the cast take ~3.5 us of a call on an H200).
+  The order of those additions varies, so results are not bit-reproducible from run to run
+  (last-bit differences).
+* 3D weights (MoE experts) run in one launch, a grid z per expert.
 
 Measured on an H200 (``scripts/probe_cuda_gemm.py [--plain]``, ``benchmarks/results/
 probe_cuda_gemm*.txt``): preshuffled 1.1-1.8x bf16 at M = 17 and 1.0-1.4x at M = 32 where
