@@ -56,23 +56,28 @@ def _triton_can_run(x: torch.Tensor, weight) -> bool:
     )
 
 
-def _cuda_gemv_can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-                       zero_point: torch.Tensor, group_size: int) -> bool:
-    """Our GEMV for ``x [*, K]`` and a 2D weight (rows = all of x's leading dims), or for
-    ``x [B, M, K]`` and a 3D one (bmm, M rows per batch entry)."""
-    if not (x.is_cuda and x.numel() and x.stride(-1) == 1 and cuda_gemv.is_available()):
+def _our_cuda_kernel_can_run(kernel, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                             zero_point: torch.Tensor, group_size: int, **options) -> bool:
+    """Whether one of our CUDA kernel modules (cuda_gemv, cuda_gemm) takes ``x [*, K]`` with a
+    2D weight (rows = all of x's leading dims) or ``x [B, M, K]`` with a 3D one (bmm)."""
+    if not (x.is_cuda and x.numel() and x.stride(-1) == 1 and kernel.is_available()):
         return False
     if qdata.ndim == 2:
         x = x.reshape(-1, x.shape[-1])
     elif not (qdata.ndim == 3 and x.ndim == 3):
         return False
     return (
-        x.shape[-2] <= CUDA_GEMV_MAX_M
-        and cuda_gemv.can_run(x, qdata, scale, zero_point, group_size)
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)  # mma.m16n8k16 bf16
-        and cuda_gemv.can_compile(x.device.index if x.device.index is not None
-                                  else torch.cuda.current_device())
+        kernel.can_run(x, qdata, scale, zero_point, group_size, **options)
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)  # mma, cp.async, bf16x2 fma
+        and kernel.can_compile(x.device.index if x.device.index is not None
+                               else torch.cuda.current_device())
     )
+
+
+def _cuda_gemv_can_run(x, qdata, scale, zero_point, group_size) -> bool:
+    rows = x.shape[-2] if qdata.ndim == 3 else (x.numel() // x.shape[-1] if x.numel() else 0)
+    return rows <= CUDA_GEMV_MAX_M and _our_cuda_kernel_can_run(
+        cuda_gemv, x, qdata, scale, zero_point, group_size)
 
 
 def linear_backend(x: torch.Tensor, weight) -> str:
@@ -82,8 +87,8 @@ def linear_backend(x: torch.Tensor, weight) -> str:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if _cuda_gemv_can_run(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size):
         return "cuda"
-    if _cuda_gemm_can_run(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size,
-                          shuffled=False):
+    if _our_cuda_kernel_can_run(cuda_gemm, x, weight.qdata, weight.scale, weight.zero_point,
+                                weight.group_size, shuffled=False):
         return "cuda_gemm"
     if rows >= DENSE_MIN_M and x.is_cuda and \
             cuda_dequant.can_run(weight.qdata, weight.scale, weight.zero_point, x.dtype):
@@ -158,25 +163,6 @@ def round_fp8_rows(x2d: torch.Tensor) -> torch.Tensor:
     return quant_primitives.round_fp8_rows(x2d)
 
 
-def _cuda_gemm_can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-                       zero_point: torch.Tensor, group_size: int, shuffled: bool) -> bool:
-    """Our GEMM for ``x [*, K]`` (17 to 32 rows in all) and a 2D weight, or for ``x [B, M, K]``
-    and a 3D one (bmm, 17 to 32 rows per batch entry)."""
-    if not (x.is_cuda and x.numel() and x.stride(-1) == 1 and cuda_gemm.is_available()):
-        return False
-    if qdata.ndim == 2:
-        x = x.reshape(-1, x.shape[-1])
-    elif not (qdata.ndim == 3 and x.ndim == 3):
-        return False
-    return (
-        cuda_gemm.MIN_M <= x.shape[-2] <= cuda_gemm.MAX_M
-        and cuda_gemm.can_run(x, qdata, scale, zero_point, group_size, shuffled)
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)  # cp.async, bf16x2 fma
-        and cuda_gemm.can_compile(x.device.index if x.device.index is not None
-                                  else torch.cuda.current_device())
-    )
-
-
 def preshuffled_backend(x: torch.Tensor, weight) -> str:
     """Name of the backend :func:`preshuffled_linear` and :func:`preshuffled_bmm` use, for bf16
     activations: ``"cuda"`` (our GEMV reading the preshuffled layout, up to CUDA_GEMV_MAX_M
@@ -187,8 +173,8 @@ def preshuffled_backend(x: torch.Tensor, weight) -> str:
     if _cuda_gemv_can_run(x, weight.qdata, weight.group_scale, weight.group_zero,
                           weight.group_size):
         return "cuda"
-    if _cuda_gemm_can_run(x, weight.qdata, weight.group_scale, weight.group_zero,
-                          weight.group_size, shuffled=True):
+    if _our_cuda_kernel_can_run(cuda_gemm, x, weight.qdata, weight.group_scale, weight.group_zero,
+                                weight.group_size, shuffled=True):
         return "cuda_gemm"
     return "fbgemm"
 
@@ -238,8 +224,8 @@ def bmm_backend(x: torch.Tensor, weight) -> str:
     ``"fbgemm"`` or ``"reference"``."""
     if _cuda_gemv_can_run(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size):
         return "cuda"
-    if _cuda_gemm_can_run(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size,
-                          shuffled=False):
+    if _our_cuda_kernel_can_run(cuda_gemm, x, weight.qdata, weight.scale, weight.zero_point,
+                                weight.group_size, shuffled=False):
         return "cuda_gemm"
     if fbgemm.can_run_bmm(x, weight):
         return "fbgemm"

@@ -13,9 +13,9 @@ each weight meets enough activation rows that the decode GEMV's per-warp activat
   its K step, so the activations need no permutation; on the plain one it holds 32 K of one
   row and the lane permutes its activations, whose 16-byte pieces are swizzled in shared
   memory so that the four lanes of a row read distinct banks); with ``PREFETCH`` the next
-  ``U`` chunks are loaded while the current ones are multiplied. They are dequantized before the mma: ``(136 + q) -> q`` exactly, then
-  ``q * s + z`` in one bf16x2 fma, rounded once as the reference path rounds its dequantized
-  weight. At M >= 17 that costs fewer instructions than the GEMV's activation sums on the
+  ``U`` chunks are loaded while the current ones are multiplied. They are dequantized before
+  the mma: ``(136 + q) -> q`` exactly, then ``q * s + z`` in one bf16x2 fma, rounded once as
+  the reference path rounds its dequantized weight. At M >= 17 that costs fewer instructions than the GEMV's activation sums on the
   tensor cores, whose count grows with M.
 * Each ``mma.m16n8k16`` multiplies a 16-row weight tile by 8 activation rows in fp32. The K
   ranges' sums are added into a zero-filled fp32 ``[M, N]`` buffer in L2 (``red.add``), cast
@@ -362,23 +362,14 @@ def pick_config(m: int, n: int, k: int, num_sms: int) -> dict:
 
 def can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
             zero_point: torch.Tensor, group_size: int, shuffled: bool = True) -> bool:
-    """The kernel's contract, checked without touching the GPU: ``x [17 <= M <= 32, K]`` and
-    ``qdata [N, K/2]`` (plain, or preshuffled with N a multiple of 16), or ``x [B, M, K]`` with
-    ``qdata [B, N, K/2]`` and batch strides that fit the kernel's 32-bit arguments, fitting the
-    GEMV's per-lane layout (:func:`cuda_gemv.operands_fit`); and torch's NVRTC kernels able to
-    take more than 48 KB of shared memory."""
-    if not (x.ndim == qdata.ndim and x.ndim in (2, 3)):
-        return False
-    batched = x.ndim == 3
-    if batched and not (x.shape[0] == qdata.shape[0] == scale.shape[0] and scale.ndim == 3):
-        return False
+    """The kernel's contract, checked without touching the GPU: the GEMV's operand contract
+    (:func:`cuda_gemv.operands_fit`: 2D, or 3D for bmm) with 17 to 32 rows (per batch entry),
+    N a multiple of 16 on the preshuffled layout, and torch's NVRTC kernels able to take more
+    than 48 KB of shared memory."""
     return (
         MIN_M <= x.shape[-2] <= MAX_M
         and (not shuffled or qdata.shape[-2] % 16 == 0)
         and cuda_gemv.operands_fit(x, qdata, scale, zero_point, group_size)
-        and (not batched or (x.shape[0] < 2**16  # grid.z
-                             and max(x.stride(0), qdata.stride(0), scale.stride(0),
-                                     x.shape[1] * qdata.shape[-2]) < 2**31))
         and hasattr(getattr(torch.cuda, "_utils", None), "_CudaKernel")
         and hasattr(torch.cuda._utils._CudaKernel, "set_shared_memory_config")
     )

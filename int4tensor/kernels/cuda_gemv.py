@@ -394,9 +394,18 @@ def pick_config(m: int, n: int, k: int, num_sms: int, shuffled: bool = False) ->
 def operands_fit(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                  zero_point: torch.Tensor, group_size: int) -> bool:
     """What every kernel reading this per-lane layout needs of its operands (any M): bf16 ``x``
-    on CUDA with 16-byte aligned rows, contiguous 16-byte aligned ``qdata [.., N, K/2]`` with K
-    a multiple of 128, bf16 N-contiguous scales and zero points ``[.., K/G, N]``, and G = 128
-    or 256 (a 128-wide chunk must not straddle groups)."""
+    on CUDA with 16-byte aligned rows, contiguous 16-byte aligned ``qdata`` with K a multiple of
+    128, bf16 N-contiguous scales and zero points, G = 128 or 256 (a 128-wide chunk must not
+    straddle groups); 2D (``x [M, K]``, ``qdata [N, K/2]``, scales ``[K/G, N]``) or batched
+    (``x [B, M, K]``, ``qdata [B, N, K/2]``, scales ``[B, K/G, N]``, B < 2^16 grid rows, batch
+    strides within the kernels' 32-bit arguments)."""
+    if not (x.ndim == qdata.ndim == scale.ndim and x.ndim in (2, 3)):
+        return False
+    if x.ndim == 3 and not (
+            x.shape[0] == qdata.shape[0] == scale.shape[0] and x.shape[0] < 2**16
+            and max(x.stride(0), qdata.stride(0), scale.stride(0),
+                    x.shape[1] * qdata.shape[-2]) < 2**31):
+        return False
     return (
         x.is_cuda
         and x.dtype == torch.bfloat16
@@ -418,21 +427,9 @@ def operands_fit(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
 
 def can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
             zero_point: torch.Tensor, group_size: int) -> bool:
-    """The kernel's contract, checked without touching the GPU: :func:`operands_fit` for
-    ``x [M <= 16, K]``, or ``x [B, M, K]`` with ``qdata [B, N, K/2]`` and batch strides that fit
-    the kernel's 32-bit arguments."""
-    if not (x.ndim == qdata.ndim and x.ndim in (2, 3)):
-        return False
-    batched = x.ndim == 3
-    if batched and not (x.shape[0] == qdata.shape[0] == scale.shape[0] and scale.ndim == 3):
-        return False
-    return (
-        1 <= x.shape[-2] <= MAX_M
-        and operands_fit(x, qdata, scale, zero_point, group_size)
-        and (not batched or (x.shape[0] < 2**16  # grid.y
-                             and max(x.stride(0), qdata.stride(0), scale.stride(0),
-                                     x.shape[1] * qdata.shape[-2]) < 2**31))
-    )
+    """The kernel's contract, checked without touching the GPU: :func:`operands_fit` with
+    ``1 <= M <= 16`` rows (per batch entry)."""
+    return 1 <= x.shape[-2] <= MAX_M and operands_fit(x, qdata, scale, zero_point, group_size)
 
 
 def int4_gemv(
