@@ -15,8 +15,8 @@ each weight meets enough activation rows that the decode GEMV's per-warp activat
   memory so that the four lanes of a row read distinct banks); with ``PREFETCH`` the next
   ``U`` chunks are loaded while the current ones are multiplied. They are dequantized before
   the mma: ``(136 + q) -> q`` exactly, then ``q * s + z`` in one bf16x2 fma, rounded once as
-  the reference path rounds its dequantized weight. At M >= 17 that costs fewer instructions than the GEMV's activation sums on the
-  tensor cores, whose count grows with M.
+  the reference path rounds its dequantized weight. At M >= 17 that costs fewer
+  instructions than the GEMV's activation sums on the tensor cores, whose count grows with M.
 * Each ``mma.m16n8k16`` multiplies a 16-row weight tile by 8 activation rows in fp32. The K
   ranges' sums are added into a zero-filled fp32 ``[M, N]`` buffer in L2 (``red.add``), cast
   to bf16 after the kernel (the zero-fill and the cast take ~3.5 us of a call on an H200).
@@ -30,6 +30,7 @@ fbgemm's ``bf16i4bf16_shuffled`` gives 0.7-1.3x and 0.7-1.2x; plain 1.05-1.7x an
 ``bf16i4bf16_rowwise`` gives 0.6-1.1x and 0.7-1.0x. Above 32 rows it falls behind fbgemm (the
 activation reads from shared memory and the mma count grow with M), so the dispatcher stops
 there.
+
 Compiled at first use with NVRTC (like cuda_gemv.py); this module imports nothing but torch.
 """
 
