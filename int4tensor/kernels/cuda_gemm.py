@@ -406,6 +406,8 @@ def int4_gemm(
     batched = x.ndim == 3
     batch = x.shape[0] if batched else 1
     m, k = x.shape[-2:]
+    if not 1 <= m <= 64:  # 8 mma tiles at most (registers)
+        raise ValueError(f"the GEMM takes 1 to 64 activation rows, got {m}")
     n = qdata.shape[-2]
     props = torch.cuda.get_device_properties(x.device)
     # the batch's blocks share the multiprocessors, so the config sees all of their rows

@@ -462,6 +462,8 @@ def int4_gemv(
     batched = x.ndim == 3
     batch = x.shape[0] if batched else 1
     m, k = x.shape[-2:]
+    if not 1 <= m <= MAX_M:  # the kernel would leave rows unwritten
+        raise ValueError(f"the GEMV takes 1 to {MAX_M} activation rows, got {m}")
     n = qdata.shape[-2]
     if shuffled and n % 16:
         raise ValueError(f"a preshuffled weight has a multiple of 16 rows, got {n}")

@@ -141,6 +141,9 @@ def test_contract_rejects_cpu_and_out_of_range_inputs_without_compiling():
         assert not cuda_gemm.can_run(x, t.qdata, t.scale, t.zero_point, 128, shuffled=False)
     assert kernels.linear_backend(torch.randn(24, 256, dtype=torch.bfloat16), t) == "reference"
     assert cuda_gemm._compiled.cache_info().currsize == 0
+    with pytest.raises(ValueError, match="1 to 64 activation rows, got 65"):
+        cuda_gemm.int4_gemm(torch.randn(65, 256, dtype=torch.bfloat16), t.qdata, t.scale,
+                            t.zero_point, 128)
 
 
 @pytest.mark.parametrize("n, k", [(8192, 8192), (6144, 4096), (4096, 4096), (4096, 14336),

@@ -255,6 +255,9 @@ def test_contract_rejects_cpu_and_unsupported_inputs_without_compiling():
     assert not cuda_gemv.can_run(x3, t3.qdata, t3.scale, t3.zero_point, 128)
     assert not cuda_gemv.can_run(x3, t.qdata, t.scale, t.zero_point, 128)  # 3D x, 2D weight
     assert cuda_gemv._compiled.cache_info().currsize == 0
+    with pytest.raises(ValueError, match="1 to 16 activation rows, got 17"):
+        cuda_gemv.int4_gemv(torch.randn(17, 256, dtype=torch.bfloat16), t.qdata, t.scale,
+                            t.zero_point, 128)
     assert kernels.linear_backend(x, t) == "reference"
     assert kernels.bmm_backend(x3, t3) == "reference"
 
