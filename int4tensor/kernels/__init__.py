@@ -74,10 +74,26 @@ def _our_cuda_kernel_can_run(kernel, x: torch.Tensor, qdata: torch.Tensor, scale
     )
 
 
-def _cuda_gemv_can_run(x, qdata, scale, zero_point, group_size) -> bool:
+def _our_cuda_backend(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                      zero_point: torch.Tensor, group_size: int, shuffled: bool) -> str | None:
+    """``"cuda"`` (our GEMV, up to CUDA_GEMV_MAX_M rows) or ``"cuda_gemm"`` (our GEMM, 17 to 32
+    rows) where one of them takes these arguments, else None; rows count per batch entry for
+    a 3D weight."""
     rows = x.shape[-2] if qdata.ndim == 3 else (x.numel() // x.shape[-1] if x.numel() else 0)
-    return rows <= CUDA_GEMV_MAX_M and _our_cuda_kernel_can_run(
-        cuda_gemv, x, qdata, scale, zero_point, group_size)
+    if rows <= CUDA_GEMV_MAX_M and _our_cuda_kernel_can_run(
+            cuda_gemv, x, qdata, scale, zero_point, group_size):
+        return "cuda"
+    if _our_cuda_kernel_can_run(cuda_gemm, x, qdata, scale, zero_point, group_size,
+                                shuffled=shuffled):
+        return "cuda_gemm"
+    return None
+
+
+#: our kernels' custom ops by backend name, for each layout
+_PLAIN_OPS = {"cuda": custom_ops.int4_gemv_cuda, "cuda_gemm": custom_ops.int4_gemm_cuda,
+              "triton": custom_ops.int4_matmul_triton}
+_PRESHUFFLED_OPS = {"cuda": custom_ops.int4_gemv_cuda_preshuffled,
+                    "cuda_gemm": custom_ops.int4_gemm_cuda_preshuffled}
 
 
 def linear_backend(x: torch.Tensor, weight) -> str:
@@ -85,11 +101,10 @@ def linear_backend(x: torch.Tensor, weight) -> str:
     GEMV), ``"cuda_gemm"`` (our GEMM, 17 to 32 rows), ``"triton"``, ``"fbgemm"`` or
     ``"reference"`` (dequantize, then the dense op; see CUDA_GEMV_MAX_M and DENSE_MIN_M)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if _cuda_gemv_can_run(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size):
-        return "cuda"
-    if _our_cuda_kernel_can_run(cuda_gemm, x, weight.qdata, weight.scale, weight.zero_point,
-                                weight.group_size, shuffled=False):
-        return "cuda_gemm"
+    ours = _our_cuda_backend(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size,
+                             shuffled=False)
+    if ours:
+        return ours
     if rows >= DENSE_MIN_M and x.is_cuda and \
             cuda_dequant.can_run(weight.qdata, weight.scale, weight.zero_point, x.dtype):
         return "reference"  # dequantize (one kernel), then cuBLAS
@@ -123,11 +138,9 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
             return out + bias if bias is not None else out
         x = round_fp8_rows(x2d).reshape(x.shape)
     backend = linear_backend(x, weight)
-    if backend in ("cuda", "cuda_gemm", "triton"):
-        op = dict(cuda=custom_ops.int4_gemv_cuda, cuda_gemm=custom_ops.int4_gemm_cuda,
-                  triton=custom_ops.int4_matmul_triton)[backend]
-        out = op(x.reshape(-1, x.shape[-1]).contiguous(), weight.qdata, weight.scale,
-                 weight.zero_point, weight.group_size)
+    if backend in _PLAIN_OPS:
+        out = _PLAIN_OPS[backend](x.reshape(-1, x.shape[-1]).contiguous(), weight.qdata,
+                                  weight.scale, weight.zero_point, weight.group_size)
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         return out + bias if bias is not None else out
     if backend == "fbgemm":
@@ -170,13 +183,17 @@ def preshuffled_backend(x: torch.Tensor, weight) -> str:
     count per batch entry for a 3D weight."""
     if weight.activation_dtype != "bf16":
         return "fbgemm"
-    if _cuda_gemv_can_run(x, weight.qdata, weight.group_scale, weight.group_zero,
-                          weight.group_size):
-        return "cuda"
-    if _our_cuda_kernel_can_run(cuda_gemm, x, weight.qdata, weight.group_scale, weight.group_zero,
-                                weight.group_size, shuffled=True):
-        return "cuda_gemm"
-    return "fbgemm"
+    return _our_cuda_backend(x, weight.qdata, weight.group_scale, weight.group_zero,
+                             weight.group_size, shuffled=True) or "fbgemm"
+
+
+def _our_preshuffled(x: torch.Tensor, weight) -> torch.Tensor | None:
+    """Our GEMV or GEMM on a bf16 ``Int4PreshuffledTensor`` where :func:`preshuffled_backend`
+    picks one, else None."""
+    op = _PRESHUFFLED_OPS.get(preshuffled_backend(x, weight))
+    if op is None:
+        return None
+    return op(x, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size)
 
 
 def preshuffled_linear(x2d: torch.Tensor, weight) -> torch.Tensor:
@@ -185,11 +202,9 @@ def preshuffled_linear(x2d: torch.Tensor, weight) -> torch.Tensor:
     takes 1.5-3x its time there), our GEMM from 17 to 32 rows and ``bf16i4bf16_shuffled``
     above; fp8 activations ``f8i4bf16_shuffled`` after quantizing ``x`` per row."""
     if weight.activation_dtype == "bf16":
-        backend = preshuffled_backend(x2d, weight)
-        if backend in ("cuda", "cuda_gemm"):
-            op = (custom_ops.int4_gemv_cuda_preshuffled if backend == "cuda"
-                  else custom_ops.int4_gemm_cuda_preshuffled)
-            return op(x2d, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size)
+        out = _our_preshuffled(x2d, weight)
+        if out is not None:
+            return out
         return custom_ops.fbgemm_bf16i4_shuffled(
             x2d, weight.qdata, weight.group_scale, weight.group_zero)
     xq, x_scale = quantize_fp8_rows(x2d)
@@ -200,14 +215,13 @@ def preshuffled_linear(x2d: torch.Tensor, weight) -> torch.Tensor:
 def preshuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
     """``x [B, M, K] @ W[b].T -> [B, M, Np]`` for a 3D ``Int4PreshuffledTensor``, one launch for
     all B (no loop over experts): bf16 activations run our GEMV up to CUDA_GEMV_MAX_M rows per
-    entry, fbgemm's batched kernel above; fp8 activations fbgemm's grouped kernel."""
+    entry, our GEMM from 17 to 32, fbgemm's batched kernel above; fp8 activations fbgemm's
+    grouped kernel."""
     n = weight.qdata.shape[-2]
     if weight.activation_dtype == "bf16":
-        backend = preshuffled_backend(x, weight)
-        if backend in ("cuda", "cuda_gemm"):
-            op = (custom_ops.int4_gemv_cuda_preshuffled if backend == "cuda"
-                  else custom_ops.int4_gemm_cuda_preshuffled)
-            return op(x, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size)
+        out = _our_preshuffled(x, weight)
+        if out is not None:
+            return out
         return custom_ops.fbgemm_bf16i4_shuffled_batched(
             x.contiguous(), weight.qdata,
             weight.group_scale.reshape(-1, n), weight.group_zero.reshape(-1, n))
@@ -222,11 +236,10 @@ def bmm_backend(x: torch.Tensor, weight) -> str:
     """Name of the backend :func:`int4_bmm` uses: ``"cuda"`` (our GEMV, up to
     CUDA_GEMV_MAX_M rows per batch entry), ``"cuda_gemm"`` (our GEMM, 17 to 32 rows per entry),
     ``"fbgemm"`` or ``"reference"``."""
-    if _cuda_gemv_can_run(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size):
-        return "cuda"
-    if _our_cuda_kernel_can_run(cuda_gemm, x, weight.qdata, weight.scale, weight.zero_point,
-                                weight.group_size, shuffled=False):
-        return "cuda_gemm"
+    ours = _our_cuda_backend(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size,
+                             shuffled=False)
+    if ours:
+        return ours
     if fbgemm.can_run_bmm(x, weight):
         return "fbgemm"
     return "reference"
@@ -240,8 +253,8 @@ def int4_bmm(x: torch.Tensor, weight) -> torch.Tensor:
         x = round_fp8_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape)
     backend = bmm_backend(x, weight)
     if backend in ("cuda", "cuda_gemm"):
-        op = custom_ops.int4_gemv_cuda if backend == "cuda" else custom_ops.int4_gemm_cuda
-        return op(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size)
+        return _PLAIN_OPS[backend](x, weight.qdata, weight.scale, weight.zero_point,
+                                   weight.group_size)
     if backend == "fbgemm":
         return fbgemm.bmm(x, weight)
     return reference.bmm(x, weight)
