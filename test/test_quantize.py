@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from int4tensor import Int4Tensor, Int4WeightOnlyConfig, quantize_
-from test.helpers import sqnr
+from test.helpers import rel_error, sqnr
 
 
 class MLP(nn.Module):
@@ -249,7 +249,9 @@ class TestQuantizeByName:
         quantize_(model, {"re:w_(in|out)": Int4WeightOnlyConfig(k_dim=-2)})
         x = torch.randn(4, 6, 256, dtype=torch.bfloat16)
         with torch.no_grad():
-            assert torch.equal(torch.compile(model, fullgraph=True)(x), model(x))
+            # Inductor may fuse the dequantize into the matmul and skip the bf16 rounding of
+            # the weight, so compiled and eager agree to bf16 precision, not bit for bit
+            assert rel_error(model(x), torch.compile(model, fullgraph=True)(x)) < 1e-2
 
     def test_save_load_experts(self):
         model = Experts()

@@ -38,4 +38,6 @@ def test_tiny_model_is_trained_and_quantizes(bytelm):
     assert len(linears) == 16 and all(isinstance(m.weight, Int4Tensor) for m in linears)
     assert not isinstance(model.lm_head.weight, Int4Tensor)
     ppl_rtn, ppl_gptq = bytelm.perplexity(rtn, evalset), bytelm.perplexity(model, evalset)
-    assert ppl < ppl_gptq < ppl_rtn * 1.002 and ppl_rtn < ppl * 1.05, (ppl, ppl_rtn, ppl_gptq)
+    # GPTQ can land on either side of the bf16 model (3.3071 vs 3.3072 seen): within 1% of it
+    assert ppl_gptq < ppl * 1.01 and ppl_gptq < ppl_rtn * 1.002 and ppl_rtn < ppl * 1.05, \
+        (ppl, ppl_rtn, ppl_gptq)
