@@ -58,9 +58,12 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: int8 ``[..., K/2]`` -> int8 ``[..., K]`` in ``[-8, 7]``."""
     if packed.dtype != torch.int8:
         raise TypeError(f"unpack_int4 expects int8 packed data, got {packed.dtype}")
-    low = (packed << 4) >> 4  # arithmetic shift sign-extends the low nibble
-    high = packed >> 4
-    return torch.stack([low, high], dim=-1).flatten(-2)
+    # [..., K/2, 2]: element 2j is (byte << 4) >> 4 (the arithmetic shift sign-extends the low
+    # nibble), element 2j+1 is byte >> 4. One broadcast op rather than a stack of two halves:
+    # Inductor's CPU code for the stack (torch 2.13) read unwritten memory inside larger
+    # graphs (NaN outputs under torch.compile).
+    shifts = torch.tensor([4, 0], dtype=torch.int8, device=packed.device)
+    return ((packed.unsqueeze(-1) << shifts) >> 4).flatten(-2)
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -14,7 +14,9 @@ clone, contiguous, ``.to()``) plus a checked ``copy_``. Ops that are not registe
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import pathlib
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -125,7 +127,8 @@ class Int4BaseTensor(torch.Tensor):
         """Metadata key for torch.compile's AOT autograd cache (values are not part of it)."""
         inner = [(n, str(t.dtype), tuple(t.shape), t.stride(), t.device.type)
                  for n, t in self._tensors().items()]
-        key = repr((type(self).__qualname__, tuple(self.shape), self._attributes(), inner))
+        key = repr((type(self).__qualname__, tuple(self.shape), self._attributes(), inner,
+                    _code_fingerprint()))
         return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
     def __repr__(self) -> str:
@@ -162,6 +165,18 @@ class Int4BaseTensor(torch.Tensor):
 
 
 implements = Int4BaseTensor.implements
+
+
+@functools.lru_cache(maxsize=None)
+def _code_fingerprint() -> str:
+    """A hash of the package's source files. torch.compile's caches key a graph with tensor
+    subclass inputs on the subclass metadata above, not on the code of its ops: without this,
+    a graph compiled by an older int4tensor would be reused after an upgrade."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def op_args(args: tuple, kwargs: dict, *defaults: tuple[str, Any]) -> list[Any]:
