@@ -14,12 +14,13 @@ from int4tensor.convert import (
 )
 from int4tensor.quantize import quantize_
 from int4tensor.serialization import load_file, save_file
-from int4tensor.tensors import Int4PreshuffledTensor, Int4Tensor
+from int4tensor.tensors import Int4CPUTensor, Int4PreshuffledTensor, Int4Tensor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Float8DynamicActivationInt4WeightConfig",
+    "Int4CPUTensor",
     "Int4PreshuffledTensor",
     "Int4Tensor",
     "Int4WeightOnlyConfig",

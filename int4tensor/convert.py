@@ -9,7 +9,7 @@ from torch import nn
 
 from int4tensor import kernels
 from int4tensor.quantize import replace_parameter
-from int4tensor.tensors import Int4PreshuffledTensor, Int4Tensor
+from int4tensor.tensors import Int4CPUTensor, Int4PreshuffledTensor, Int4Tensor
 
 __all__ = [
     "convert_to_packed_tensor_based_on_current_hardware",
@@ -30,16 +30,29 @@ def _preshuffle_supported(t: Int4Tensor) -> bool:
 
 
 def convert_to_packed_tensor_based_on_current_hardware(tensor: torch.Tensor) -> torch.Tensor:
-    """An Int4Tensor on a Hopper GPU with fbgemm-gpu-genai becomes an Int4PreshuffledTensor
-    (bf16 activations; linear outputs are bit-identical before and after); anything else is
-    returned unchanged. Never raises: a failed conversion warns and keeps the tensor."""
-    if not isinstance(tensor, Int4Tensor) or not _preshuffle_supported(tensor):
+    """The fastest layout the tensor's device runs, for inference after loading:
+
+    * an Int4Tensor on a Hopper GPU with fbgemm-gpu-genai becomes an Int4PreshuffledTensor
+      (bf16 activations; linear outputs are bit-identical before and after);
+    * an Int4Tensor on a CPU becomes an Int4CPUTensor (torch's CPU int4 GEMM layout, exact:
+      ``to_int4_tensor()`` gives the same weight back; bf16 activation_dtype, a CPU whose
+      torch runs the AVX512 int4 kernels);
+    * anything else is returned unchanged.
+
+    Never raises: a failed conversion warns and keeps the tensor."""
+    if not isinstance(tensor, Int4Tensor):
+        return tensor
+    if _preshuffle_supported(tensor):
+        target = Int4PreshuffledTensor
+    elif tensor.device.type == "cpu" and Int4CPUTensor.why_not(tensor) is None:
+        target = Int4CPUTensor
+    else:
         return tensor
     try:
-        return Int4PreshuffledTensor.from_int4_tensor(tensor)
+        return target.from_int4_tensor(tensor)
     except Exception as e:  # noqa: BLE001  (a kernel library mismatch must not break loading)
-        warnings.warn(f"kept the plain Int4Tensor layout: preshuffling failed ({e})",
-                      stacklevel=2)
+        warnings.warn(f"kept the plain Int4Tensor layout: conversion to {target.__name__} "
+                      f"failed ({e})", stacklevel=2)
         return tensor
 
 

@@ -181,10 +181,40 @@ def dequantize_int4(
     Returns:
         ``dtype`` ``[..., N, K]``.
     """
+    if qdata.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _dequantize_int4_cpu_eager(qdata, scale, zero_point, group_size, dtype)
     q = _grouped(unpack_int4(qdata), group_size).to(torch.float32)
     s = scale.transpose(-1, -2).to(torch.float32).unsqueeze(-1)
     z = zero_point.transpose(-1, -2).to(torch.float32).unsqueeze(-1)
     return (q * s + z).flatten(-2).to(dtype)
+
+
+def _unpack_int4_as_int16_pairs(packed: torch.Tensor) -> torch.Tensor:
+    """:func:`unpack_int4` for eager CPU code: the same int8 ``[..., K]``, built as one int16
+    per packed byte (low byte: the low nibble sign-extended, high byte: the high nibble), so
+    every op runs over contiguous memory. (The broadcast shift of :func:`unpack_int4` has an
+    inner dim of 2, which torch's CPU loops run element by element: 30x slower.)"""
+    pairs = packed.to(torch.int16)              # the byte, sign-extended
+    low = pairs << 12
+    low >>= 12                                  # the low nibble, sign-extended
+    low &= 0xFF                                 # ... as the low byte
+    pairs >>= 4                                 # the high nibble, sign-extended
+    pairs <<= 8                                 # ... as the high byte
+    pairs |= low
+    return pairs.view(torch.int8)               # little-endian: element 2j, then 2j+1
+
+
+def _dequantize_int4_cpu_eager(qdata, scale, zero_point, group_size, dtype):
+    """:func:`dequantize_int4` in eager mode on a CPU, bit for bit: the same float32
+    ``q * scale + zero_point`` (one multiply, one add, each rounded to float32), then the cast,
+    in few in-place passes over contiguous memory (~10x faster for a 4096² weight on 2 cores).
+    Few large ops rather than cache-sized chunks: on a shared machine every op's thread
+    barrier can wait for a descheduled thread, which many small ops multiply. Under
+    torch.compile the formula above runs instead (Inductor fuses it into one loop)."""
+    w = _grouped(_unpack_int4_as_int16_pairs(qdata), group_size).to(torch.float32)
+    w.mul_(scale.transpose(-1, -2).to(torch.float32).contiguous().unsqueeze(-1))
+    w.add_(zero_point.transpose(-1, -2).to(torch.float32).contiguous().unsqueeze(-1))
+    return w.flatten(-2).to(dtype)
 
 
 # ---- fp8 activations ------------------------------------------------------------------------

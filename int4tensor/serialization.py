@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file as _st_save_file
 
-from int4tensor.tensors import Int4BaseTensor, Int4PreshuffledTensor, Int4Tensor
+from int4tensor.tensors import Int4BaseTensor, Int4CPUTensor, Int4PreshuffledTensor, Int4Tensor
 
 __all__ = [
     "FORMAT_VERSION",
@@ -171,6 +171,8 @@ def flatten_state_dict(
     for name, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"save_file: {name!r} is a {type(t).__name__}, not a tensor")
+        if isinstance(t, Int4CPUTensor):  # a runtime layout: files hold the plain one
+            t = t.to_int4_tensor()
         if isinstance(t, Int4BaseTensor):
             described[name], parts = _describe(name, t)
         else:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from int4tensor import (
     Float8DynamicActivationInt4WeightConfig,
+    Int4CPUTensor,
     Int4PreshuffledTensor,
     Int4Tensor,
     Int4WeightOnlyConfig,
@@ -74,20 +75,27 @@ class TestFp8PlainEverywhere:
 
 
 class TestOnCpu:
-    """What a CPU-only machine sees: conversion is a no-op, preshuffled configs say why not."""
+    """What a CPU-only machine sees: conversion gives the CPU layout (never the preshuffled
+    one), preshuffled configs say why not."""
 
-    def test_conversion_leaves_cpu_tensors_alone(self):
+    def test_conversion_gives_the_cpu_layout_not_preshuffled(self):
         _, t = plain((256, 512), device="cpu")
-        assert convert_to_packed_tensor_based_on_current_hardware(t) is t
+        converted = convert_to_packed_tensor_based_on_current_hardware(t)
+        assert not isinstance(converted, Int4PreshuffledTensor)
+        if Int4CPUTensor.why_not(t) is None:
+            assert isinstance(converted, Int4CPUTensor)
+        else:
+            assert converted is t
         dense = torch.randn(4, 4)
         assert convert_to_packed_tensor_based_on_current_hardware(dense) is dense
 
-    def test_model_conversion_is_a_no_op_on_cpu(self):
+    def test_model_conversion_on_cpu(self):
         model = torch.nn.Linear(512, 256, dtype=torch.bfloat16)
         quantize_(model, Int4WeightOnlyConfig())
         weight = model.weight
         convert_model_to_packed_tensors_(model)
-        assert model.weight is weight
+        assert not isinstance(model.weight, Int4PreshuffledTensor)
+        assert torch.equal(model.weight.dequantize(), weight.dequantize())
 
     def test_preshuffled_config_on_cpu_says_why(self):
         model = torch.nn.Linear(512, 256, dtype=torch.bfloat16)

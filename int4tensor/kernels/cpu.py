@@ -1,0 +1,240 @@
+"""CPU kernels for int4 weights: torch's int4 CPU GEMM at small M, a dequantize + dense GEMM
+above.
+
+torch ships ``aten._weight_int4pack_mm_for_cpu(x [M, K], packed, G, scale_and_zero)``, which
+computes ``x @ W.T`` with ``W[n, k] = (u[n, k] - 8) * scale[k // G, n] + zero[k // G, n]``,
+``u`` in ``[0, 15]``, in float32 (the same dequantization as ours with ``q = u - 8`` and
+``zero = zero_point``, so a plain weight converts exactly). It reads the weight once per 4
+activation rows: at M = 1 it is 2.5-5x faster than a bf16 ``F.linear`` on 2 cores, and it
+falls behind as M grows (benchmarks/bench_cpu.py). From :data:`INT4MM_MAX_M` rows the layer
+dequantizes the weight (vectorized, :func:`dequantize_t`) and runs the dense GEMM.
+
+The packed layout is torch's for AVX512 CPUs: N in blocks of 64, each block ``[K, 32]`` bytes
+where byte ``j`` holds ``u[j]`` in its low nibble and ``u[j + 32]`` in its high nibble (torch's
+``weight_to_int4pack_kernel``). We build and read it with torch ops (:func:`pack`,
+:func:`unpack`), so 3D expert stacks pack at once and the weight can go back to the plain
+layout exactly; :func:`why_not_available` checks once per process that torch's own packing on
+this machine is this layout (it differs on AVX2-only CPUs, where we keep the plain layout).
+N is zero-padded to a multiple of 64 (:data:`N_ALIGN`); outputs are sliced back to N.
+
+Candidates follow the dispatch table's shape (``name``, ``why_not(call) -> str | None``,
+``run(x, weight)``): see :data:`LINEAR_CANDIDATES` and :data:`BMM_CANDIDATES`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from int4tensor.quant_primitives import pack_int4, unpack_int4
+
+__all__ = ["BMM_CANDIDATES", "Call", "Candidate", "INT4MM_MAX_M", "LINEAR_CANDIDATES", "N_ALIGN",
+           "choose", "dequantize_t", "explain", "pack", "unpack", "why_not_available"]
+
+#: torch's AVX512 packing works on blocks of 64 output features.
+N_ALIGN = 64
+
+#: Up to this many activation rows (per expert for bmm) run torch's int4 GEMM; more rows run
+#: dequantize + dense GEMM. From benchmarks/bench_cpu.py on the project's 2-core CPU machine
+#: (results/bench_cpu.csv): the int4 GEMM costs about one weight pass per 4 rows, the dense
+#: GEMM's cost grows more slowly with M, and they cross between 16 and 32 rows.
+INT4MM_MAX_M = 16
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---- layout ---------------------------------------------------------------------------------
+def pack(qdata: torch.Tensor, scale: torch.Tensor,
+         zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain fields in torch's CPU int4 layout.
+
+    Args:
+        qdata: int8 ``[..., N, K/2]`` (:func:`int4tensor.quant_primitives.pack_int4`).
+        scale, zero_point: ``[..., K/G, N]``.
+
+    Returns:
+        ``(packed uint8 [..., Np, K/2], scale_and_zero [..., K/G, Np, 2])`` in scale's dtype,
+        ``Np`` = N rounded up to :data:`N_ALIGN` (padded rows are zero: ``u = 0``, scale 0,
+        zero 0).
+    """
+    *lead, n, half = qdata.shape
+    k, pad = 2 * half, -n % N_ALIGN
+    u = (unpack_int4(qdata) + 8).to(torch.uint8)                  # [..., N, K] in [0, 15]
+    u = torch.nn.functional.pad(u, (0, 0, 0, pad))
+    blocks = u.view(*lead, (n + pad) // N_ALIGN, 2, N_ALIGN // 2, k)
+    packed = blocks[..., 0, :, :] | (blocks[..., 1, :, :] << 4)   # [..., NB, 32, K]
+    packed = packed.transpose(-1, -2).contiguous().view(*lead, n + pad, half)
+    scale_and_zero = torch.stack([scale, zero_point], dim=-1)
+    scale_and_zero = torch.nn.functional.pad(scale_and_zero, (0, 0, 0, pad)).contiguous()
+    return packed, scale_and_zero
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack` on the weight values: uint8 ``[..., Np, K/2]`` -> int8 ``q``
+    ``[..., Np, K]`` in ``[-8, 7]`` (padded rows included)."""
+    *lead, np_, half = packed.shape
+    k = 2 * half
+    b = packed.view(*lead, np_ // N_ALIGN, k, N_ALIGN // 2)
+    u = torch.stack([b & 0xF, b >> 4], dim=-3)                    # [..., NB, 2, K, 32]
+    q = u.transpose(-1, -2).reshape(*lead, np_, k).view(torch.int8) - 8
+    return q
+
+
+def dequantize_t(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``W.T`` as a dense ``dtype`` ``[..., K, Np]``: ``W[n, k] = q * scale + zero``, each
+    product and sum rounded to float32, then cast (bit for bit the plain layout's
+    :func:`~int4tensor.quant_primitives.dequantize_int4`, transposed).
+
+    Computed in the packed layout's own order (64 output features contiguous per K), which
+    is the dense GEMM's ``[K, N]`` operand, in a few in-place passes over contiguous memory.
+    """
+    *lead, np_, half = packed.shape
+    k, nb, g = 2 * half, np_ // N_ALIGN, group_size
+    b = packed.view(*lead, nb, k, N_ALIGN // 2)
+    u = torch.empty(*lead, nb, k, 2, N_ALIGN // 2, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(b, 0xF, out=u[..., 0, :])
+    torch.bitwise_right_shift(b, 4, out=u[..., 1, :])
+    q = u.view(torch.int8).sub_(8)                                # [..., NB, K, 2, 32]
+    w = q.view(*lead, nb, k // g, g, N_ALIGN).to(torch.float32)
+    # scale_and_zero [..., K/G, NB*64, 2] -> [..., NB, K/G, 1, 64] per field
+    sz = scale_and_zero.to(torch.float32).view(*lead, k // g, nb, N_ALIGN, 2)
+    sz = sz.movedim(-3, -4).unsqueeze(-3)
+    w.mul_(sz[..., 0].contiguous()).add_(sz[..., 1].contiguous())
+    out = torch.empty(*lead, k, nb, N_ALIGN, dtype=dtype, device=packed.device)
+    out.copy_(w.view(*lead, nb, k, N_ALIGN).movedim(-3, -2))
+    return out.view(*lead, k, np_)
+
+
+@functools.lru_cache(maxsize=None)
+def why_not_available() -> str | None:
+    """None when torch's CPU int4 GEMM runs here and reads the layout :func:`pack` writes,
+    else why not (checked once per process on a small random weight)."""
+    op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+    if op is None or not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        return f"torch {torch.__version__} has no CPU int4 GEMM (_weight_int4pack_mm_for_cpu)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if "AVX512" not in capability:
+        return (f"this CPU runs torch's int4 GEMM with its {capability} layout; int4tensor "
+                "reads the AVX512 one")
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randint(0, 16, (2 * N_ALIGN, 64), generator=generator, dtype=torch.int32)
+    try:
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+    except RuntimeError as e:
+        return f"torch's CPU int4 packing failed: {e}"
+    ones = torch.ones(1, 2 * N_ALIGN)
+    ours, _ = pack(pack_int4((u - 8).to(torch.int8)), ones, ones)
+    if not torch.equal(theirs.view(torch.uint8), ours):
+        return "torch's CPU int4 packing on this machine is not the layout int4tensor reads"
+    return None
+
+
+# ---- kernels --------------------------------------------------------------------------------
+def _scale_and_zero_for(weight, dtype: torch.dtype) -> torch.Tensor:
+    """The weight's scale_and_zero in the activation dtype (the GEMM takes them alike)."""
+    sz = weight.scale_and_zero
+    return sz if sz.dtype == dtype else sz.to(dtype)
+
+
+def linear_int4mm(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x [M, K] @ W.T -> [M, N]`` with torch's CPU int4 GEMM."""
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.contiguous(), weight.qdata, weight.group_size, _scale_and_zero_for(weight, x.dtype))
+    return out[:, : weight.stored_n]
+
+
+def linear_dense(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x [M, K] @ W.T -> [M, N]``: dequantize (:func:`dequantize_t`), then the dense GEMM."""
+    w_t = dequantize_t(weight.qdata, weight.scale_and_zero, weight.group_size, x.dtype)
+    return torch.mm(x, w_t[:, : weight.stored_n])
+
+
+def bmm_int4mm(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T -> [B, M, N]``: torch's CPU int4 GEMM per batch entry."""
+    sz = _scale_and_zero_for(weight, x.dtype)
+    x = x.contiguous()
+    n = weight.stored_n
+    return torch.stack([
+        torch.ops.aten._weight_int4pack_mm_for_cpu(x[b], weight.qdata[b], weight.group_size,
+                                                   sz[b])[:, :n]
+        for b in range(x.shape[0])])
+
+
+def bmm_dense(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T -> [B, M, N]``: dequantize every entry, then ``torch.bmm``."""
+    w_t = dequantize_t(weight.qdata, weight.scale_and_zero, weight.group_size, x.dtype)
+    return torch.bmm(x, w_t[..., : weight.stored_n])
+
+
+# ---- dispatch -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Call:
+    """What a candidate looks at (the fields of the dispatch table's ``Call`` it uses)."""
+
+    op: str                 # "linear" (x [M, K], W [N, K]) or "bmm" (x [B, M, K], W [B, N, K])
+    x: torch.Tensor
+    weight: Any
+    device_type: str
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[-2] if self.x.ndim >= 2 else 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    why_not: Callable[[Call], str | None]
+    run: Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+def why_not_int4mm(call: Call) -> str | None:
+    """torch's int4 GEMM takes CPU calls with 1 to :data:`INT4MM_MAX_M` rows."""
+    if call.device_type != "cpu":
+        return f"runs on CPU only, the activation is on {call.device_type}"
+    if call.x.dtype not in ACTIVATION_DTYPES:
+        return f"takes fp32/bf16/fp16 activations, got {call.x.dtype}"
+    if call.rows == 0:
+        return "no activation rows"
+    if call.rows > INT4MM_MAX_M:
+        what = "rows per expert" if call.op == "bmm" else "rows"
+        return (f"M = {call.rows} {what} > {INT4MM_MAX_M}: dequantize + dense GEMM is faster on "
+                "CPU")
+    return why_not_available()
+
+
+def why_not_dense(call: Call) -> str | None:
+    """Dequantize + dense GEMM takes every call (the last candidate)."""
+    return None
+
+
+LINEAR_CANDIDATES = [Candidate("cpu_int4mm", why_not_int4mm, linear_int4mm),
+                     Candidate("cpu_dense", why_not_dense, linear_dense)]
+BMM_CANDIDATES = [Candidate("cpu_int4mm", why_not_int4mm, bmm_int4mm),
+                  Candidate("cpu_dense", why_not_dense, bmm_dense)]
+_TABLES = {"linear": LINEAR_CANDIDATES, "bmm": BMM_CANDIDATES}
+
+
+def explain(op: str, x: torch.Tensor, weight) -> list[tuple[str, str | None]]:
+    """``[(candidate, why not or None)]`` in table order, up to the one that runs."""
+    call = Call(op, x, weight, x.device.type)
+    verdicts = []
+    for candidate in _TABLES[op]:
+        reason = candidate.why_not(call)
+        verdicts.append((candidate.name, reason))
+        if reason is None:
+            break
+    return verdicts
+
+
+def choose(op: str, x: torch.Tensor, weight) -> Candidate:
+    """The first candidate of ``op``'s table that takes ``x`` (2D for linear, 3D for bmm)."""
+    call = Call(op, x, weight, x.device.type)
+    for candidate in _TABLES[op]:
+        if candidate.why_not(call) is None:
+            return candidate
+    raise AssertionError("the dense candidate takes every call")

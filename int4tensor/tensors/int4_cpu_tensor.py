@@ -1,0 +1,290 @@
+"""``Int4CPUTensor``: int4 weights in torch's CPU int4 GEMM layout, for fast CPU inference.
+
+Checkpoints stay in the plain :class:`~int4tensor.Int4Tensor` layout: after loading,
+:func:`int4tensor.convert_to_packed_tensor_based_on_current_hardware` turns CPU weights into
+this layout; :meth:`Int4CPUTensor.to_int4_tensor` goes back exactly, and saving (``torch.save``,
+:func:`int4tensor.serialization.save_file`) and slicing along N or K go through the plain
+layout. Kernels and their dispatch by M are in :mod:`int4tensor.kernels.cpu`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from int4tensor.kernels import cpu
+from int4tensor.quant_primitives import pack_int4
+from int4tensor.tensors.base import Int4BaseTensor, op_args
+from int4tensor.tensors.int4_tensor import Int4Tensor
+
+aten = torch.ops.aten
+
+__all__ = ["Int4CPUTensor"]
+
+
+class Int4CPUTensor(Int4BaseTensor):
+    """A weight ``W [..., N, K]`` packed for torch's CPU int4 GEMM (``Np`` = N rounded up to a
+    multiple of 64; rows past N are zero and sliced off outputs).
+
+    Fields:
+        qdata: uint8 ``[..., Np, K/2]``, ``u = q + 8`` in torch's AVX512 CPU int4 layout
+            (:func:`int4tensor.kernels.cpu.pack`).
+        scale_and_zero: ``[..., K/G, Np, 2]`` in the weight's dtype: ``[..., 0]`` the scale,
+            ``[..., 1]`` the zero point of the plain layout.
+        act_pre_scale: optional ``[..., K]``, as for Int4Tensor (multiplies the activation).
+        block_size, shape: as for Int4Tensor (a transposed view has block ``(..., G, 1)``).
+
+    ``W[..., n, k] = (u - 8) * scale[..., k // G, n] + zero[..., k // G, n]``, i.e. the plain
+    layout's ``q * scale + zero_point`` (times ``act_pre_scale[..., k]`` when set). Activations
+    are computed in their own dtype (fp32, bf16, fp16), as with Int4Tensor's ``"bf16"``
+    activation_dtype.
+    """
+
+    tensor_data_names = ("qdata", "scale_and_zero")
+    optional_tensor_data_names = ("act_pre_scale",)
+    tensor_attribute_names = ("block_size", "shape")
+
+    activation_dtype = "bf16"  # activations are not quantized (the dispatch tables' key)
+
+    @staticmethod
+    def __new__(cls, qdata, scale_and_zero, block_size, shape, act_pre_scale=None):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=scale_and_zero.dtype, device=qdata.device, requires_grad=False)
+
+    def __init__(self, qdata, scale_and_zero, block_size, shape, act_pre_scale=None):
+        self.qdata = qdata
+        self.scale_and_zero = scale_and_zero
+        self.act_pre_scale = act_pre_scale
+        self.block_size = tuple(int(b) for b in block_size)
+
+    group_size = Int4Tensor.group_size
+    is_transposed = Int4Tensor.is_transposed
+
+    @property
+    def stored_n(self) -> int:
+        """N of the stored (untransposed) weight, without padding."""
+        return self.shape[-1] if self.is_transposed else self.shape[-2]
+
+    def _check_to(self, device, dtype):
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError("Int4CPUTensor lives on the CPU (torch's CPU int4 layout); call "
+                             ".to_int4_tensor() first for a portable Int4Tensor")
+
+    # ---- conversion ----------------------------------------------------------------------
+    @classmethod
+    def why_not(cls, t: Int4Tensor) -> str | None:
+        """None when ``t`` converts to this layout, else why not."""
+        if t.device.type != "cpu":
+            return f"the weight is on {t.device.type}, not the CPU"
+        if t.activation_dtype != "bf16":
+            return (f"{t.activation_dtype} activations (the CPU layout computes activations in "
+                    "their own dtype)")
+        return cpu.why_not_available()
+
+    @classmethod
+    def from_int4_tensor(cls, t: Int4Tensor) -> "Int4CPUTensor":
+        """Repack a CPU Int4Tensor (exact: :meth:`to_int4_tensor` gives it back)."""
+        problem = cls.why_not(t)
+        if problem:
+            raise ValueError(f"cannot convert Int4Tensor {list(t.shape)} to Int4CPUTensor: "
+                             f"{problem}")
+        if t.is_transposed:
+            return cls.from_int4_tensor(t.mT).mT
+        qdata, scale_and_zero = cpu.pack(t.qdata, t.scale, t.zero_point)
+        return cls(qdata, scale_and_zero, t.block_size, t.shape, act_pre_scale=t.act_pre_scale)
+
+    def to_int4_tensor(self) -> Int4Tensor:
+        """The same weight in the plain layout, exactly."""
+        if self.is_transposed:
+            return self.mT.to_int4_tensor().mT
+        n = self.stored_n
+        q = cpu.unpack(self.qdata)[..., :n, :]
+        scale = self.scale_and_zero[..., :n, 0].contiguous()
+        zero = self.scale_and_zero[..., :n, 1].contiguous()
+        return Int4Tensor(pack_int4(q.contiguous()), scale, zero, self.block_size, self.shape,
+                          act_pre_scale=self.act_pre_scale)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense tensor this one stands for, in its logical shape, in ``dtype``."""
+        dtype = dtype or self.dtype
+        w_t = cpu.dequantize_t(self.qdata, self.scale_and_zero, self.group_size,
+                               torch.float32 if self.act_pre_scale is not None else dtype)
+        w_t = w_t[..., : self.stored_n]
+        if self.act_pre_scale is not None:
+            w_t = (w_t * self.act_pre_scale.float().unsqueeze(-1)).to(dtype)
+        return w_t if self.is_transposed else w_t.transpose(-1, -2)
+
+    def __reduce_ex__(self, protocol):
+        # Files hold the plain layout (the checkpoint format); torch.load gives an Int4Tensor.
+        return self.to_int4_tensor().__reduce_ex__(protocol)
+
+    def _quantize_like(self, dense: torch.Tensor) -> "Int4CPUTensor":
+        return Int4CPUTensor.from_int4_tensor(self.to_int4_tensor()._quantize_like(dense))
+
+
+implements = Int4CPUTensor.implements
+
+
+def _replace(t: Int4CPUTensor, block_size, shape, **tensors) -> Int4CPUTensor:
+    return Int4CPUTensor._build({**t._tensors(), **tensors}, [tuple(block_size), tuple(shape)])
+
+
+def _transposed(t: Int4CPUTensor) -> Int4CPUTensor:
+    bs, shape = t.block_size, tuple(t.shape)
+    return _replace(t, (*bs[:-2], bs[-1], bs[-2]), (*shape[:-2], shape[-1], shape[-2]))
+
+
+# ---- compute ops ----------------------------------------------------------------------------
+def _check_activation(x: torch.Tensor, op: str) -> None:
+    if x.dtype not in cpu.ACTIVATION_DTYPES:
+        raise TypeError(f"{op} with an Int4CPUTensor takes fp32/bf16/fp16 activations, got "
+                        f"{x.dtype}")
+
+
+def _linear(x: torch.Tensor, w: Int4CPUTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [*, K] @ W.T + bias -> [*, N]`` for a stored 2D weight."""
+    if w.act_pre_scale is not None:
+        x = x * w.act_pre_scale.to(x.dtype)
+    x2d = x.reshape(-1, x.shape[-1])
+    out = cpu.choose("linear", x2d, w).run(x2d, w)
+    out = out.reshape(*x.shape[:-1], out.shape[-1])
+    return out + bias if bias is not None else out
+
+
+def _bmm(x: torch.Tensor, w: Int4CPUTensor) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T -> [B, M, N]`` for a stored 3D weight."""
+    if w.act_pre_scale is not None:
+        x = x * w.act_pre_scale.to(x.dtype).unsqueeze(-2)
+    return cpu.choose("bmm", x, w).run(x, w)
+
+
+@implements([F.linear, aten.linear.default])
+def _(func, args, kwargs):
+    """``F.linear(x [*, K], W [N, K], bias [N] | None) -> [*, N]``."""
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if not isinstance(w, Int4CPUTensor) or isinstance(x, Int4BaseTensor):
+        raise NotImplementedError("Int4CPUTensor supports linear with the Int4CPUTensor as the "
+                                  "weight (second argument) and a dense input")
+    if w.ndim != 2:
+        raise ValueError(f"linear needs a 2D weight, got Int4CPUTensor of shape "
+                         f"{list(w.shape)} (use torch.bmm for 3D expert weights)")
+    _check_activation(x, "linear")
+    if x.ndim == 0 or x.shape[-1] != w.shape[-1]:
+        raise ValueError(f"linear input's last dim must be K = {w.shape[-1]}, got input shape "
+                         f"{list(x.shape)} for weight shape {list(w.shape)}")
+    if w.is_transposed:  # contracts over the stored N: no int4 kernel for that
+        return F.linear(x, w.dequantize(x.dtype), bias)
+    return _linear(x, w, bias)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
+    """Dense-semantics ``a @ b``: the kernels compute ``x @ b`` for a transposed weight ``b``
+    (logical ``[.., K, N]``); any other product goes through the dense value."""
+    if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[-2 if b.ndim > 1 else -1]:
+        raise ValueError(f"{op}: shapes {list(a.shape)} and {list(b.shape)} cannot be "
+                         "multiplied")
+    dense_a = not isinstance(a, Int4BaseTensor)
+    if dense_a and isinstance(b, Int4CPUTensor) and b.is_transposed:
+        _check_activation(a, op)
+        if b.ndim == 2:
+            return _linear(a, _transposed(b), None)
+        if a.ndim == 3 and a.shape[0] == b.shape[0]:
+            return _bmm(a, _transposed(b))
+    dtype = a.dtype if dense_a else (b.dtype if not isinstance(b, Int4BaseTensor) else a.dtype)
+    dense = [t.dequantize(dtype) if isinstance(t, Int4BaseTensor) else t for t in (a, b)]
+    return torch.matmul(*dense)
+
+
+@implements([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__])
+def _(func, args, kwargs):
+    return _matmul(args[0], args[1], "matmul")
+
+
+@implements([aten.mm.default, aten.bmm.default])
+def _(func, args, kwargs):
+    a, b = args
+    want = 2 if func is aten.mm.default else 3
+    if a.ndim != want or b.ndim != want:
+        raise ValueError(f"{func}: expects {want}D operands, got {list(a.shape)} and "
+                         f"{list(b.shape)}")
+    if want == 3 and a.shape[0] != b.shape[0]:
+        raise ValueError(f"bmm: batch sizes differ, {list(a.shape)} and {list(b.shape)}")
+    return _matmul(a, b, str(func.overloadpacket.__name__))
+
+
+@implements([aten.addmm.default])
+def _(func, args, kwargs):
+    bias, a, b = args
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    out = _matmul(a, b, "addmm")
+    return (out if alpha == 1 else alpha * out) + (bias if beta == 1 else beta * bias)
+
+
+# ---- data movement --------------------------------------------------------------------------
+@implements([aten.t.default, aten.transpose.int])
+def _(func, args, kwargs):
+    t = args[0]
+    dims = {d % t.ndim for d in args[1:3]} if func is aten.transpose.int else {0, 1}
+    if len(dims) == 1:
+        return return_and_correct_aliasing(func, args, kwargs, _replace(t, t.block_size, t.shape))
+    if dims != {t.ndim - 2, t.ndim - 1}:
+        raise NotImplementedError("Int4CPUTensor supports transposing only its last two dims")
+    return return_and_correct_aliasing(func, args, kwargs, _transposed(t))
+
+
+@implements([aten.select.int, aten.index.Tensor])
+def _(func, args, kwargs):
+    """Expert selection ``w[e]`` / ``w[idx]`` of a 3D weight (dim 0): every field has the
+    expert dim first."""
+    t = args[0]
+    if t.ndim != 3 or (func is aten.select.int and args[1] % 3 != 0) or \
+            (func is aten.index.Tensor and (len(args[1]) != 1 or args[1][0] is None)):
+        raise NotImplementedError("Int4CPUTensor supports indexing only the expert dim of a 3D "
+                                  "weight")
+    if func is aten.select.int:
+        fields = {name: x.select(0, args[2]) for name, x in t._tensors().items()}
+        return _replace(t, t.block_size[1:], t.shape[1:], **fields)
+    fields = {name: x[args[1][0]] for name, x in t._tensors().items()}
+    return _replace(t, t.block_size, (fields["qdata"].shape[0], *t.shape[1:]), **fields)
+
+
+@implements([aten.slice.Tensor])
+def _(func, args, kwargs):
+    """Expert ranges slice the fields (views); N and K slices go through the plain layout (a
+    copy in this layout, exact)."""
+    t = args[0]
+    dim, start, end, step = op_args(args[1:], kwargs, ("dim", 0), ("start", None),
+                                    ("end", None), ("step", 1))
+    dim %= t.ndim
+    if t.ndim == 3 and dim == 0:
+        fields = {name: x[start:end:step] for name, x in t._tensors().items()}
+        return _replace(t, t.block_size, (fields["qdata"].shape[0], *t.shape[1:]), **fields)
+    plain = aten.slice.Tensor(t.to_int4_tensor(), dim, start, end, step)
+    return Int4CPUTensor.from_int4_tensor(plain)
+
+
+@implements([aten.equal.default])
+def _(func, args, kwargs):
+    a, b = args
+    if not isinstance(a, Int4CPUTensor) or not isinstance(b, Int4CPUTensor) or a._mismatch(b):
+        return False
+    return all(torch.equal(x, getattr(b, n)) for n, x in a._tensors().items())
+
+
+@implements([aten.copy_.default])
+def _(func, args, kwargs):
+    """``dst.copy_(src)`` from an Int4CPUTensor, a plain Int4Tensor (a checkpoint loaded into a
+    converted model) or a dense tensor (quantized like ``dst``), in place."""
+    dst, src = args[0], args[1]
+    if isinstance(src, Int4Tensor):
+        src = Int4CPUTensor.from_int4_tensor(src)
+    elif not isinstance(src, Int4BaseTensor):
+        src = dst._quantize_like(src)
+    problem = dst._mismatch(src)
+    if problem is not None:
+        raise ValueError(f"copy_ into Int4CPUTensor: source differs, {problem}")
+    for name, x in dst._tensors().items():
+        x.copy_(getattr(src, name))
+    return dst
