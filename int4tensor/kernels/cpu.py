@@ -85,12 +85,13 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize_t(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int,
                  dtype: torch.dtype) -> torch.Tensor:
-    """``W.T`` as a dense ``dtype`` ``[..., K, Np]``: ``W[n, k] = q * scale + zero``, each
-    product and sum rounded to float32, then cast (bit for bit the plain layout's
-    :func:`~int4tensor.quant_primitives.dequantize_int4`, transposed).
+    """``W.T`` as a dense ``dtype`` ``[..., K, Np]``: ``W[n, k] = q * scale + zero``, the
+    product and the sum each rounded to float32, then cast: bit for bit the plain layout's
+    :func:`~int4tensor.quant_primitives.dequantize_int4`, transposed.
 
-    Computed in the packed layout's own order (64 output features contiguous per K), which
-    is the dense GEMM's ``[K, N]`` operand, in a few in-place passes over contiguous memory.
+    Computed in the packed layout's own order (64 output features contiguous per k), so every
+    pass runs over contiguous rows of 64 with the scales broadcast along K, and the last one
+    writes the dense GEMM's ``[K, N]`` operand directly.
     """
     *lead, np_, half = packed.shape
     k, nb, g = 2 * half, np_ // N_ALIGN, group_size
@@ -98,14 +99,22 @@ def dequantize_t(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size:
     u = torch.empty(*lead, nb, k, 2, N_ALIGN // 2, dtype=torch.uint8, device=packed.device)
     torch.bitwise_and(b, 0xF, out=u[..., 0, :])
     torch.bitwise_right_shift(b, 4, out=u[..., 1, :])
-    q = u.view(torch.int8).sub_(8)                                # [..., NB, K, 2, 32]
-    w = q.view(*lead, nb, k // g, g, N_ALIGN).to(torch.float32)
-    # scale_and_zero [..., K/G, NB*64, 2] -> [..., NB, K/G, 1, 64] per field
-    sz = scale_and_zero.to(torch.float32).view(*lead, k // g, nb, N_ALIGN, 2)
-    sz = sz.movedim(-3, -4).unsqueeze(-3)
-    w.mul_(sz[..., 0].contiguous()).add_(sz[..., 1].contiguous())
+    q = u.view(torch.int8).sub_(8).view(*lead, nb, k // g, g, N_ALIGN)
     out = torch.empty(*lead, k, nb, N_ALIGN, dtype=dtype, device=packed.device)
-    out.copy_(w.view(*lead, nb, k, N_ALIGN).movedim(-3, -2))
+    blocks = out.view(*lead, k // g, g, nb, N_ALIGN).movedim(-2, -4)  # [..., NB, K/G, G, 64]
+    # scale_and_zero [..., K/G, NB*64, 2] -> scale, zero [..., NB, K/G, 1, 64]
+    sz = scale_and_zero.view(*lead, k // g, nb, N_ALIGN, 2).movedim(-3, -4).unsqueeze(-3)
+    scale, zero = sz[..., 0], sz[..., 1]
+    if dtype == scale_and_zero.dtype and dtype in (torch.bfloat16, torch.float16):
+        # One pass: q * scale is exact in float32 (at most 4 + 11 significant bits), so
+        # torch's half-precision addcmul (float32 inside, one rounding) gives the same float32
+        # sum as the reference's multiply-then-add, then the same cast.
+        blocks.copy_(q)
+        torch.addcmul(zero.contiguous(), blocks, scale.contiguous(), out=blocks)
+    else:
+        w = q.to(torch.float32)
+        w.mul_(scale.to(torch.float32).contiguous()).add_(zero.to(torch.float32).contiguous())
+        blocks.copy_(w)
     return out.view(*lead, k, np_)
 
 
