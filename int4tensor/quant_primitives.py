@@ -183,6 +183,11 @@ def dequantize_int4(
     """
     if qdata.device.type == "cpu" and not torch.compiler.is_compiling():
         return _dequantize_int4_cpu_eager(qdata, scale, zero_point, group_size, dtype)
+    return _dequantize_int4_formula(qdata, scale, zero_point, group_size, dtype)
+
+
+def _dequantize_int4_formula(qdata, scale, zero_point, group_size, dtype):
+    """:func:`dequantize_int4` as one expression (any device, meta, torch.compile)."""
     q = _grouped(unpack_int4(qdata), group_size).to(torch.float32)
     s = scale.transpose(-1, -2).to(torch.float32).unsqueeze(-1)
     z = zero_point.transpose(-1, -2).to(torch.float32).unsqueeze(-1)
@@ -194,7 +199,7 @@ def _unpack_int4_as_int16_pairs(packed: torch.Tensor) -> torch.Tensor:
     per packed byte (low byte: the low nibble sign-extended, high byte: the high nibble), so
     every op runs over contiguous memory. (The broadcast shift of :func:`unpack_int4` has an
     inner dim of 2, which torch's CPU loops run element by element: 30x slower.)"""
-    pairs = packed.to(torch.int16)              # the byte, sign-extended
+    pairs = packed.to(torch.int16, memory_format=torch.contiguous_format)  # sign-extended
     low = pairs << 12
     low >>= 12                                  # the low nibble, sign-extended
     low &= 0xFF                                 # ... as the low byte

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from int4tensor.quant_primitives import (
+    _dequantize_int4_cpu_eager,
+    _dequantize_int4_formula,
     dequantize_int4,
     pack_int4,
     quantize_minmax,
@@ -113,3 +115,42 @@ class TestZeroPointDomains:
     def test_unknown_domain(self):
         with pytest.raises(ValueError, match="zero_point_domain"):
             quantize_minmax(torch.randn(4, 64), 64, zero_point_domain="uint")
+
+
+# ---- the eager CPU dequantize ----------------------------------------------------------------
+@pytest.mark.parametrize("shape,group_size", [((72, 256), 128), ((3, 40, 96), 32),
+                                              ((33, 512), 256)])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_eager_cpu_dequantize_is_bit_identical_to_the_formula(shape, group_size, weight_dtype,
+                                                              dtype):
+    w = torch.randn(shape, dtype=weight_dtype)
+    qdata, scale, zero_point = quantize_minmax(w, group_size)
+    formula = _dequantize_int4_formula(qdata, scale, zero_point, group_size, dtype)
+    fast = _dequantize_int4_cpu_eager(qdata, scale, zero_point, group_size, dtype)
+    assert fast.dtype == dtype and fast.shape == w.shape
+    assert torch.equal(fast, formula)
+    # the public function takes the eager path on a CPU
+    assert torch.equal(dequantize_int4(qdata, scale, zero_point, group_size, dtype), formula)
+
+
+def test_eager_cpu_dequantize_of_strided_views():
+    """A K slice of qdata (not contiguous) and transposed-storage scales dequantize alike."""
+    qdata, scale, zero_point = quantize_minmax(torch.randn(64, 512), 128)
+    q, s, z = qdata[:, 64:192], scale[1:3], zero_point[1:3]
+    assert not q.is_contiguous()
+    assert torch.equal(_dequantize_int4_cpu_eager(q, s, z, 128, torch.bfloat16),
+                       _dequantize_int4_formula(q, s, z, 128, torch.bfloat16))
+    s_t = scale.t().contiguous().t()  # same values, column-major storage
+    assert torch.equal(_dequantize_int4_cpu_eager(qdata, s_t, zero_point, 128, torch.float32),
+                       _dequantize_int4_formula(qdata, scale, zero_point, 128, torch.float32))
+
+
+def test_every_int4_value_dequantizes_exactly():
+    """All 16 values of both nibbles, through the eager path: q * scale + zero_point."""
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(16)  # 256 values, both nibble positions
+    q = torch.stack([q, q.roll(1)]).repeat(4, 1)  # [8, 256]
+    scale = torch.full((2, 8), 0.5)
+    zero_point = torch.full((2, 8), 0.25)
+    out = dequantize_int4(pack_int4(q), scale, zero_point, 128, torch.float32)
+    assert torch.equal(out, q.float() * 0.5 + 0.25)

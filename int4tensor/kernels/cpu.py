@@ -210,8 +210,8 @@ def why_not_int4mm(call: Call) -> str | None:
     if call.rows == 0:
         return "no activation rows"
     if call.rows > INT4MM_MAX_M:
-        what = "rows per expert" if call.op == "bmm" else "rows"
-        return (f"M = {call.rows} {what} > {INT4MM_MAX_M}: dequantize + dense GEMM is faster on "
+        what = " rows per expert" if call.op == "bmm" else ""
+        return (f"M = {call.rows}{what} > {INT4MM_MAX_M}: dequantize + dense GEMM is faster on "
                 "CPU")
     return why_not_available()
 
