@@ -96,6 +96,8 @@ def dequantize_t(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size:
     *lead, np_, half = packed.shape
     k, nb, g = 2 * half, np_ // N_ALIGN, group_size
     b = packed.view(*lead, nb, k, N_ALIGN // 2)
+    if torch.compiler.is_compiling():
+        return _dequantize_t_formula(b, scale_and_zero, g, dtype)
     u = torch.empty(*lead, nb, k, 2, N_ALIGN // 2, dtype=torch.uint8, device=packed.device)
     torch.bitwise_and(b, 0xF, out=u[..., 0, :])
     torch.bitwise_right_shift(b, 4, out=u[..., 1, :])
@@ -116,6 +118,20 @@ def dequantize_t(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size:
         w.mul_(scale.to(torch.float32).contiguous()).add_(zero.to(torch.float32).contiguous())
         blocks.copy_(w)
     return out.view(*lead, k, np_)
+
+
+def _dequantize_t_formula(b: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize_t` as one expression, for torch.compile (Inductor fuses it; the
+    in-place passes above write through permuted views, which its graphs do not keep)."""
+    *lead, nb, k, _ = b.shape
+    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=b.device).view(2, 1)
+    u = (b.unsqueeze(-2) >> shifts) & 0xF                         # [..., NB, K, 2, 32]
+    q = u.view(torch.int8).reshape(*lead, nb, k // group_size, group_size, N_ALIGN) - 8
+    sz = scale_and_zero.to(torch.float32).reshape(*lead, k // group_size, nb, N_ALIGN, 2)
+    sz = sz.movedim(-3, -4).unsqueeze(-3)
+    w = (q.to(torch.float32) * sz[..., 0] + sz[..., 1]).to(dtype)
+    return w.reshape(*lead, nb, k, N_ALIGN).movedim(-3, -2).reshape(*lead, k, nb * N_ALIGN)
 
 
 @functools.lru_cache(maxsize=None)

@@ -159,3 +159,12 @@ def test_int4mm_matches_f_linear_of_the_plain_tensor():
     w = weight((512, 1024), 128)
     x = torch.randn(2, 1024, dtype=torch.bfloat16)
     assert rel_error(F.linear(x, w.plain), cpu.linear_int4mm(x, w)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_dequantize_t_formula_is_the_eager_one(dtype):
+    """The expression torch.compile traces computes the same bits as the in-place passes."""
+    w = weight((2, 130, 256), 64)
+    b = w.qdata.view(2, -1, 256, cpu.N_ALIGN // 2)
+    assert torch.equal(cpu._dequantize_t_formula(b, w.scale_and_zero, 64, dtype),
+                       cpu.dequantize_t(w.qdata, w.scale_and_zero, 64, dtype))
