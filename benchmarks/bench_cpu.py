@@ -51,7 +51,7 @@ from int4tensor import (  # noqa: E402
 from int4tensor.kernels import cpu  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K)
-MS = [1, 2, 4, 8, 16, 32, 64, 128]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 512]
 
 
 def load() -> str:

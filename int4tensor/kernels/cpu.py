@@ -1,13 +1,14 @@
-"""CPU kernels for int4 weights: torch's int4 CPU GEMM at small M, a dequantize + dense GEMM
-above.
+"""CPU kernels for int4 weights: torch's int4 CPU GEMM up to hundreds of rows, a dequantize +
+dense GEMM above.
 
 torch ships ``aten._weight_int4pack_mm_for_cpu(x [M, K], packed, G, scale_and_zero)``, which
 computes ``x @ W.T`` with ``W[n, k] = (u[n, k] - 8) * scale[k // G, n] + zero[k // G, n]``,
 ``u`` in ``[0, 15]``, in float32 (the same dequantization as ours with ``q = u - 8`` and
 ``zero = zero_point``, so a plain weight converts exactly). It reads the weight once per 4
-activation rows: at M = 1 it is 2.5-5x faster than a bf16 ``F.linear`` on 2 cores, and it
-falls behind as M grows (benchmarks/bench_cpu.py). From :data:`INT4MM_MAX_M` rows the layer
-dequantizes the weight (vectorized, :func:`dequantize_t`) and runs the dense GEMM.
+activation rows: at M = 1 it is 2.5-5x faster than a bf16 ``F.linear`` on 2 cores, and at
+prefill sizes it stays close to the bf16 GEMM (benchmarks/bench_cpu.py). Beyond
+:data:`INT4MM_MAX_M` rows the layer dequantizes the weight (vectorized, :func:`dequantize_t`)
+and runs the dense GEMM.
 
 The packed layout is torch's for AVX512 CPUs: N in blocks of 64, each block ``[K, 32]`` bytes
 where byte ``j`` holds ``u[j]`` in its low nibble and ``u[j + 32]`` in its high nibble (torch's
@@ -39,9 +40,11 @@ N_ALIGN = 64
 
 #: Up to this many activation rows (per expert for bmm) run torch's int4 GEMM; more rows run
 #: dequantize + dense GEMM. From benchmarks/bench_cpu.py on the project's 2-core CPU machine
-#: (results/bench_cpu.csv): the int4 GEMM costs about one weight pass per 4 rows, the dense
-#: GEMM's cost grows more slowly with M, and they cross between 16 and 32 rows.
-INT4MM_MAX_M = 16
+#: (results/bench_cpu.csv): the int4 GEMM re-reads the weight once per 4 rows, yet its cost
+#: per row stays within 1.0-1.3x of the bf16 GEMM's (no AMX here), while the dequantize costs
+#: many rows' worth of GEMM; on all three Llama shapes the int4 GEMM was the faster of the two
+#: at every M measured up to 512, and the two met around 512-1024.
+INT4MM_MAX_M = 512
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
