@@ -20,7 +20,8 @@ downloaded), 0.5B-shaped like the issue's: hidden 2048, 8 layers, 16 heads / 4 K
 MLP 5632, vocabulary 32000 (492M parameters), batch 1. ``generate()`` greedy from a 16-token
 prompt for 48 new tokens; tokens/s = 48 / wall time (the prefill included), median of 3 runs,
 in bf16, with every nn.Linear quantized (Int4WeightOnlyConfig: plain layout, the reference
-path), and after convert_model_to_packed_tensors_ (Int4CPUTensor).
+path; 8 new tokens, one run: it is slow), and after convert_model_to_packed_tensors_
+(Int4CPUTensor).
 
 The load average (``os.getloadavg``) before and after each part is printed and stored: on a
 shared machine, figures taken under load are slower and noisier.
@@ -142,19 +143,19 @@ def bench_generate(out_dir: str, new_tokens: int = 48, prompt_len: int = 16) -> 
     params = sum(p.numel() for p in model.parameters())
     prompt = torch.randint(0, 32000, (1, prompt_len))
 
-    def run():
+    def run(tokens):
         with torch.no_grad():
-            return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            return model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens,
                                   do_sample=False, pad_token_id=0)
 
-    def tokens_per_s(repeats: int) -> tuple[float, torch.Tensor]:
-        out = run()  # warm-up
+    def tokens_per_s(repeats: int, tokens: int = new_tokens) -> tuple[float, torch.Tensor]:
+        out = run(4)  # warm-up
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            out = run()
+            out = run(tokens)
             times.append(time.perf_counter() - t)
-        return new_tokens / statistics.median(times), out
+        return tokens / statistics.median(times), out
 
     rows = []
     bf16_tps, bf16_out = tokens_per_s(3)
@@ -162,7 +163,7 @@ def bench_generate(out_dir: str, new_tokens: int = 48, prompt_len: int = 16) -> 
     print(f"bf16: {bf16_tps:.2f} tokens/s ({params / 1e6:.0f}M parameters, {load()})",
           flush=True)
     quantize_(model, Int4WeightOnlyConfig())
-    ref_tps, _ = tokens_per_s(1)
+    ref_tps, _ = tokens_per_s(1, tokens=8)  # the reference path is slow: fewer tokens
     rows.append({"model": "int4 plain (reference path)", "params": params,
                  "tokens_per_s": round(ref_tps, 2)})
     print(f"int4 plain Int4Tensor (reference path): {ref_tps:.2f} tokens/s "
