@@ -425,6 +425,8 @@ def preshuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
 
 
 def _layout(weight) -> str:
+    if hasattr(weight, "scale_and_zero"):
+        return "cpu"  # Int4CPUTensor (tables in kernels/cpu.py)
     return "preshuffled" if hasattr(weight, "group_zero") else "plain"
 
 

@@ -18,22 +18,24 @@ layout exactly; :func:`why_not_available` checks once per process that torch's o
 this machine is this layout (it differs on AVX2-only CPUs, where we keep the plain layout).
 N is zero-padded to a multiple of 64 (:data:`N_ALIGN`); outputs are sliced back to N.
 
-Candidates follow the dispatch table's shape (``name``, ``why_not(call) -> str | None``,
-``run(x, weight)``): see :data:`LINEAR_CANDIDATES` and :data:`BMM_CANDIDATES`.
+The candidates are registered in :mod:`int4tensor.kernels.dispatch` as the ``"cpu"`` layout's
+tables (:data:`LINEAR_CANDIDATES`, :data:`BMM_CANDIDATES`), so ``int4tensor.explain`` reports
+their reasons; :func:`cpu_linear` and :func:`cpu_bmm` plan eager calls once per activation
+signature like the other layouts.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any, Callable
-
 import torch
 
+from int4tensor.kernels.dispatch import (
+    Call, Candidate, decide, describe, eager_plan, is_eager, register)
 from int4tensor.quant_primitives import pack_int4, unpack_int4
 
-__all__ = ["BMM_CANDIDATES", "Call", "Candidate", "INT4MM_MAX_M", "LINEAR_CANDIDATES", "N_ALIGN",
-           "choose", "dequantize_t", "explain", "pack", "unpack", "why_not_available"]
+__all__ = ["BMM_CANDIDATES", "INT4MM_MAX_M", "LINEAR_CANDIDATES", "N_ALIGN", "choose",
+           "cpu_bmm", "cpu_linear", "dequantize_t", "explain", "pack", "unpack",
+           "why_not_available"]
 
 #: torch's AVX512 packing works on blocks of 64 output features.
 N_ALIGN = 64
@@ -199,27 +201,6 @@ def bmm_dense(x: torch.Tensor, weight) -> torch.Tensor:
 
 
 # ---- dispatch -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Call:
-    """What a candidate looks at (the fields of the dispatch table's ``Call`` it uses)."""
-
-    op: str                 # "linear" (x [M, K], W [N, K]) or "bmm" (x [B, M, K], W [B, N, K])
-    x: torch.Tensor
-    weight: Any
-    device_type: str
-
-    @property
-    def rows(self) -> int:
-        return self.x.shape[-2] if self.x.ndim >= 2 else 1
-
-
-@dataclass(frozen=True)
-class Candidate:
-    name: str
-    why_not: Callable[[Call], str | None]
-    run: Callable[[torch.Tensor, Any], torch.Tensor]
-
-
 def why_not_int4mm(call: Call) -> str | None:
     """torch's int4 GEMM takes CPU calls with 1 to :data:`INT4MM_MAX_M` rows."""
     if call.device_type != "cpu":
@@ -240,29 +221,58 @@ def why_not_dense(call: Call) -> str | None:
     return None
 
 
+#: The tables of the CPU layout (``"cpu"`` in :mod:`int4tensor.kernels.dispatch`), best first.
 LINEAR_CANDIDATES = [Candidate("cpu_int4mm", why_not_int4mm, linear_int4mm),
                      Candidate("cpu_dense", why_not_dense, linear_dense)]
 BMM_CANDIDATES = [Candidate("cpu_int4mm", why_not_int4mm, bmm_int4mm),
                   Candidate("cpu_dense", why_not_dense, bmm_dense)]
-_TABLES = {"linear": LINEAR_CANDIDATES, "bmm": BMM_CANDIDATES}
+LAYOUT = "cpu"
+register("linear", LAYOUT, "bf16", LINEAR_CANDIDATES)
+register("bmm", LAYOUT, "bf16", BMM_CANDIDATES)
 
 
 def explain(op: str, x: torch.Tensor, weight) -> list[tuple[str, str | None]]:
-    """``[(candidate, why not or None)]`` in table order, up to the one that runs."""
-    call = Call(op, x, weight, x.device.type)
-    verdicts = []
-    for candidate in _TABLES[op]:
-        reason = candidate.why_not(call)
-        verdicts.append((candidate.name, reason))
-        if reason is None:
-            break
-    return verdicts
+    """``[(candidate, why not or None)]`` in table order, up to the one that runs, for ``x``
+    as the kernel receives it (2D for linear, 3D for bmm)."""
+    decision = decide(describe(op, x, weight), LAYOUT)
+    return [*decision.refused, (decision.backend, None)]
 
 
 def choose(op: str, x: torch.Tensor, weight) -> Candidate:
-    """The first candidate of ``op``'s table that takes ``x`` (2D for linear, 3D for bmm)."""
-    call = Call(op, x, weight, x.device.type)
-    for candidate in _TABLES[op]:
-        if candidate.why_not(call) is None:
-            return candidate
-    raise AssertionError("the dense candidate takes every call")
+    """The candidate that runs ``op`` for ``x`` (2D for linear, 3D for bmm), uncached."""
+    return decide(describe(op, x, weight), LAYOUT).candidate
+
+
+# ---- entry points (Int4CPUTensor's linear and bmm) -----------------------------------------
+def _plan(op: str, x: torch.Tensor, weight):
+    """``(Decision, f(x, bias))`` for eager calls like ``x``: ``op`` is ``"linear"`` (``x
+    [*, K]``) or ``"bmm"`` (``x [B, M, K]``), decided once per activation signature."""
+    pre = weight.act_pre_scale
+    k, lead = x.shape[-1], tuple(x.shape[:-1])
+    rows = (lambda t: t.reshape(-1, k)) if op == "linear" else (lambda t: t)
+    decision = decide(describe(op, rows(x), weight), LAYOUT)
+    run = decision.candidate.run
+
+    def call(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if pre is not None:
+            x = x * (pre.to(x.dtype) if op == "linear" else pre.to(x.dtype).unsqueeze(-2))
+        out = run(rows(x), weight)
+        if op == "linear":
+            out = out.reshape(*lead, out.shape[-1])
+        return out + bias if bias is not None else out
+    return decision, call
+
+
+def cpu_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [*, K] @ W.T + bias -> [*, N]`` for a 2D stored ``Int4CPUTensor`` (its
+    ``act_pre_scale`` applied to ``x`` first)."""
+    if is_eager(x):
+        return eager_plan("linear", x, weight, lambda: _plan("linear", x, weight))(x, bias)
+    return _plan("linear", x, weight)[1](x, bias)
+
+
+def cpu_bmm(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T -> [B, M, N]`` for a 3D stored ``Int4CPUTensor``."""
+    if is_eager(x):
+        return eager_plan("bmm", x, weight, lambda: _plan("bmm", x, weight))(x, None)
+    return _plan("bmm", x, weight)[1](x, None)

@@ -144,19 +144,12 @@ def _check_activation(x: torch.Tensor, op: str) -> None:
 
 def _linear(x: torch.Tensor, w: Int4CPUTensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [*, K] @ W.T + bias -> [*, N]`` for a stored 2D weight."""
-    if w.act_pre_scale is not None:
-        x = x * w.act_pre_scale.to(x.dtype)
-    x2d = x.reshape(-1, x.shape[-1])
-    out = cpu.choose("linear", x2d, w).run(x2d, w)
-    out = out.reshape(*x.shape[:-1], out.shape[-1])
-    return out + bias if bias is not None else out
+    return cpu.cpu_linear(x, w, bias)
 
 
 def _bmm(x: torch.Tensor, w: Int4CPUTensor) -> torch.Tensor:
     """``x [B, M, K] @ W[b].T -> [B, M, N]`` for a stored 3D weight."""
-    if w.act_pre_scale is not None:
-        x = x * w.act_pre_scale.to(x.dtype).unsqueeze(-2)
-    return cpu.choose("bmm", x, w).run(x, w)
+    return cpu.cpu_bmm(x, w)
 
 
 @implements([F.linear, aten.linear.default])
@@ -287,4 +280,5 @@ def _(func, args, kwargs):
         raise ValueError(f"copy_ into Int4CPUTensor: source differs, {problem}")
     for name, x in dst._tensors().items():
         x.copy_(getattr(src, name))
+    dst.__dict__.pop("_dispatch_plans", None)  # decisions are remade for the new values
     return dst

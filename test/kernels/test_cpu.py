@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from int4tensor import Int4Tensor
 from int4tensor.kernels import cpu
+from int4tensor.kernels.dispatch import describe, tables
 from int4tensor.quant_primitives import _dequantize_int4_formula, pack_int4
 from test.helpers import rel_error
 
@@ -143,8 +144,12 @@ class TestDispatch:
         verdicts = cpu.explain("bmm", torch.randn(2, m, 256), weight((2, 64, 256), 128))
         assert f"M = {m} rows per expert" in verdicts[0][1]
         assert cpu.explain("linear", torch.randn(0, 256), w)[0][1] == "no activation rows"
-        call = cpu.Call("linear", torch.randn(1, 256), w, "cuda")
+        call = describe("linear", torch.randn(1, 256), w, device_type="cuda", capability=(9, 0))
         assert "CPU only" in cpu.why_not_int4mm(call)
+
+    def test_registered_as_the_cpu_layouts_tables(self):
+        assert tables()[("linear", "cpu", "bf16")] == ["cpu_int4mm", "cpu_dense"]
+        assert tables()[("bmm", "cpu", "bf16")] == ["cpu_int4mm", "cpu_dense"]
 
     def test_zero_rows(self):
         w = weight((128, 256), 128)

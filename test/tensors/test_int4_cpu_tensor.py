@@ -230,3 +230,18 @@ def test_compiled_model_matches_eager(m):
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True)(x)
     assert rel_error(eager, compiled) < 1e-2
+
+
+def test_explain_reports_the_cpu_tables():
+    import int4tensor
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128)).to(torch.bfloat16)
+    quantize_(model, Int4WeightOnlyConfig())
+    convert_model_to_packed_tensors_(model)
+    small = int4tensor.explain(model, torch.randn(2, 3, 256, dtype=torch.bfloat16))
+    assert [(e.name, e.backend, e.refused) for e in small] == [("0.weight", "cpu_int4mm", ())]
+    m = cpu.INT4MM_MAX_M + 1
+    (large,) = int4tensor.explain(model[0].weight, torch.randn(m, 256, dtype=torch.bfloat16))
+    assert large.backend == "cpu_dense"
+    assert large.refused == (("cpu_int4mm", f"M = {m} > {cpu.INT4MM_MAX_M}: dequantize + "
+                                            "dense GEMM is faster on CPU"),)
