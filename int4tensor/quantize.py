@@ -94,8 +94,14 @@ def replace_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> nn.
     Python attributes of the Parameter it replaces."""
     old = getattr(module, name)
     new = nn.Parameter(tensor, requires_grad=False)
+    # the old tensor's own state (an Int4 tensor's fields, its cached dispatch plans) is not a
+    # Parameter attribute: carried over, the plans would keep running the old layout's kernels
+    own = {"_dispatch_plans"}
+    if isinstance(old, Int4BaseTensor):
+        own.update(old.tensor_data_names, old.optional_tensor_data_names,
+                   old.tensor_attribute_names)
     for key, value in vars(old).items():
-        if key not in vars(new):
+        if key not in vars(new) and key not in own:
             setattr(new, key, value)
     setattr(module, name, new)
     return new

@@ -64,6 +64,23 @@ class TestConversion:
         t = convert_to_packed_tensor_based_on_current_hardware(plain)
         assert isinstance(t, Int4CPUTensor) and torch.equal(t.to_int4_tensor(), plain)
 
+    def test_a_model_run_before_conversion_runs_the_cpu_kernels_after(self):
+        """The plain weight's cached dispatch plans and fields stay with the plain weight
+        (carried over to the new Parameter they kept running the reference path)."""
+        import int4tensor
+
+        model = torch.nn.Sequential(torch.nn.Linear(256, 128)).to(torch.bfloat16)
+        model[0].weight.weight_loader = "kept"
+        quantize_(model, Int4WeightOnlyConfig())
+        x = torch.randn(2, 256, dtype=torch.bfloat16)
+        with torch.no_grad():
+            model(x)
+        convert_model_to_packed_tensors_(model)
+        weight = model[0].weight
+        assert isinstance(weight, Int4CPUTensor) and weight.weight_loader == "kept"
+        assert not {"_dispatch_plans", "scale", "zero_point"} & set(vars(weight))
+        assert [e.backend for e in int4tensor.explain(model, x)] == ["cpu_int4mm"]
+
     def test_fp8_activation_weights_stay_plain(self):
         w = torch.randn(128, 256, dtype=torch.bfloat16)
         fp8 = Int4Tensor.from_hp(w, (1, 128), activation_dtype="fp8")
