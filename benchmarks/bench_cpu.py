@@ -158,12 +158,12 @@ def bench_generate(out_dir: str, new_tokens: int = 48, prompt_len: int = 16) -> 
         return tokens / statistics.median(times), out
 
     rows = []
-    bf16_tps, bf16_out = tokens_per_s(3)
+    bf16_tps, _ = tokens_per_s(3)
     rows.append({"model": "bf16", "params": params, "tokens_per_s": round(bf16_tps, 2)})
     print(f"bf16: {bf16_tps:.2f} tokens/s ({params / 1e6:.0f}M parameters, {load()})",
           flush=True)
     quantize_(model, Int4WeightOnlyConfig())
-    ref_tps, _ = tokens_per_s(1, tokens=8)  # the reference path is slow: fewer tokens
+    ref_tps, ref_out = tokens_per_s(1, tokens=8)  # the reference path is slow: fewer tokens
     rows.append({"model": "int4 plain (reference path)", "params": params,
                  "tokens_per_s": round(ref_tps, 2)})
     print(f"int4 plain Int4Tensor (reference path): {ref_tps:.2f} tokens/s "
@@ -171,12 +171,15 @@ def bench_generate(out_dir: str, new_tokens: int = 48, prompt_len: int = 16) -> 
     convert_model_to_packed_tensors_(model)
     assert isinstance(model.model.layers[0].mlp.down_proj.weight, Int4CPUTensor)
     fast_tps, fast_out = tokens_per_s(3)
-    same = float((fast_out[:, prompt_len:] == bf16_out[:, prompt_len:]).float().mean())
+    # the same quantized weights: greedy tokens should follow the reference path's (bf16's
+    # differ: int4's error on randomly initialised weights moves most argmaxes)
+    same = float((fast_out[:, prompt_len:prompt_len + 8] == ref_out[:, prompt_len:])
+                 .float().mean())
     rows.append({"model": "int4 Int4CPUTensor", "params": params,
                  "tokens_per_s": round(fast_tps, 2)})
     print(f"int4 after convert_model_to_packed_tensors_ (Int4CPUTensor): {fast_tps:.2f} "
-          f"tokens/s (**{fast_tps / bf16_tps:.2f}x bf16**; {same:.0%} of greedy tokens equal "
-          f"bf16's, random weights; {load()})")
+          f"tokens/s (**{fast_tps / bf16_tps:.2f}x bf16**; its first 8 greedy tokens: {same:.0%} "
+          f"equal to the reference path's; {load()})")
     for row in rows:
         row["vs_bf16"] = round(row["tokens_per_s"] / bf16_tps, 2)
     write_csv(os.path.join(out_dir, "bench_cpu_generate.csv"), _comment(), rows)
