@@ -267,14 +267,15 @@ def _slice_fp8(t: Int4PreshuffledTensor, dim: int, start, end, step) -> Int4Pres
 
 
 @implements([aten.bmm.default, aten.mm.default, torch.matmul, torch.Tensor.matmul,
-             torch.Tensor.__matmul__])
+             torch.Tensor.__matmul__, torch.bmm, torch.mm, torch.Tensor.bmm, torch.Tensor.mm])
 def _(func, args, kwargs):
     """``x @ W`` for a transposed weight (``W`` logical ``[.., K, N]``) runs the kernels; any
     other product goes through the dense value."""
     a, b = args[0], args[1]
     if isinstance(b, Int4PreshuffledTensor) and b.is_transposed and \
             not isinstance(a, Int4BaseTensor) and a.dtype == torch.bfloat16:
-        stored = _transposed(b)
+        stored = b._dispatch_cached("stored", lambda: _transposed(b)) \
+            if kernels.is_eager(a) else _transposed(b)
         if b.ndim == 2:
             return _linear(a, stored, None)
         if a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0]:
