@@ -259,6 +259,9 @@ class Int4TensorHfQuantizer(HfQuantizer):
             for field, (_, shape, dtype) in fields.items():
                 module.register_buffer(f"{pname}{_SEP}{field}",
                                        torch.empty(shape, dtype=_st_dtype(dtype), device="meta"))
+            # transformers initializes modules that it did not see fully loaded; this one's
+            # tensors arrive as buffers, and its _init_weights would look for the parameter.
+            module._is_hf_initialized = True
             self._pending.append((module, module_name, pname, entry))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
