@@ -128,14 +128,25 @@ def _default_skips(model) -> list[str]:
     skips = set(getattr(model, "_keep_in_fp32_modules", None) or [])
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     in_weight = getattr(in_emb, "weight", None)
-    tied = {k.rsplit(".", 1)[0] for k, v in (getattr(model, "all_tied_weights_keys", None)
-                                              or {}).items() for k in (k, v)}
+    tied = _tied_modules(model)
     for name, module in model.named_modules():
         weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
         if module is out_emb or (weight is not None and weight is in_weight and module
                                  is not in_emb) or name in tied:
             skips.add(name)
     return sorted(s for s in skips if s)
+
+
+def _tied_modules(model) -> set[str]:
+    """Modules whose weight transformers ties to another one (tying happens after loading,
+    so the meta model does not share the tensors yet)."""
+    pairs = getattr(model, "all_tied_weights_keys", None) or {}
+    names = {n.rsplit(".", 1)[0] for k, v in pairs.items() for n in (k, v) if n}
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    out_emb = model.get_output_embeddings()
+    if out_emb is not None and getattr(text or model.config, "tie_word_embeddings", False):
+        names |= {n for n, m in model.named_modules() if m is out_emb}
+    return names
 
 
 def _is_experts(module: nn.Module, name: str) -> bool:
@@ -223,8 +234,9 @@ class Int4TensorHfQuantizer(HfQuantizer):
 
     def _check_tied(self, model):
         in_weight = getattr(model.get_input_embeddings(), "weight", None)
+        tied = _tied_modules(model)
         for name, module in model.named_modules():
-            if (isinstance(module, nn.Linear) and module.weight is in_weight
+            if (isinstance(module, nn.Linear) and (module.weight is in_weight or name in tied)
                     and not _matches(name, self.modules_to_not_convert)):
                 raise ValueError(f"int4tensor: {name} shares its weight with the input embedding "
                                  "(tie_word_embeddings), which cannot be int4; add it to "
