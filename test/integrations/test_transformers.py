@@ -100,6 +100,20 @@ def test_import_int4tensor_alone_does_not_import_transformers():
     assert out.stdout.strip() == "False", out.stderr
 
 
+@pytest.mark.parametrize("order", ["int4tensor, transformers", "transformers, int4tensor"])
+def test_import_int4tensor_registers_the_quantizer_in_either_order(llama_dir, tmp_path, order):
+    # Without our quantizer, transformers would load a checkpoint of ours with random weights
+    # and a warning; `import int4tensor` (before or after transformers) is enough.
+    _quantized_on_load(llama_dir).save_pretrained(tmp_path / "q")
+    code = (f"import {order}\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})\n"
+            "print(type(m.model.layers[0].mlp.up_proj.weight).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.stdout.strip() == "Int4Tensor", out.stderr[-2000:]
+
+
 def test_config_is_registered_and_round_trips_as_json():
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
 
