@@ -418,6 +418,35 @@ def _describe_quantization(model: nn.Module) -> None:
     model.get_memory_footprint = types.MethodType(memory_footprint, model)
 
 
+def attach_quantizer_(model: nn.Module, config=None) -> None:
+    """Make a transformers model quantized with ``quantize_`` behave like one loaded with
+    ``Int4TensorConfig``: ``save_pretrained`` writes our native format, ``print(model)``,
+    ``get_memory_footprint()`` and ``dequantize()`` know the int4 weights. ``quantize_`` calls
+    this (when this module is imported); other models are left alone."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel) or not any(
+            isinstance(p, Int4BaseTensor) for p in model.parameters()):
+        return
+    previous = getattr(model, "hf_quantizer", None)
+    if previous is not None and not isinstance(previous, Int4TensorHfQuantizer):
+        return  # quantized by another method: not ours to describe
+    if isinstance(config, _OUR_CONFIGS) and (previous is None
+                                             or previous.quantization_config.config == config):
+        qc = Int4TensorConfig(config)
+    else:  # a name -> config map, or several calls with different configs
+        qc = Int4TensorConfig(None, tensor_type="Int4Tensor")
+    qc.extra["not_converted"] = sorted(
+        name for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not isinstance(m.weight, Int4BaseTensor))
+    quantizer = Int4TensorHfQuantizer(qc, pre_quantized=False)
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = qc
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    _describe_quantization(model)
+
+
 def _register() -> None:
     from transformers.quantizers import auto
 

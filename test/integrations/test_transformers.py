@@ -269,6 +269,20 @@ def test_old_native_checkpoint_gets_a_clear_error_and_converts(llama_dir, tmp_pa
                 if isinstance(value, Int4Tensor) else torch.equal(value, got)), key
 
 
+def test_model_quantized_by_hand_saves_with_save_pretrained(llama_dir, tmp_path):
+    # was: "Attempted to access the data pointer on an invalid python storage", and a DST
+    # holding only config.json
+    model = _load(llama_dir)
+    quantize_(model, CFG, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != "lm_head")
+    quantize_(model, {"re:.*layers\\.1\\.mlp\\.up_proj\\.weight": CFG})  # a second call is fine
+    assert "Int4Tensor(int4, group_size=64" in repr(model.model.layers[0].self_attn)
+    model.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert_same_state(model, loaded)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())[
+        "quantization_config"]["not_converted"] == ["lm_head"]
+
+
 # ---- bad checkpoints ------------------------------------------------------------------------
 @pytest.fixture
 def saved(llama_dir, tmp_path):
