@@ -566,10 +566,12 @@ def _group_of_rows(offs: torch.Tensor, rows: int) -> torch.Tensor:
                               right=True).clamp(max=offs.numel() - 1)
 
 
-@Int4Tensor.implements([aten._grouped_mm.default])
+# Registered on the base class: the preshuffled layout (after convert_model_to_packed_tensors_)
+# takes the same reference path through its own dequantize().
+@Int4BaseTensor.implements([aten._grouped_mm.default])
 def _(func, args, kwargs):
     """``_grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None)`` with either operand
-    an Int4Tensor (typically ``mat_b = w.transpose(-2, -1)``, ``w [E, N, K]``, so ``mat_b
+    an int4 tensor (typically ``mat_b = w.transpose(-2, -1)``, ``w [E, N, K]``, so ``mat_b
     [E, K, N]``; ``mat_a [T, K]`` bf16/fp16/fp32 sorted by expert, ``offs [E]`` int32 cumulative
     row counts; empty experts have equal consecutive offsets). The Int4Tensor is dequantized to
     the activation dtype, then the dense op runs. ``bias [E, N]`` is added per group."""
@@ -581,11 +583,8 @@ def _(func, args, kwargs):
     else:
         _check_activation(dense, "grouped_mm")
         dtype = dense.dtype
-    for t in (a, b):
-        if isinstance(t, Int4BaseTensor) and not isinstance(t, Int4Tensor):
-            raise NotImplementedError(f"grouped_mm with a {type(t).__name__}: convert it to an "
-                                      "Int4Tensor or dequantize() it first")
-    out = _grouped_mm_dense(_dense(a, dtype), _dense(b, dtype), offs, out_dtype)
+    a, b = (t.dequantize(dtype) if isinstance(t, Int4BaseTensor) else t for t in (a, b))
+    out = _grouped_mm_dense(a, b, offs, out_dtype)
     if bias is not None:
         if out.ndim == 2 and offs is not None:  # 2D x 3D: one bias row per group of rows
             bias = bias[_group_of_rows(offs, out.shape[0])]

@@ -401,10 +401,12 @@ def test_moe_runs_with_each_experts_implementation(moe_dir, implementation):
     model.set_experts_implementation(implementation)
     dense.set_experts_implementation(implementation)
     calls = []
-    impl = Int4Tensor._aten_impls[aten._grouped_mm.default]
+    from int4tensor.tensors import Int4BaseTensor
+
+    impl = Int4BaseTensor._aten_impls[aten._grouped_mm.default]
     spy = {aten._grouped_mm.default: lambda *a: calls.append(1) or impl(*a)}
     x = torch.randint(0, LLAMA["vocab_size"], (2, 7))
-    with torch.no_grad(), mock.patch.dict(Int4Tensor._aten_impls, spy):
+    with torch.no_grad(), mock.patch.dict(Int4BaseTensor._aten_impls, spy):
         out = model(x).logits
     ref = dense(x).logits
     assert sqnr(ref, out) > 40
@@ -448,3 +450,45 @@ def test_asymmetric_compressed_tensors_export_loads_only_dequantized(llama_dir, 
     for name, t in ours.items():
         if isinstance(t, Int4Tensor):
             assert torch.equal(model.get_parameter(name), t.dequantize(torch.bfloat16)), name
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("device_map", ["cuda", "auto"])
+def test_cuda_quantize_on_load_save_reload_generate(llama_dir, tmp_path, device_map):
+    if device_map == "auto":
+        pytest.importorskip("accelerate")
+    model = _load(llama_dir, device_map=device_map,
+                  quantization_config=Int4TensorConfig(Int4WeightOnlyConfig(group_size=128)))
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert isinstance(weight, Int4Tensor) and weight.qdata.is_cuda
+    cpu = _load(llama_dir, quantization_config=Int4TensorConfig(Int4WeightOnlyConfig(group_size=128)))
+    assert torch.equal(weight.qdata.cpu(), cpu.model.layers[0].mlp.up_proj.weight.qdata)
+    model.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map=device_map)
+    assert loaded.model.layers[0].mlp.up_proj.weight.qdata.is_cuda
+    dense = dequantized_copy(llama_dir, cpu).cuda()
+    prompt = torch.randint(0, LLAMA["vocab_size"], (1, 5), device="cuda")
+    with torch.no_grad():
+        out = loaded.generate(prompt, max_new_tokens=6, do_sample=False)
+        ref = dense.generate(prompt, max_new_tokens=6, do_sample=False)
+        assert sqnr(dense(out).logits, loaded(out).logits) > 30
+    assert (out == ref).float().mean() > 0.8
+
+
+@pytest.mark.gpu
+def test_cuda_moe_grouped_mm_and_packed_conversion(moe_dir):
+    from int4tensor import convert_model_to_packed_tensors_
+
+    model = _load(moe_dir, device_map="cuda",
+                  quantization_config=Int4TensorConfig(Int4WeightOnlyConfig(group_size=64)))
+    dense = dequantized_copy(moe_dir, model).cuda()
+    x = torch.randint(0, LLAMA["vocab_size"], (2, 7), device="cuda")
+    for implementation in ("grouped_mm", "batched_mm", "eager"):
+        model.set_experts_implementation(implementation)
+        dense.set_experts_implementation(implementation)
+        with torch.no_grad():
+            assert sqnr(dense(x).logits, model(x).logits) > 30, implementation
+    convert_model_to_packed_tensors_(model)
+    with torch.no_grad():
+        assert sqnr(dense(x).logits, model(x).logits) > 30
