@@ -237,6 +237,29 @@ def test_cli_native_output_loads_with_from_pretrained(llama_dir, tmp_path):
             assert torch.equal(value, state[key]), key
 
 
+def test_cli_output_of_an_older_bert_checkpoint_loads_with_from_pretrained(tmp_path):
+    # BERT checkpoints of transformers 4 carry embeddings.position_ids, which transformers 5's
+    # BertModel no longer has: a strict load_state_dict fails, from_pretrained skips it.
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=4, vocab_size=300)).eval()
+    bert.save_pretrained(tmp_path / "src")
+    shard = tmp_path / "src" / "model.safetensors"
+    sd = load_file(shard)
+    sd["embeddings.position_ids"] = torch.arange(512)[None]
+    save_file(sd, shard, metadata={"format": "pt"})
+    quantize_checkpoint(tmp_path / "src", tmp_path / "q", group_size=64, progress=False)
+    model = AutoModel.from_pretrained(tmp_path / "q")
+    assert isinstance(model.encoder.layer[0].attention.self.query.weight, Int4Tensor)
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        ref, out = bert(x).last_hidden_state, model(x).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.999
+
+
 def _legacy_checkpoint(src, dst):
     """A checkpoint as int4tensor 0.1's CLI wrote it (fields 'NAME.qdata', old config)."""
     from int4tensor import save_file
