@@ -327,6 +327,13 @@ def test_config_group_size_contradicting_the_tensors_is_an_error(saved):
         AutoModelForCausalLM.from_pretrained(saved)
 
 
+def test_config_layout_contradicting_the_tensors_is_an_error(saved):
+    _edit_config(saved, lambda q: q["config"].update(int4_packing_format="preshuffled"))
+    with pytest.raises(ValueError, match="is a Int4Tensor, but config.json's quantization_config "
+                                         "describes Int4PreshuffledTensor"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
 def test_newer_format_version_is_an_error(saved):
     _edit_config(saved, lambda q: q.update(format_version=99))
     with pytest.raises(ValueError, match="format_version 99 is newer"):
