@@ -139,8 +139,8 @@ def _launch(x2d: torch.Tensor, out: torch.Tensor, x_scale: torch.Tensor, rounded
     # few rows: enough threads per row to hold it in registers (4 vectors of 8 each)
     threads = 1024 if m <= 128 else 256
     threads = min(threads, max(32, -(-(k // 32) // 32) * 32))
-    kernel(grid=(m, 1, 1), block=(threads, 1, 1),
-           args=[x2d, out, x_scale, k, x2d.stride(0), out.stride(0)])
+    nvrtc.launch(kernel, (m, 1, 1), (threads, 1, 1),
+                 [x2d, out, x_scale, k, x2d.stride(0), out.stride(0)])
 
 
 def quantize_fp8_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
