@@ -55,6 +55,9 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
                     sys.meta_path.remove(_finder)
                 register_now()
 
+            def __getattr__(self, name):  # get_resource_reader, is_package, get_data, ...
+                return getattr(inner, name)
+
         spec.loader = _Loader()
         return spec
 
