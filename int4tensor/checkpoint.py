@@ -95,8 +95,18 @@ class Checkpoint:
 
     def reader(self, file: str) -> _Reader:
         if file not in self._readers:
-            self._readers[file] = _Reader(os.path.join(self.dir, file))
+            self._readers[file] = _Reader(os.path.join(self.dir, file),
+                                          resolve_raw=self._raw_from_any_shard)
         return self._readers[file]
+
+    def _raw_from_any_shard(self, key: str) -> torch.Tensor:
+        """A stored tensor of any shard (a quantized tensor's fields may span shards)."""
+        for f in self.files:
+            r = self.reader(f)
+            if key in r.raw_keys():
+                return r.get_raw(key)
+        raise ValueError(f"{self.path}: tensor field {key!r} is in no shard (a shard is missing "
+                         "or incomplete)")
 
     def stored_names(self, file: str | None = None) -> list[str]:
         files = self.files if file is None else [file]

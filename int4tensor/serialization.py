@@ -275,8 +275,12 @@ def metadata_json(described: dict[str, dict], field_separator: str = _DEFAULT_SE
 class _Reader:
     """A lazily read safetensors file: logical names -> plain tensors or rebuilt subclasses."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu",
+                 resolve_raw: Callable[[str], torch.Tensor] | None = None):
+        """``resolve_raw(key)``: reads a field stored in another shard of the same checkpoint
+        (transformers' sharding may split one tensor's fields); without it they must be here."""
         self.path = os.fspath(path)
+        self._resolve_raw = resolve_raw
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"no such safetensors file: {self.path}")
         try:
@@ -290,17 +294,18 @@ class _Reader:
         self.described = self._parse_metadata()
         sep = self.field_separator
         raw = set(self._raw_keys)
+        fields_anywhere = {f"{n}{sep}{f}" for n, m in self.described.items() for f in m["fields"]}
         if sep != _DEFAULT_SEPARATOR:
-            # transformers' save_pretrained writes the same metadata into every shard: an entry
-            # none of whose fields is in this file lives in another shard.
+            # transformers' save_pretrained writes the same metadata into every shard: a tensor
+            # belongs to the shard holding its first field (qdata); others may be elsewhere.
             self.described = {n: m for n, m in self.described.items()
-                              if any(f"{n}{sep}{f}" in raw for f in m["fields"])}
+                              if f"{n}{sep}{m['fields'][0]}" in raw}
         owned = {f"{n}{sep}{f}" for n, m in self.described.items() for f in m["fields"]}
         missing = sorted(owned - raw)
-        if missing:
+        if missing and resolve_raw is None:
             raise ValueError(f"{self.path}: metadata lists tensors that are not in the file: "
                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        self._plain = [k for k in self._raw_keys if k not in owned]
+        self._plain = [k for k in self._raw_keys if k not in fields_anywhere]
 
     def _parse_metadata(self) -> dict[str, dict]:
         text = self.raw_metadata.get(METADATA_KEY)
@@ -350,7 +355,10 @@ class _Reader:
             return self.get_raw(name)
         m = self.described[name]
         cls = _REGISTRY[m["type"]][0]
-        tensors = {f: self.get_raw(f"{name}{self.field_separator}{f}") for f in m["fields"]}
+        keys = {f: f"{name}{self.field_separator}{f}" for f in m["fields"]}
+        raw = set(self._raw_keys)
+        tensors = {f: self.get_raw(k) if k in raw else self._resolve_raw(k)
+                   for f, k in keys.items()}
         missing = [f for f in cls.tensor_data_names if f not in tensors]
         if missing:
             raise ValueError(f"{self.path}: {m['type']} {name!r} lacks fields {missing}")

@@ -194,6 +194,20 @@ def test_save_pretrained_then_from_pretrained_is_exact_and_sharded(llama_dir, tm
     assert loaded.dtype == torch.bfloat16
 
 
+def test_sharded_save_pretrained_output_reads_with_load_checkpoint_and_cli(llama_dir, tmp_path):
+    from int4tensor.cli import main
+
+    model = _quantized_on_load(llama_dir)
+    model.save_pretrained(tmp_path / "q", max_shard_size="100KB")  # splits some fields
+    loaded = load_checkpoint(tmp_path / "q")
+    state = model.state_dict()
+    assert int4_names(model) == sorted(k for k, v in loaded.items() if isinstance(v, Int4Tensor))
+    for name in int4_names(model):
+        assert torch.equal(loaded[name].qdata, state[name].qdata), name
+        assert torch.equal(loaded[name].zero_point, state[name].zero_point), name
+    assert main(["inspect", str(tmp_path / "q")]) == 0
+
+
 def test_reload_reads_every_tensor_and_never_dequantizes(llama_dir, tmp_path):
     model = _quantized_on_load(llama_dir)
     model.save_pretrained(tmp_path / "q")
