@@ -170,6 +170,17 @@ class Int4TensorHfQuantizer(HfQuantizer):
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("int4tensor: disk offload (device_map with 'disk') is not "
                              "supported for int4 weights; keep every module on a device or CPU")
+        cfg = self.quantization_config.config
+        if not self.pre_quantized and getattr(cfg, "int4_packing_format", "") == "preshuffled":
+            places = (set(map(str, device_map.values())) if isinstance(device_map, dict)
+                      else {str(device_map)})
+            on_gpu = torch.cuda.is_available() and not places <= {"cpu", "None", "disk"}
+            if not on_gpu:
+                raise ValueError(
+                    f"int4tensor: {type(cfg).__name__}(int4_packing_format='preshuffled') "
+                    "quantizes on a CUDA GPU (sm90+, fbgemm-gpu-genai): load with "
+                    "device_map='cuda', or use int4_packing_format='plain' (runs everywhere; "
+                    "convert_model_to_packed_tensors_(model) after loading on a Hopper GPU)")
 
     def update_dtype(self, dtype):
         return dtype

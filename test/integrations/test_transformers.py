@@ -137,6 +137,26 @@ def test_config_rejects_what_is_not_ours():
         Int4TensorConfig({"type": "Int4WeightOnlyConfig", "group_size": 100})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
+def test_preshuffled_on_load_without_a_gpu_is_a_clear_error(llama_dir):
+    from int4tensor import Float8DynamicActivationInt4WeightConfig
+
+    with pytest.raises(ValueError, match="quantizes on a CUDA GPU.*int4_packing_format='plain'"):
+        _quantized_on_load(llama_dir, Float8DynamicActivationInt4WeightConfig())
+
+
+def test_fp8_activation_plain_config_loads_saves_and_reloads(llama_dir, tmp_path):
+    from int4tensor import Float8DynamicActivationInt4WeightConfig
+
+    model = _quantized_on_load(llama_dir, Float8DynamicActivationInt4WeightConfig(
+        int4_packing_format="plain"))
+    assert model.model.layers[0].mlp.up_proj.weight.activation_dtype == "fp8"
+    model.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert_same_state(model, loaded)
+    assert loaded.model.layers[0].mlp.up_proj.weight.activation_dtype == "fp8"
+
+
 # ---- quantize on load -----------------------------------------------------------------------
 def test_quantize_on_load_equals_quantize_(llama_dir):
     model = _quantized_on_load(llama_dir)
