@@ -30,8 +30,8 @@ import torch
 from int4tensor import quant_primitives
 from int4tensor.kernels import (
     cuda_dequant, cuda_fp8_rows, cuda_gemm, cuda_gemv, custom_ops, fbgemm, reference)
-from int4tensor.kernels.dispatch import Call, Candidate, cached_decision, decide, describe
-from int4tensor.kernels.dispatch import is_eager, register
+from int4tensor.kernels.dispatch import (
+    Call, Candidate, decide, describe, eager_plan, is_eager, register)
 
 CUDA_GEMV_MAX_M = 16
 TRITON_ALWAYS_MAX_M = 1
@@ -39,7 +39,7 @@ TRITON_MAX_M = 16
 DENSE_MIN_M = 4096
 FP8_ROWWISE_MIN_M = 64
 
-__all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_linear",
+__all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_linear", "is_eager",
            "linear_backend", "preshuffled_backend", "preshuffled_bmm", "preshuffled_linear",
            "quantize_fp8_rows", "round_fp8_rows"]
 
@@ -234,6 +234,11 @@ def _fbgemm_f8_shuffled(x, w):
     return custom_ops.fbgemm_f8i4_shuffled(xq, w.qdata, x_scale, w.row_scale, w.group_scale)
 
 
+def _fbgemm_f8_shuffled_eager(x, w):
+    xq, x_scale = quantize_fp8_rows(x)
+    return torch.ops.fbgemm.f8i4bf16_shuffled(xq, w.qdata, x_scale, w.row_scale, w.group_scale)
+
+
 def _fbgemm_shuffled_batched(x, w):
     n = w.qdata.shape[-2]
     return custom_ops.fbgemm_bf16i4_shuffled_batched(
@@ -247,10 +252,20 @@ def _fbgemm_f8_shuffled_batched(x, w):
         xq.view(b, m, k), w.qdata, x_scale.view(b, m), w.row_scale, w.group_scale)
 
 
+def _bind(kernel, shuffled: bool):
+    def bind(x, w):
+        fields = (w.qdata, w.group_scale, w.group_zero) if shuffled else \
+            (w.qdata, w.scale, w.zero_point)
+        return kernel.bind(x, *fields, w.group_size, shuffled=shuffled)
+    return bind
+
+
 _GEMV = Candidate("cuda", _our_kernel(cuda_gemv, 1, CUDA_GEMV_MAX_M, False),
-                  *_plain_op(custom_ops.int4_gemv_cuda, _gemv_plain))
+                  *_plain_op(custom_ops.int4_gemv_cuda, _gemv_plain),
+                  bind=_bind(cuda_gemv, False))
 _GEMM = Candidate("cuda_gemm", _our_kernel(cuda_gemm, cuda_gemm.MIN_M, cuda_gemm.MAX_M, False),
-                  *_plain_op(custom_ops.int4_gemm_cuda, _gemm_plain))
+                  *_plain_op(custom_ops.int4_gemm_cuda, _gemm_plain),
+                  bind=_bind(cuda_gemm, False))
 _REFERENCE = Candidate("reference", _always, _reference_linear, takes_bias=True)
 
 PLAIN_LINEAR = [
@@ -275,14 +290,17 @@ PLAIN_BMM = [
     Candidate("reference", _always, _reference_bmm),
 ]
 _GEMV_SHUFFLED = Candidate("cuda", _our_kernel(cuda_gemv, 1, CUDA_GEMV_MAX_M, True),
-                           *_shuffled_op(custom_ops.int4_gemv_cuda_preshuffled, _gemv_shuffled))
+                           *_shuffled_op(custom_ops.int4_gemv_cuda_preshuffled, _gemv_shuffled),
+                           bind=_bind(cuda_gemv, True))
 _GEMM_SHUFFLED = Candidate("cuda_gemm",
                            _our_kernel(cuda_gemm, cuda_gemm.MIN_M, cuda_gemm.MAX_M, True),
-                           *_shuffled_op(custom_ops.int4_gemm_cuda_preshuffled, _gemm_shuffled))
+                           *_shuffled_op(custom_ops.int4_gemm_cuda_preshuffled, _gemm_shuffled),
+                           bind=_bind(cuda_gemm, True))
 PRESHUFFLED_LINEAR = [_GEMV_SHUFFLED, _GEMM_SHUFFLED,
                       Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_shuffled,
                                 _fbgemm_shuffled_eager)]
-PRESHUFFLED_LINEAR_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_f8_shuffled)]
+PRESHUFFLED_LINEAR_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_f8_shuffled,
+                                    _fbgemm_f8_shuffled_eager)]
 PRESHUFFLED_BMM = [_GEMV_SHUFFLED, _GEMM_SHUFFLED,
                    Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_shuffled_batched)]
 PRESHUFFLED_BMM_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not,
@@ -299,71 +317,117 @@ register("bmm", "preshuffled", "fp8", PRESHUFFLED_BMM_FP8)
 
 
 # ---- entry points ---------------------------------------------------------------------------
-def _decision(op: str, x: torch.Tensor, weight, layout: str, eager: bool):
-    if eager:
-        return cached_decision(op, x, weight, layout)
-    return decide(describe(op, x, weight), layout)
-
-
+# Each entry point has two paths. Eager (see dispatch.is_eager): the whole call is planned once
+# per weight and activation signature (activation transforms, the candidate, its launch) and
+# cached on the weight. Traced (torch.compile, fake tensors, autograd): decided on each trace,
+# run through the candidates' custom ops.
 def _rows_2d(x: torch.Tensor) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
     return x2d if x2d.is_contiguous() else x2d.contiguous()
 
 
+def _round_for(x2d: torch.Tensor):
+    """The fp8 rounding of activations like ``x2d``, planned once."""
+    if cuda_fp8_rows.can_run(x2d):
+        return cuda_fp8_rows.bind_round(x2d)
+    return quant_primitives.round_fp8_rows
+
+
+def _plan(op: str, x: torch.Tensor, weight, layout: str, out_n: int | None = None):
+    """``(Decision, f(x, bias))`` for eager calls like ``x``: ``op`` is ``"linear"`` (``x [*,
+    K]``, output ``[*, out_n or N]``) or ``"bmm"`` (``x [B, M, K]``)."""
+    pre = weight.act_pre_scale if layout == "plain" else None
+    k, lead = x.shape[-1], tuple(x.shape[:-1])
+    as_rows = (lambda t: t.view(-1, k)) if op == "linear" else (lambda t: t)
+    contiguous = x.is_contiguous() and pre is None
+    example = as_rows(x.contiguous())
+    decision = decide(describe(op, example, weight), layout)
+    candidate = decision.candidate
+    round_rows = None
+    if layout == "plain" and weight.activation_dtype == "fp8" and candidate.name != "fbgemm_fp8":
+        round_rows = _round_for(example.reshape(-1, k))
+    kernel = candidate.bind(example, weight) if candidate.bind else None
+
+    def call(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if pre is not None:
+            x = x * (pre.to(x.dtype) if op == "linear" else pre.to(x.dtype).unsqueeze(-2))
+        x = as_rows(x if contiguous else x.contiguous())
+        if round_rows is not None:
+            x = round_rows(x.reshape(-1, k)).view(x.shape)
+        if candidate.takes_bias:
+            return candidate(x, weight, True, bias).view(*lead, -1)
+        out = kernel(x) if kernel is not None else candidate(x, weight, True)
+        if out_n is not None and out.shape[-1] != out_n:
+            out = out[..., :out_n]
+        out = out.reshape(*lead, out.shape[-1]) if op == "linear" else out
+        if bias is None:
+            return out
+        return out.add_(bias) if bias.dtype == out.dtype and out.is_contiguous() else out + bias
+    return decision, call
+
+
+def _traced(op: str, x: torch.Tensor, weight, layout: str, bias) -> torch.Tensor:
+    pre = weight.act_pre_scale if layout == "plain" else None
+    if pre is not None:
+        x = x * (pre.to(x.dtype) if op == "linear" else pre.to(x.dtype).unsqueeze(-2))
+    xk = _rows_2d(x) if op == "linear" else x.contiguous()
+    decision = decide(describe(op, xk, weight), layout)
+    if layout == "plain" and weight.activation_dtype == "fp8" and \
+            decision.backend != "fbgemm_fp8":
+        xk = round_fp8_rows(xk.reshape(-1, xk.shape[-1])).reshape(xk.shape)
+    if decision.candidate.takes_bias:
+        return decision.candidate(xk, weight, False, bias).view(*x.shape[:-1], -1)
+    out = decision.candidate(xk, weight, False)
+    out = out.reshape(*x.shape[:-1], out.shape[-1]) if op == "linear" else out
+    return out + bias if bias is not None else out
+
+
 def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [*, K] @ W.T + bias -> [*, N]`` for an ``Int4Tensor`` ``W [N, K]``.
 
-    An ``act_pre_scale`` is applied to ``x`` here, once. fp8 activations
+    An ``act_pre_scale`` is applied to ``x`` first. fp8 activations
     (``W.activation_dtype == "fp8"``): from FP8_ROWWISE_MIN_M rows fbgemm's
     ``f8i4bf16_rowwise`` takes the raw activations (it quantizes them per row and also rounds
     the dequantized weights to fp8: 3.3% from the reference path, measured on an H200);
     otherwise the bf16 table runs on the fp8-rounded activations, as the reference path does.
     """
-    eager = is_eager(x)
-    if weight.act_pre_scale is not None:
-        x = x * weight.act_pre_scale.to(x.dtype)
-    x2d = _rows_2d(x)
-    decision = _decision("linear", x2d, weight, "plain", eager)
-    if weight.activation_dtype == "fp8" and decision.backend != "fbgemm_fp8":
-        x2d = round_fp8_rows(x2d)
-    if decision.candidate.takes_bias:
-        out = decision.candidate(x2d, weight, eager, bias)
-        return out.view(*x.shape[:-1], out.shape[-1])
-    out = decision.candidate(x2d, weight, eager)
-    out = out.view(*x.shape[:-1], out.shape[-1])
-    if bias is None:
-        return out
-    return out.add_(bias) if eager and out.dtype == bias.dtype else out + bias
+    if is_eager(x):
+        return eager_plan("linear", x, weight,
+                          lambda: _plan("linear", x, weight, "plain"))(x, bias)
+    return _traced("linear", x, weight, "plain", bias)
 
 
 def int4_bmm(x: torch.Tensor, weight) -> torch.Tensor:
     """``x [B, M, K] @ W[b].T -> [B, M, N]`` for a stored (not transposed) ``W [B, N, K]``."""
-    eager = is_eager(x)
-    if weight.act_pre_scale is not None:
-        x = x * weight.act_pre_scale.to(x.dtype).unsqueeze(-2)
-    if weight.activation_dtype == "fp8":  # the same activation rounding as linear, then bf16
-        x = round_fp8_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-    x = x if x.is_contiguous() else x.contiguous()
-    return _decision("bmm", x, weight, "plain", eager).candidate(x, weight, eager)
+    if is_eager(x):
+        return eager_plan("bmm", x, weight, lambda: _plan("bmm", x, weight, "plain"))(x, None)
+    return _traced("bmm", x, weight, "plain", None)
 
 
-def preshuffled_linear(x2d: torch.Tensor, weight) -> torch.Tensor:
-    """``x [M, K] @ W.T -> [M, Np]`` for a 2D ``Int4PreshuffledTensor``: bf16 activations run
-    our GEMV up to CUDA_GEMV_MAX_M rows (fbgemm's ``bf16i4bf16_shuffled`` takes 1.5-3x its
-    time there), our GEMM from 17 to 32 rows and ``bf16i4bf16_shuffled`` above; fp8
-    activations ``f8i4bf16_shuffled`` after quantizing ``x`` per row."""
-    eager = is_eager(x2d)
-    return _decision("linear", x2d, weight, "preshuffled", eager).candidate(x2d, weight, eager)
+def preshuffled_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [*, K] @ W.T + bias -> [*, N]`` for a 2D ``Int4PreshuffledTensor`` (the kernels'
+    padded rows cut off): bf16 activations run our GEMV up to CUDA_GEMV_MAX_M rows (fbgemm's
+    ``bf16i4bf16_shuffled`` takes 1.5-3x its time there), our GEMM from 17 to 32 rows and
+    ``bf16i4bf16_shuffled`` above; fp8 activations ``f8i4bf16_shuffled`` after quantizing
+    ``x`` per row."""
+    n = weight.stored_n
+    if is_eager(x):
+        return eager_plan("linear", x, weight,
+                          lambda: _plan("linear", x, weight, "preshuffled", n))(x, bias)
+    out = _traced("linear", x, weight, "preshuffled", None)[..., :n]
+    return out + bias if bias is not None else out
 
 
 def preshuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
-    """``x [B, M, K] @ W[b].T -> [B, M, Np]`` for a 3D ``Int4PreshuffledTensor``, one launch for
+    """``x [B, M, K] @ W[b].T -> [B, M, N]`` for a 3D ``Int4PreshuffledTensor``, one launch for
     all B (no loop over experts): bf16 activations run our GEMV up to CUDA_GEMV_MAX_M rows per
     entry, our GEMM from 17 to 32, fbgemm's batched kernel above; fp8 activations fbgemm's
     grouped kernel."""
-    eager = is_eager(x)
-    x = x if x.is_contiguous() else x.contiguous()
-    return _decision("bmm", x, weight, "preshuffled", eager).candidate(x, weight, eager)
+    n = weight.stored_n
+    if is_eager(x):
+        return eager_plan("bmm", x, weight,
+                          lambda: _plan("bmm", x, weight, "preshuffled", n))(x, None)
+    return _traced("bmm", x, weight, "preshuffled", None)[..., :n]
 
 
 def _layout(weight) -> str:

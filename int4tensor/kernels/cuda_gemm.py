@@ -413,12 +413,27 @@ def int4_gemm(
                         scale.stride(), x.device.index, group_size, shuffled,
                         tuple(sorted(config.items())) if config else ())
     sums = torch.zeros(plan.sums_shape, dtype=torch.float32, device=x.device)
-    nvrtc.launch(plan.kernel, plan.grid, plan.block, [x, qdata, scale, zero_point, sums, *plan.ints],
-                 plan.shared_mem)
+    plan.launch(x, qdata, scale, zero_point, sums)
     return sums.to(torch.bfloat16)
 
 
+def bind(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+         group_size: int, shuffled: bool = True):
+    """``f(x) -> int4_gemm(x, qdata, scale, zero_point, group_size, shuffled=shuffled)`` for
+    activations of ``x``'s shape, strides and device: the launch is planned here, once."""
+    plan = _launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
+                        scale.stride(), x.device.index, group_size, shuffled, ())
+    shape, launch, device = plan.sums_shape, plan.launch, x.device
+
+    def gemm(x: torch.Tensor) -> torch.Tensor:
+        sums = torch.zeros(shape, dtype=torch.float32, device=device)
+        launch(x, qdata, scale, zero_point, sums)
+        return sums.to(torch.bfloat16)
+    return gemm
+
+
 class _LaunchPlan(NamedTuple):
+    launch: nvrtc.Launcher
     kernel: object
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
@@ -454,12 +469,19 @@ def _launch_plan(x_shape: tuple, x_stride: tuple, q_shape: tuple, q_batch_stride
     if smem >= 48 * 1024:
         _allow_smem(kernel)
     strides = (x_stride[0], q_batch_stride // 16, s_stride[0]) if batched else (0, 0, 0)
-    return _LaunchPlan(
+    return _with_launcher(
         kernel=kernel,
         grid=(-(-n // BLOCK_N), -(-chunks // block_chunks), batch),
         block=(32 * WARPS, 1, 1),
         shared_mem=smem,
+        device_index=device_index,
         ints=(m, n, k, x_stride[-2], s_stride[-2], group_size.bit_length() - 1, block_chunks,
               *strides),
         sums_shape=(*x_shape[:-1], n),
     )
+
+
+def _with_launcher(device_index: int, **fields) -> _LaunchPlan:
+    launch = nvrtc.Launcher(fields["kernel"], fields["grid"], fields["block"],
+                            fields["shared_mem"], 5, fields["ints"], device_index)
+    return _LaunchPlan(launch=launch, **fields)

@@ -413,10 +413,12 @@ def operands_problem(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
         return f"G = {group_size}, it takes 128 or 256"
     if x.shape[-1] % CHUNK:
         return f"K = {x.shape[-1]} is not a multiple of {CHUNK}"
+    # offsets, not data pointers: fake tensors (torch.compile) have none; allocations are
+    # 16-byte aligned
     if not (x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:-1])
-            and x.data_ptr() % 16 == 0):
+            and x.storage_offset() % 8 == 0):
         return "activation rows are not 16-byte aligned"
-    if not (qdata.is_contiguous() and qdata.data_ptr() % 16 == 0):
+    if not (qdata.is_contiguous() and qdata.storage_offset() % 16 == 0):
         return "qdata is not contiguous (a sliced weight; .contiguous() fixes it)"
     if qdata.shape[-1] * 2 != x.shape[-1] or scale.shape[-1] != qdata.shape[-2]:
         return "operand shapes disagree"
@@ -471,12 +473,27 @@ def int4_gemv(
                         scale.stride(), x.device.index, group_size, shuffled,
                         tuple(sorted(config.items())) if config else ())
     out = torch.empty(plan.out_shape, dtype=torch.bfloat16, device=x.device)
-    nvrtc.launch(plan.kernel, plan.grid, plan.block, [x, qdata, scale, zero_point, out, *plan.ints],
-                 plan.shared_mem)
+    plan.launch(x, qdata, scale, zero_point, out)
     return out
 
 
+def bind(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+         group_size: int, shuffled: bool = False):
+    """``f(x) -> int4_gemv(x, qdata, scale, zero_point, group_size)`` for activations of
+    ``x``'s shape, strides and device: the launch is planned here, once."""
+    plan = _launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
+                        scale.stride(), x.device.index, group_size, shuffled, ())
+    shape, launch, device = plan.out_shape, plan.launch, x.device
+
+    def gemv(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        launch(x, qdata, scale, zero_point, out)
+        return out
+    return gemv
+
+
 class _LaunchPlan(NamedTuple):
+    launch: nvrtc.Launcher
     kernel: object
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
@@ -508,12 +525,19 @@ def _launch_plan(x_shape: tuple, x_stride: tuple, q_shape: tuple, q_batch_stride
     out_shape = (*x_shape[:-1], n)
     batch_strides = (x_stride[0], q_batch_stride // 16, s_stride[0], m * n) if batched \
         else (0, 0, 0, 0)
-    return _LaunchPlan(
+    return _with_launcher(
         kernel=kernel,
         grid=(-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), batch, 1),
         block=(32, cfg["WARPS_N"], cfg["SLICES"]),
         shared_mem=_smem_bytes(m_tiles, cfg["WARPS_N"], cfg["SLICES"], cfg["R"]),
+        device_index=device_index,
         ints=(m, n, k, x_stride[-2], s_stride[-2], n, group_size.bit_length() - 1,
               *batch_strides),
         out_shape=out_shape,
     )
+
+
+def _with_launcher(device_index: int, **fields) -> _LaunchPlan:
+    launch = nvrtc.Launcher(fields["kernel"], fields["grid"], fields["block"],
+                            fields["shared_mem"], 5, fields["ints"], device_index)
+    return _LaunchPlan(launch=launch, **fields)

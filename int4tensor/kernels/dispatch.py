@@ -9,9 +9,10 @@ type, its compute capability and the optional libraries present), so the orderin
 reasons are testable on a CPU with the device passed in (``describe(x, w, device_type="cuda",
 capability=(9, 0), features=...)``).
 
-Decisions are cached on the weight (``weight._dispatch_plans``), keyed by the op and the
-activation's shape, strides, dtype, device and 16-byte alignment: a repeated eager call pays
-one dictionary lookup. ``copy_`` clears the cache; ``.to()``, slicing and layout conversion
+Eager decisions are cached on the weight (``weight._dispatch_plans``), keyed by the op and
+the activation's shape, strides, dtype, device and 16-byte alignment, together with the call
+itself planned for that signature (reshapes, activation rounding, the kernel's launch): a
+repeated eager call pays one dictionary lookup and the launch. ``copy_`` clears the cache; ``.to()``, slicing and layout conversion
 make new tensors with empty caches.
 
 Eager calls run the kernels directly; under ``torch.compile``, with fake or functional
@@ -28,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["Call", "Candidate", "Decision", "describe", "decide", "device_features",
-           "is_eager", "plan_key", "register", "tables"]
+           "eager_plan", "is_eager", "register", "tables"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class Candidate:
     run: Callable[..., torch.Tensor]
     run_eager: Callable[..., torch.Tensor] | None = None
     takes_bias: bool = False
+    #: ``bind(x, weight) -> f(x)``: the eager call for activations of x's signature, with its
+    #: launch planned once (our CUDA kernels); None: ``run_eager`` each call
+    bind: Callable[[torch.Tensor, Any], Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     def __call__(self, x: torch.Tensor, weight, eager: bool, *bias) -> torch.Tensor:
         return ((self.run_eager or self.run) if eager else self.run)(x, weight, *bias)
@@ -167,24 +171,19 @@ def is_eager(x: torch.Tensor) -> bool:
             and not (x.requires_grad and torch.is_grad_enabled()))
 
 
-def plan_key(op: str, x: torch.Tensor) -> tuple:
-    """What a decision depends on in the activation: shape, strides, dtype, device and the
-    16-byte alignment of its data (vector loads)."""
-    return (op, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15)
-
-
-def cached_decision(op: str, x: torch.Tensor, weight, layout: str) -> Decision:
-    """:func:`decide` for a real call, cached on the weight."""
+def eager_plan(op: str, x: torch.Tensor, weight, build: Callable[[], tuple]) -> Callable:
+    """The eager plan of ``op`` for this weight and activation signature: ``build()`` returns
+    ``(Decision, plan)`` the first time, cached on the weight; later calls pay one lookup."""
     plans = weight.__dict__.get("_dispatch_plans")
     if plans is None:
         plans = weight.__dict__["_dispatch_plans"] = {}
-    key = plan_key(op, x)
-    decision = plans.get(key)
-    if decision is None:
-        decision = plans[key] = decide(describe(op, x, weight), layout)
+    key = (op, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15)
+    entry = plans.get(key)
+    if entry is None:
+        entry = plans[key] = build()
     if _recording is not None:
-        _recording.append((weight, op, tuple(x.shape), decision))
-    return decision
+        _recording.append((weight, op, tuple(x.shape), entry[0]))
+    return entry[1]
 
 
 #: set by :func:`recording` while explain() runs a model

@@ -188,10 +188,7 @@ def _linear(x: torch.Tensor, w: Int4PreshuffledTensor, bias) -> torch.Tensor:
                          f"{list(x.shape)}")
     if x.dtype != torch.bfloat16:
         raise TypeError(f"Int4PreshuffledTensor takes bf16 activations, got {x.dtype}")
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    out = kernels.preshuffled_linear(x2d, w)[:, : w.stored_n]
-    out = out.reshape(*x.shape[:-1], w.stored_n)
-    return out + bias if bias is not None else out
+    return kernels.preshuffled_linear(x, w, bias)
 
 
 def _transposed(t: Int4PreshuffledTensor) -> Int4PreshuffledTensor:
@@ -270,20 +267,21 @@ def _slice_fp8(t: Int4PreshuffledTensor, dim: int, start, end, step) -> Int4Pres
 
 
 @implements([aten.bmm.default, aten.mm.default, torch.matmul, torch.Tensor.matmul,
-             torch.Tensor.__matmul__])
+             torch.Tensor.__matmul__, torch.bmm, torch.mm, torch.Tensor.bmm, torch.Tensor.mm])
 def _(func, args, kwargs):
     """``x @ W`` for a transposed weight (``W`` logical ``[.., K, N]``) runs the kernels; any
     other product goes through the dense value."""
     a, b = args[0], args[1]
     if isinstance(b, Int4PreshuffledTensor) and b.is_transposed and \
             not isinstance(a, Int4BaseTensor) and a.dtype == torch.bfloat16:
-        stored = _transposed(b)
+        stored = b._dispatch_cached("stored", lambda: _transposed(b)) \
+            if kernels.is_eager(a) else _transposed(b)
         if b.ndim == 2:
             return _linear(a, stored, None)
         if a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0]:
             if a.shape[-1] != stored.shape[-1]:
                 raise ValueError(f"bmm: shapes {list(a.shape)} and {list(b.shape)} cannot be "
                                  "multiplied")
-            return kernels.preshuffled_bmm(a, stored)[..., : stored.stored_n]
+            return kernels.preshuffled_bmm(a, stored)
     dense = [x.dequantize(torch.bfloat16) if isinstance(x, Int4BaseTensor) else x for x in (a, b)]
     return torch.matmul(*dense)
