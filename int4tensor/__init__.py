@@ -38,3 +38,9 @@ __all__ = [
 
 # Lets torch.load(..., weights_only=True) rebuild our tensors.
 torch.serialization.add_safe_globals([Int4Tensor, Int4PreshuffledTensor])
+
+# transformers finds our quantizer for checkpoints of ours once both packages are imported
+# (int4tensor.integrations.transformers registers it; transformers is not imported here).
+from int4tensor.integrations import _autoload  # noqa: E402
+
+_autoload.install()

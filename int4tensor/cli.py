@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
     c = sub.add_parser("convert", help="import an AWQ / GPTQ / compressed-tensors checkpoint "
-                                       "into int4tensor's native format")
+                                       "(or an int4tensor 0.1 native one) into int4tensor's "
+                                       "native format")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),

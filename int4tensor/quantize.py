@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from typing import Callable, Mapping
 
@@ -64,7 +65,17 @@ def quantize_(
             continue
         with torch.no_grad():
             replace_parameter(module, name, cfg.quantize_weight(param))
+    _tell_integrations(model, config)
     return model
+
+
+def _tell_integrations(model: nn.Module, config) -> None:
+    """A transformers model quantized by hand then saves with ``save_pretrained`` (and prints,
+    counts its memory) like one loaded with ``Int4TensorConfig``. The integration is imported
+    only where transformers is (see ``int4tensor.integrations._autoload``)."""
+    integration = sys.modules.get("int4tensor.integrations.transformers")
+    if integration is not None:
+        integration.attach_quantizer_(model, config)
 
 
 def _targets_by_name(model: nn.Module, config_map: Mapping):

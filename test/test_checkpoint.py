@@ -89,7 +89,9 @@ class TestQuantizeNative:
         config = json.loads((dst / "config.json").read_text())
         assert config["model_type"] == "llama"
         assert config["quantization_config"]["quant_method"] == "int4tensor"
-        assert config["quantization_config"]["group_size"] == 32
+        assert config["quantization_config"]["format_version"] == 2
+        assert config["quantization_config"]["config"]["group_size"] == 32
+        assert "model.layers.0.mlp.odd_proj" in config["quantization_config"]["not_converted"]
         # the index lists exactly what each shard holds
         index = json.loads((dst / "model.safetensors.index.json").read_text())
         for shard in set(index["weight_map"].values()):
@@ -247,7 +249,7 @@ class TestBadInput:
             quantize_checkpoint(src, dst, group_size=64, overwrite=True, progress=False)
         assert sorted(os.listdir(dst)) == before
         assert json.loads((dst / "config.json").read_text())["quantization_config"][
-            "group_size"] == 32
+            "config"]["group_size"] == 32
         assert sorted(os.listdir(tmp_path)) == ["dst", "src"]
 
     def test_existing_dst(self, src, tmp_path):
