@@ -382,7 +382,7 @@ def _traced(op: str, x: torch.Tensor, weight, layout: str, bias) -> torch.Tensor
     return out + bias if bias is not None else out
 
 
-def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, check=None) -> torch.Tensor:
     """``x [*, K] @ W.T + bias -> [*, N]`` for an ``Int4Tensor`` ``W [N, K]``.
 
     An ``act_pre_scale`` is applied to ``x`` first. fp8 activations
@@ -390,10 +390,17 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
     ``f8i4bf16_rowwise`` takes the raw activations (it quantizes them per row and also rounds
     the dequantized weights to fp8: 3.3% from the reference path, measured on an H200);
     otherwise the bf16 table runs on the fp8-rounded activations, as the reference path does.
+    ``check(x, weight)`` validates the operands: once per activation signature for eager
+    calls, on every traced call.
     """
     if is_eager(x):
-        return eager_plan("linear", x, weight,
-                          lambda: _plan("linear", x, weight, "plain"))(x, bias)
+        def build():
+            if check is not None:
+                check(x, weight)
+            return _plan("linear", x, weight, "plain")
+        return eager_plan("linear", x, weight, build)(x, bias)
+    if check is not None:
+        check(x, weight)
     return _traced("linear", x, weight, "plain", bias)
 
 

@@ -177,14 +177,15 @@ implements = Int4PreshuffledTensor.implements
 def _(func, args, kwargs):
     x, w = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    if w.ndim != 2 or w.is_transposed:
+    if w.qdata.ndim != 2 or w.is_transposed:  # (the inner shape: w.ndim costs a dispatch)
         return F.linear(x, w.dequantize(x.dtype), bias)
     return _linear(x, w, bias)
 
 
 def _linear(x: torch.Tensor, w: Int4PreshuffledTensor, bias) -> torch.Tensor:
-    if x.shape[-1] != w.shape[-1]:
-        raise ValueError(f"linear input's last dim must be K = {w.shape[-1]}, got input shape "
+    k = 2 * w.qdata.shape[-1]
+    if x.shape[-1] != k:
+        raise ValueError(f"linear input's last dim must be K = {k}, got input shape "
                          f"{list(x.shape)}")
     if x.dtype != torch.bfloat16:
         raise TypeError(f"Int4PreshuffledTensor takes bf16 activations, got {x.dtype}")

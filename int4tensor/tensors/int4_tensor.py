@@ -457,6 +457,18 @@ def _dense(t, dtype: torch.dtype):
     return t.dequantize(dtype) if isinstance(t, Int4Tensor) else t
 
 
+def _check_linear(x: torch.Tensor, weight: "Int4Tensor") -> None:
+    """What linear needs of its operands; eager calls check it once per activation signature
+    (the weight's layout cannot change between calls)."""
+    if weight.ndim != 2:
+        raise ValueError(f"linear needs a 2D weight, got Int4Tensor of shape {list(weight.shape)}"
+                         " (use torch.bmm for 3D expert weights)")
+    _check_activation(x, "linear")
+    if x.ndim == 0 or x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"linear input's last dim must be K = {weight.shape[-1]}, got input "
+                         f"shape {list(x.shape)} for weight shape {list(weight.shape)}")
+
+
 @Int4Tensor.implements([F.linear, aten.linear.default])
 def _(func, args, kwargs):
     """``F.linear(x [*, K], W [N, K], bias [N] | None) -> [*, N]``."""
@@ -465,16 +477,19 @@ def _(func, args, kwargs):
     if not isinstance(weight, Int4Tensor) or isinstance(x, Int4BaseTensor):
         raise NotImplementedError("Int4Tensor supports linear with the Int4Tensor as the weight "
                                   "(second argument) and a dense input")
-    if weight.ndim != 2:
-        raise ValueError(f"linear needs a 2D weight, got Int4Tensor of shape {list(weight.shape)}"
-                         " (use torch.bmm for 3D expert weights)")
-    _check_activation(x, "linear")
-    if x.ndim == 0 or x.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"linear input's last dim must be K = {weight.shape[-1]}, got input "
-                         f"shape {list(x.shape)} for weight shape {list(weight.shape)}")
     if weight.is_transposed:  # contracts over the stored N: no int4 kernel for that
+        _check_linear(x, _transposed(weight))
         return F.linear(x, weight.dequantize(x.dtype), bias)
-    return kernels.int4_linear(x, weight, bias)
+    return kernels.int4_linear(x, weight, bias, check=_check_linear)
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    """``t.shape``, read off the inner qdata for an Int4Tensor: a subclass's ``.shape`` goes
+    through ``__torch_function__`` (microseconds on every eager call)."""
+    if not isinstance(t, Int4Tensor):
+        return tuple(t.shape)
+    *lead, n, half_k = t.qdata.shape
+    return (*lead, half_k * 2, n) if t.is_transposed else (*lead, n, half_k * 2)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
@@ -483,7 +498,8 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
     The int4 kernels compute ``x @ W.T`` for a stored ``W [.., N, K]``, i.e. ``x @ b`` for a
     transposed Int4Tensor ``b [.., K, N]``; every other combination dequantizes.
     """
-    if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[-2 if b.ndim > 1 else -1]:
+    sa, sb = _shape(a), _shape(b)
+    if not sa or not sb or sa[-1] != sb[-2 if len(sb) > 1 else -1]:
         raise ValueError(f"{op}: shapes {list(a.shape)} and {list(b.shape)} cannot be "
                          "multiplied")
     dense_a = not isinstance(a, Int4BaseTensor)
@@ -492,9 +508,9 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
         # the stored weight, made once per tensor for eager calls (its dispatch plans live on it)
         stored = b._dispatch_cached("stored", lambda: _transposed(b)) \
             if kernels.is_eager(a) else _transposed(b)
-        if b.ndim == 2:
+        if len(sb) == 2:
             return kernels.int4_linear(a, stored, None)
-        if a.ndim == 3 and a.shape[0] == b.shape[0]:
+        if len(sa) == 3 and sa[0] == sb[0]:
             return kernels.int4_bmm(a, stored)
     dtype = a.dtype if dense_a else (b.dtype if not isinstance(b, Int4BaseTensor) else a.dtype)
     return torch.matmul(_dense(a, dtype), _dense(b, dtype))
@@ -511,11 +527,11 @@ def _(func, args, kwargs):
     a, b = args
     want = 2 if func in (aten.mm.default, torch.mm, torch.Tensor.mm) else 3
     name = "mm" if want == 2 else "bmm"
-    if a.ndim != want or b.ndim != want:
-        raise ValueError(f"{name}: expects {want}D operands, got {list(a.shape)} and "
-                         f"{list(b.shape)}")
-    if want == 3 and a.shape[0] != b.shape[0]:
-        raise ValueError(f"bmm: batch sizes differ, {list(a.shape)} and {list(b.shape)}")
+    sa, sb = _shape(a), _shape(b)
+    if len(sa) != want or len(sb) != want:
+        raise ValueError(f"{name}: expects {want}D operands, got {list(sa)} and {list(sb)}")
+    if want == 3 and sa[0] != sb[0]:
+        raise ValueError(f"bmm: batch sizes differ, {list(sa)} and {list(sb)}")
     return _matmul(a, b, name)
 
 
