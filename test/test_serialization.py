@@ -144,8 +144,8 @@ class TestGenericMechanism:
         from int4tensor.tensors import Int4PreshuffledTensor
 
         t = Int4PreshuffledTensor(
-            torch.randint(-128, 127, (64, 32), dtype=torch.int8),
-            torch.randn(2, 64, dtype=torch.bfloat16), (1, 64), (64, 64), "bf16",
+            torch.randint(-128, 127, (64, 64), dtype=torch.int8),
+            torch.randn(2, 64, dtype=torch.bfloat16), (1, 64), (64, 128), "bf16",
             group_zero=torch.randn(2, 64, dtype=torch.bfloat16))
         save_file({"p": t}, tmp_path / "m.safetensors")
         back = load_file(tmp_path / "m.safetensors")["p"]

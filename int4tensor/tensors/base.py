@@ -27,6 +27,14 @@ aten = torch.ops.aten
 OpImpl = Callable[[Any, tuple, dict], Any]
 
 
+class LayoutError(ValueError):
+    """A tensor's fields contradict each other or its attributes (``problem`` says how)."""
+
+    def __init__(self, class_name: str, problem: str):
+        super().__init__(f"inconsistent {class_name}: {problem}")
+        self.problem = problem
+
+
 class Int4BaseTensor(torch.Tensor):
     """Base class: a wrapper tensor whose logical value is computed from inner tensors."""
 
@@ -74,7 +82,19 @@ class Int4BaseTensor(torch.Tensor):
         if impl is not None:
             return impl(func, args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            except NotImplementedError:
+                raise
+            except RuntimeError as e:
+                # Composite functions (torch.fft.fft, ...) check dtypes in C++ before any aten
+                # op reaches __torch_dispatch__; name the op instead of torch's internal error.
+                # NotImplementedError is a RuntimeError: callers catching that still do.
+                name = getattr(func, "__qualname__", None) or getattr(func, "__name__", func)
+                raise NotImplementedError(
+                    f"{cls.__name__} does not support {name} (torch said: {e}); supported ops "
+                    "are listed in docs/ops.md (dequantize() first to use it as a dense tensor)"
+                ) from e
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -114,6 +134,46 @@ class Int4BaseTensor(torch.Tensor):
     @classmethod
     def __tensor_unflatten__(cls, inner_tensors, attributes, outer_size, outer_stride):
         return cls._build(inner_tensors, attributes)
+
+    # ---- consistency ---------------------------------------------------------------------
+    #: Values for fields absent from states pickled by older versions.
+    _state_defaults: ClassVar[dict[str, Any]] = {}
+
+    def _layout_problem(self) -> str | None:
+        """Hook: the first inconsistency between the inner tensors and the attributes (shapes,
+        dtypes, devices, block size), else None. Checks metadata only, never values."""
+        return None
+
+    def _validate(self) -> None:
+        """Raise ``ValueError`` if the fields contradict each other. Run by every constructor,
+        by unpickling and by ``__tensor_unflatten__`` outside tracing (where the inner tensors
+        are fake and their shapes may be symbolic, the check is skipped)."""
+        if _is_fake(self._tensors().values()):
+            return
+        problem = self._layout_problem()
+        if problem is not None:
+            raise LayoutError(type(self).__name__, problem)
+
+    def __setstate__(self, state) -> None:
+        """Unpickling (``torch.load``, also with ``weights_only=True``) sets the fields without
+        running the constructor: check them as the constructor would."""
+        dict_state = state[0] if isinstance(state, tuple) else state
+        if not isinstance(dict_state, dict):
+            raise ValueError(f"cannot unpickle {type(self).__name__}: its state is a "
+                             f"{type(dict_state).__name__}, not a dict of fields")
+        torch._utils._set_obj_state(self, state)
+        for name, default in self._state_defaults.items():
+            if not hasattr(self, name):
+                setattr(self, name, default)
+        for name in self.optional_tensor_data_names:
+            if not hasattr(self, name):
+                setattr(self, name, None)
+        names = self.tensor_data_names + self.tensor_attribute_names
+        missing = [n for n in names if n != "shape" and n not in self.__dict__]
+        if missing:
+            raise ValueError(f"cannot unpickle {type(self).__name__}: its state lacks {missing} "
+                             f"(it holds {sorted(dict_state)}; saved from another tensor class?)")
+        self._validate()
 
     def _quantize_like(self, dense: torch.Tensor) -> "Int4BaseTensor":
         """Hook for ``copy_`` from a dense tensor: a tensor of this class holding ``dense``."""
@@ -179,6 +239,13 @@ def _code_fingerprint() -> str:
     return digest.hexdigest()
 
 
+def _is_fake(tensors) -> bool:
+    """True while tracing (torch.compile, FakeTensorMode): inner tensors are fake."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(t, FakeTensor) for t in tensors)
+
+
 def op_args(args: tuple, kwargs: dict, *defaults: tuple[str, Any]) -> list[Any]:
     """An aten op's arguments after the first few positional ones, by position or keyword,
     with defaults: ``dim, start = op_args(args[1:], kwargs, ("dim", 0), ("start", None))``."""
@@ -197,9 +264,24 @@ def _(func, args, kwargs):
     return return_and_correct_aliasing(func, args, kwargs, out)
 
 
-@implements([aten.contiguous.default])
+@implements([aten.contiguous.default, torch.Tensor.contiguous])
 def _(func, args, kwargs):
-    return args[0]._with_data(torch.Tensor.contiguous)
+    """Contiguous inner tensors. ``Tensor.contiguous`` is intercepted before torch's own early
+    return: the wrapper always reports contiguous strides, its fields may not be (a slice)."""
+    self = args[0]
+    if all(t.is_contiguous() for t in self._tensors().values()):
+        return self
+    return self._with_data(torch.Tensor.contiguous)
+
+
+@implements([aten.is_pinned.default])
+def _(func, args, kwargs):
+    return all(t.is_pinned() for t in args[0]._tensors().values())
+
+
+@implements([aten._pin_memory.default])
+def _(func, args, kwargs):
+    return args[0]._with_data(torch.Tensor.pin_memory)
 
 
 @implements([torch.Tensor.to])
@@ -240,6 +322,10 @@ def _to_copy(self, device=None, dtype=None, non_blocking=False, **_):
 def _(func, args, kwargs):
     """``dst.copy_(src)`` between tensors of the same class, shape and metadata (in place)."""
     dst, src = args[0], args[1]
+    if not isinstance(dst, Int4BaseTensor):
+        # dense.copy_(int4), e.g. load_state_dict of a quantized state into a dense model:
+        # the dense tensor receives the value the int4 tensor stands for.
+        return dst.copy_(src.dequantize(dst.dtype if dst.is_floating_point() else None))
     if not isinstance(src, Int4BaseTensor):
         src = dst._quantize_like(src)
     problem = dst._mismatch(src)
@@ -250,8 +336,33 @@ def _(func, args, kwargs):
     return dst
 
 
-@implements([aten._has_compatible_shallow_copy_type.default])
+def _shallow_copy_problem(dst: torch.Tensor, src: torch.Tensor) -> str | None:
+    """Why ``dst.data = src`` cannot keep ``dst``'s wrapper (None: it can)."""
+    if not isinstance(dst, Int4BaseTensor) or not isinstance(src, Int4BaseTensor):
+        return (f"a {type(src).__name__} cannot become the data of a {type(dst).__name__}")
+    if src.device != dst.device:
+        return f"device {src.device} != {dst.device}"
+    return dst._mismatch(src)
+
+
+@implements([torch._has_compatible_shallow_copy_type, aten._has_compatible_shallow_copy_type.default])
 def _(func, args, kwargs):
-    # ``param.data = new`` would swap the wrapper's metadata but not the inner tensors, so never
-    # claim compatibility; nn.Module._apply then swaps whole tensors instead.
-    return False
+    # True only for the same class, device, shape, metadata and inner dtypes: then
+    # ``param.data = new`` swaps the inner tensors (below). nn.Module._apply (``.to``, ``.cuda``)
+    # asks this and replaces the whole Parameter otherwise.
+    return _shallow_copy_problem(args[0], args[1]) is None
+
+
+@implements([torch.Tensor.data.__set__])
+def _(func, args, kwargs):
+    """``param.data = new``: the parameter takes ``new``'s inner tensors (same class, shape,
+    metadata, device); anything else raises instead of leaving the old value in place."""
+    dst, src = args[0], args[1]
+    problem = _shallow_copy_problem(dst, src)
+    if problem is not None:
+        raise TypeError(f"cannot assign .data of a {type(dst).__name__} "
+                        f"{list(dst.shape)}: {problem}; replace the parameter instead "
+                        "(int4tensor.quantize.replace_parameter or setattr(module, name, "
+                        "nn.Parameter(new, requires_grad=False)))")
+    for name in dst.tensor_data_names + dst.optional_tensor_data_names:
+        setattr(dst, name, getattr(src, name))
