@@ -227,6 +227,22 @@ def _check_group_size(group_size, k: int) -> int:
     return group_size
 
 
+def check_weight_values(weight: torch.Tensor) -> None:
+    """Raise ``ValueError`` if ``weight`` holds NaN/Inf or a range too wide for its dtype
+    (``max - min`` must stay finite: that is the span one group's 15 steps cover). Reads the
+    values (skipped on the meta device)."""
+    if weight.device.type == "meta" or not weight.numel() or not weight.is_floating_point():
+        return
+    if not bool(torch.isfinite(weight).all()):
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise ValueError(f"weight has {bad} NaN/Inf value(s); cannot quantize it")
+    low, high = float(weight.min()), float(weight.max())
+    limit = torch.finfo(weight.dtype).max
+    if high - low > limit or max(abs(low), abs(high)) > limit / 2:
+        raise ValueError(f"weight values span [{low:.3g}, {high:.3g}], too wide to quantize "
+                         f"with {weight.dtype} scales (|w| must stay below {limit / 2:.3g})")
+
+
 def _check_weight(weight: torch.Tensor, group_size: int) -> None:
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -235,9 +251,7 @@ def _check_weight(weight: torch.Tensor, group_size: int) -> None:
         raise TypeError(f"Int4Tensor quantizes bf16/fp16/fp32 weights, got {weight.dtype}")
     if weight.shape[-1] == 0:
         raise ValueError(f"cannot quantize a weight with K = 0 (shape {list(weight.shape)})")
-    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
-        bad = (~torch.isfinite(weight)).sum().item()
-        raise ValueError(f"weight has {bad} NaN/Inf value(s); cannot quantize it")
+    check_weight_values(weight)
 
 
 def _check_representable(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
