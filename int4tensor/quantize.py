@@ -91,7 +91,7 @@ def quantize_(
 
 
 def _check_config(config, what: str) -> None:
-    if not (callable(getattr(config, "can_quantize", None))
+    if isinstance(config, type) or not (callable(getattr(config, "can_quantize", None))
             and callable(getattr(config, "quantize_weight", None))):
         raise TypeError(f"quantize_: {what} must be a config object such as "
                         "Int4WeightOnlyConfig(group_size=128) or "

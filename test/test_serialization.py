@@ -254,3 +254,63 @@ class TestSaveErrors:
         with pytest.raises(TypeError, match="'y' is a str, not a tensor"):
             save_file({"x": torch.zeros(2), "y": "oops"}, path)
         assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.safetensors"]
+
+
+class TestMalformedMetadata:
+    """Every malformed structure is a ValueError naming the file (and the tensor)."""
+
+    @pytest.mark.parametrize("tensors, match", [
+        ([1, 2], r"'tensors' must be an object \(name -> entry\), got a list"),
+        ({"w": "Int4Tensor"}, r"tensor 'w': its metadata entry must be an object, got a str"),
+    ])
+    def test_bad_structure(self, tmp_path, tensors, match):
+        t = quantized()
+        _write_with_meta(tmp_path / "m.safetensors", _fields(t),
+                         {"format_version": 1, "tensors": tensors})
+        with pytest.raises(ValueError, match=r"m\.safetensors: .*" + match):
+            load_file(tmp_path / "m.safetensors")
+
+    @pytest.mark.parametrize("key", ["attributes", "shape", "fields", "dtype", "type"])
+    def test_missing_key(self, tmp_path, key):
+        t = quantized()
+        meta = _meta_for(t)
+        del meta["tensors"]["w"][key]
+        _write_with_meta(tmp_path / "m.safetensors", _fields(t), meta)
+        with pytest.raises(ValueError, match=rf"m\.safetensors: tensor 'w': its metadata entry "
+                                             rf"lacks \['{key}'\]"):
+            load_file(tmp_path / "m.safetensors")
+
+    def test_missing_block_size(self, tmp_path):
+        t = quantized()
+        _write_with_meta(tmp_path / "m.safetensors", _fields(t),
+                         _meta_for(t, attributes={"shape": list(t.shape)}))
+        with pytest.raises(ValueError, match=r"tensor 'w': 'attributes' .*missing \['block_size'\]"):
+            load_file(tmp_path / "m.safetensors")
+
+    @pytest.mark.parametrize("where", ["entry", "attributes", "file"])
+    def test_unknown_keys_are_refused(self, tmp_path, where):
+        """A claim we do not understand (a nibble order, say) must not be ignored."""
+        t = quantized()
+        meta = _meta_for(t)
+        target = {"entry": meta["tensors"]["w"], "attributes": meta["tensors"]["w"]["attributes"],
+                  "file": meta}[where]
+        target["nibble_order"] = "high_first"
+        _write_with_meta(tmp_path / "m.safetensors", _fields(t), meta)
+        with pytest.raises(ValueError, match=r"unknown .*nibble_order"):
+            load_file(tmp_path / "m.safetensors")
+
+    def test_bad_shape_value(self, tmp_path):
+        t = quantized()
+        _write_with_meta(tmp_path / "m.safetensors", _fields(t), _meta_for(t, shape="64x256"))
+        with pytest.raises(ValueError, match=r"tensor 'w': 'shape' must be a list of sizes"):
+            load_file(tmp_path / "m.safetensors")
+
+    def test_our_own_files_load(self, tmp_path):
+        """act_pre_scale given as one factor ([1]) is stored as [K] and loads back."""
+        base = quantized()
+        t = Int4Tensor(base.qdata, base.scale, base.zero_point, base.block_size, base.shape,
+                       act_pre_scale=torch.tensor([0.5], dtype=torch.bfloat16))
+        save_file({"w": t}, tmp_path / "m.safetensors")
+        back = load_file(tmp_path / "m.safetensors")["w"]
+        assert_same(t, back)
+        assert back.act_pre_scale.shape == (256,)
