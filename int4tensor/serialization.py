@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file as _st_save_file
 
 from int4tensor.tensors import Int4BaseTensor, Int4PreshuffledTensor, Int4Tensor
 from int4tensor.tensors.base import LayoutError
@@ -161,19 +160,45 @@ def flatten_state_dict(
     return plain, described
 
 
-def _storage_safe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors that share no storage (safetensors refuses shared storage)."""
-    seen: set[int] = set()
-    out = {}
-    for key, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        if ptr in seen or not whole:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[key] = t
-    return out
+# torch dtype -> safetensors dtype name
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32",
+    torch.uint64: "U64",
+}
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: str,
+                       metadata: dict[str, str]) -> None:
+    """Write a safetensors file one tensor at a time.
+
+    ``safetensors.torch.save_file`` first turns every tensor into a ``bytes`` copy, so saving
+    a shard needs twice its size in memory; this writes the same format (8-byte header length,
+    JSON header with ``data_offsets``, padded with spaces to 8 bytes, then the raw data) with at
+    most one tensor's contiguous CPU copy alive at a time.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"save_file: {name!r} has dtype {t.dtype}, which safetensors "
+                            "cannot store")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for t in tensors.values():
+            if t.numel():
+                flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                f.write(memoryview(flat.numpy()))
+                del flat
 
 
 def _umask() -> int:
@@ -230,7 +255,7 @@ def save_file(
         metadata[METADATA_KEY] = json.dumps({"format_version": FORMAT_VERSION,
                                              "tensors": described})
     with atomic_write_path(path) as tmp:
-        _st_save_file(_storage_safe(plain), tmp, metadata=metadata)
+        _write_safetensors(plain, tmp, metadata)
 
 
 # ---- load -------------------------------------------------------------------------------------
