@@ -643,3 +643,22 @@ class TestConfigErrors:
         (tmp_path / "dst" / "config.json").unlink()  # the shard's own metadata says it too
         rows, summary = inspect_checkpoint(tmp_path / "dst" / "model-00001-of-00002.safetensors")
         assert summary["quant_method"] == "int4tensor"
+
+
+class TestBoundedMemory:
+    def test_row_chunks_give_the_same_bits(self, src, tmp_path, monkeypatch):
+        """quantize works a few rows at a time (docs/cli.md's memory bound); forcing chunks of
+        one or a few rows changes no bit, for 2D, 3D and [E, K, N] experts."""
+        import int4tensor.checkpoint as checkpoint
+
+        quantize_checkpoint(src, tmp_path / "whole", group_size=32, expert_k_dim=-2,
+                            progress=False)
+        monkeypatch.setattr(checkpoint, "_CHUNK_ELEMENTS", 3 * 128)
+        quantize_checkpoint(src, tmp_path / "chunked", group_size=32, expert_k_dim=-2,
+                            progress=False)
+        a, b = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "chunked")
+        assert a.keys() == b.keys()
+        for name in QUANTIZED:
+            assert a[name]._mismatch(b[name]) is None, name
+            for field, x in a[name]._tensors().items():
+                assert torch.equal(x, getattr(b[name], field)), (name, field)

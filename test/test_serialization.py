@@ -314,3 +314,44 @@ class TestMalformedMetadata:
         back = load_file(tmp_path / "m.safetensors")["w"]
         assert_same(t, back)
         assert back.act_pre_scale.shape == (256,)
+
+
+class TestWriter:
+    def test_files_read_back_with_safetensors_itself(self, tmp_path):
+        """save_file writes safetensors one tensor at a time; safetensors' own reader gets the
+        same tensors back (every dtype, 0-d, empty, strided and storage-sharing tensors)."""
+        from safetensors.torch import load_file as st_load_file
+
+        base = torch.randn(8, 16)
+        tensors = {
+            "f32": base, "bf16": base.to(torch.bfloat16), "f16": base.half(),
+            "i8": torch.randint(-128, 127, (5, 3), dtype=torch.int8),
+            "i64": torch.arange(7), "bool": base > 0, "u8": torch.arange(9, dtype=torch.uint8),
+            "fp8": base.to(torch.float8_e4m3fn), "scalar": torch.tensor(3.5),
+            "empty": torch.empty(0, 4), "strided": base.t(), "shared_a": base[:4],
+            "shared_b": base[4:],
+        }
+        save_file(tensors, tmp_path / "m.safetensors", metadata={"k": "v"})
+        back = st_load_file(tmp_path / "m.safetensors")
+        assert back.keys() == tensors.keys()
+        for name, t in tensors.items():
+            assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
+            assert torch.equal(back[name].view(torch.uint8) if t.dtype == torch.float8_e4m3fn
+                               else back[name], t.contiguous().view(torch.uint8)
+                               if t.dtype == torch.float8_e4m3fn else t), name
+        with safe_open(tmp_path / "m.safetensors", "pt") as f:
+            assert f.metadata() == {"k": "v", "format": "pt"}
+
+
+def test_numpy_is_a_declared_dependency():
+    """save_file writes through numpy buffers, and torch warns "Failed to initialize NumPy" on
+    a fresh install without it: setup.py must install it."""
+    import ast
+    import pathlib
+
+    setup = pathlib.Path(__file__).resolve().parent.parent / "setup.py"
+    call = next(node for node in ast.walk(ast.parse(setup.read_text()))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    requires = next(k.value for k in call.keywords if k.arg == "install_requires")
+    names = [ast.literal_eval(e).split(">")[0].split("=")[0] for e in requires.elts]
+    assert "numpy" in names
