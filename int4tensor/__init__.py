@@ -7,11 +7,13 @@
 import torch
 
 from int4tensor.algorithms import awq_quantize_, gptq_quantize_
+from int4tensor.compile_support import prepare_for_compile
 from int4tensor.config import Float8DynamicActivationInt4WeightConfig, Int4WeightOnlyConfig
 from int4tensor.convert import (
     convert_model_to_packed_tensors_,
     convert_to_packed_tensor_based_on_current_hardware,
 )
+from int4tensor.explain import explain
 from int4tensor.quantize import quantize_
 from int4tensor.serialization import load_file, save_file
 from int4tensor.tensors import Int4PreshuffledTensor, Int4Tensor
@@ -26,8 +28,10 @@ __all__ = [
     "awq_quantize_",
     "convert_model_to_packed_tensors_",
     "convert_to_packed_tensor_based_on_current_hardware",
+    "explain",
     "gptq_quantize_",
     "load_file",
+    "prepare_for_compile",
     "quantize_",
     "save_file",
 ]

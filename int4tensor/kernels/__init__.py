@@ -1,10 +1,26 @@
 """Kernel dispatch: the one place that decides which backend computes an int4 op.
 
 Backends live one per module (:mod:`.reference`, :mod:`.fbgemm`, :mod:`.cuda_gemv`,
-:mod:`.cuda_gemm`, :mod:`.cuda_fp8_rows`, :mod:`.cuda_dequant`, :mod:`.triton_int4`) and take
-the tensor subclass's fields; the tensor classes call only the functions here, so a backend
-can be added or swapped without touching them. Inputs are validated by the caller (the op
-implementation) before they get here.
+:mod:`.cuda_gemm`, :mod:`.cuda_fp8_rows`, :mod:`.cuda_dequant`, :mod:`.triton_int4`). This
+module writes, once, the ordered candidate tables of :mod:`.dispatch` (best first; each
+candidate says why it refuses a call) and the op entry points the tensor classes call:
+:func:`int4_linear`, :func:`int4_bmm`, :func:`preshuffled_linear`, :func:`preshuffled_bmm`.
+Inputs are validated by the caller (the op implementation) before they get here.
+
+The orderings come from measurements on an H200 (benchmarks/bench_linear.py,
+scripts/probe_cuda_gemv.py, scripts/probe_cuda_gemm.py, scripts/probe_fp8.py):
+
+* plain layout, bf16 activations: our tensor-core GEMV up to CUDA_GEMV_MAX_M rows (G = 128
+  or 256; faster than fbgemm, tinygemm, Triton and GemLite there on every shape measured),
+  our tensor-core GEMM for 17 to 32 rows, from DENSE_MIN_M rows one dequantize kernel +
+  cuBLAS (0.95-0.99x bf16 at M = 8192 against 0.77-0.88x for fbgemm's int4 GEMM, at the cost
+  of one layer's bf16 weight during the call), our Triton GEMV at M = 1 where ours cannot
+  run, fbgemm's CUTLASS GEMM on Hopper, our Triton kernel up to TRITON_MAX_M elsewhere, and
+  the reference path (dequantize + the dense op) for everything else (CPU, fp16/fp32);
+* fp8 activations on the plain layout: fbgemm's ``f8i4bf16_rowwise`` from
+  FP8_ROWWISE_MIN_M rows; below, the bf16 table on the fp8-rounded activations (the weight
+  read dominates there);
+* the preshuffled layout: our GEMV and GEMM reading it, then fbgemm's shuffled kernels.
 """
 
 from __future__ import annotations
@@ -14,140 +30,431 @@ import torch
 from int4tensor import quant_primitives
 from int4tensor.kernels import (
     cuda_dequant, cuda_fp8_rows, cuda_gemm, cuda_gemv, custom_ops, fbgemm, reference)
+from int4tensor.kernels.dispatch import (
+    Call, Candidate, decide, describe, eager_plan, is_eager, register)
 
-#: Dispatch by the number of activation rows M (from benchmarks/bench_linear.py and
-#: scripts/probe_cuda_gemv.py on an H200): up to CUDA_GEMV_MAX_M rows run our tensor-core
-#: GEMV (G = 128/256; faster than fbgemm, tinygemm and Triton there on every shape measured),
-#: 17 to 32 rows our tensor-core GEMM (cuda_gemm.MIN_M, MAX_M; scripts/probe_cuda_gemm.py);
-#: where they cannot run, M = 1 runs our Triton GEMV. Larger M runs fbgemm's CUTLASS GEMM on
-#: Hopper, or our Triton tensor-core kernel up to TRITON_MAX_M where fbgemm cannot run (other
-#: GPUs, G = 32); beyond that the reference path.
 CUDA_GEMV_MAX_M = 16
 TRITON_ALWAYS_MAX_M = 1
 TRITON_MAX_M = 16
-#: From this many rows the plain layout runs as a temporary bf16 weight (one dequantize
-#: kernel) and cuBLAS: at M = 8192 that is 0.95-0.99x bf16 against 0.77-0.88x for fbgemm's
-#: int4 GEMM (benchmarks/bench_linear.py on an H200), at the cost of one layer's bf16 weight
-#: in memory during the call.
 DENSE_MIN_M = 4096
-#: fp8 activations on the plain layout: from this many rows fbgemm's f8i4bf16_rowwise runs;
-#: below, the bf16 kernels above run on the fp8-rounded activations, which is faster there
-#: (the weight read dominates; scripts/probe_fp8.py and bench_linear.py on an H200).
 FP8_ROWWISE_MIN_M = 64
 
-__all__ = ["bmm_backend", "dequantize_int4", "int4_bmm", "int4_linear", "linear_backend",
-           "preshuffled_backend", "preshuffled_bmm", "preshuffled_linear", "quantize_fp8_rows",
-           "round_fp8_rows"]
+__all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_linear",
+           "linear_backend", "preshuffled_backend", "preshuffled_bmm", "preshuffled_linear",
+           "quantize_fp8_rows", "round_fp8_rows"]
 
 
-def _triton_can_run(x: torch.Tensor, weight) -> bool:
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
-    return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and weight.ndim == 2
-        and 0 < rows <= TRITON_MAX_M
-        and weight.scale.dtype == torch.bfloat16
-        and weight.zero_point.dtype == torch.bfloat16
-        and weight.qdata.is_contiguous()
-        and weight.scale.is_contiguous()
-        and weight.zero_point.is_contiguous()
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    )
-
-
-def _our_cuda_kernel_can_run(kernel, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-                             zero_point: torch.Tensor, group_size: int, **options) -> bool:
-    """Whether one of our CUDA kernel modules (cuda_gemv, cuda_gemm) takes ``x [*, K]`` with a
-    2D weight (rows = all of x's leading dims) or ``x [B, M, K]`` with a 3D one (bmm)."""
-    if not (x.is_cuda and x.numel() and x.stride(-1) == 1 and kernel.is_available()):
-        return False
-    if qdata.ndim == 2:
-        x = x.reshape(-1, x.shape[-1])
-    elif not (qdata.ndim == 3 and x.ndim == 3):
-        return False
-    return (
-        kernel.can_run(x, qdata, scale, zero_point, group_size, **options)
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)  # mma, cp.async, bf16x2 fma
-        and kernel.can_compile(x.device.index if x.device.index is not None
-                               else torch.cuda.current_device())
-    )
-
-
-def _our_cuda_backend(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-                      zero_point: torch.Tensor, group_size: int, shuffled: bool) -> str | None:
-    """``"cuda"`` (our GEMV, up to CUDA_GEMV_MAX_M rows) or ``"cuda_gemm"`` (our GEMM, 17 to 32
-    rows) where one of them takes these arguments, else None; rows count per batch entry for
-    a 3D weight."""
-    rows = x.shape[-2] if qdata.ndim == 3 else (x.numel() // x.shape[-1] if x.numel() else 0)
-    if rows <= CUDA_GEMV_MAX_M and _our_cuda_kernel_can_run(
-            cuda_gemv, x, qdata, scale, zero_point, group_size):
-        return "cuda"
-    if _our_cuda_kernel_can_run(cuda_gemm, x, qdata, scale, zero_point, group_size,
-                                shuffled=shuffled):
-        return "cuda_gemm"
+# ---- predicates (each returns why a candidate refuses a call, or None) ---------------------
+def _not_cuda(call: Call, min_capability=(8, 0), feature: str | None = None) -> str | None:
+    if call.device_type != "cuda":
+        return f"on {call.device_type}, not CUDA"
+    if call.capability is None or call.capability < min_capability:
+        return (f"needs compute capability {min_capability[0]}.{min_capability[1]}+, this GPU "
+                f"has {call.capability}")
+    if feature is not None and feature not in call.features:
+        return {"nvrtc": "our CUDA kernels do not compile here (NVRTC missing or failing)",
+                "fbgemm": "fbgemm-gpu-genai is not installed (pip install fbgemm-gpu-genai)",
+                "triton": "triton is not importable"}[feature]
     return None
 
 
-#: our kernels' custom ops by backend name, for each layout
-_PLAIN_OPS = {"cuda": custom_ops.int4_gemv_cuda, "cuda_gemm": custom_ops.int4_gemm_cuda,
-              "triton": custom_ops.int4_matmul_triton}
-_PRESHUFFLED_OPS = {"cuda": custom_ops.int4_gemv_cuda_preshuffled,
-                    "cuda_gemm": custom_ops.int4_gemm_cuda_preshuffled}
+def _weight_fields(call: Call):
+    """(qdata, scale, zero_point) of either layout (the preshuffled one's group scales)."""
+    w = call.weight
+    if hasattr(w, "group_zero"):
+        return w.qdata, w.group_scale, w.group_zero
+    return w.qdata, w.scale, w.zero_point
 
 
-def linear_backend(x: torch.Tensor, weight) -> str:
-    """Name of the backend :func:`int4_linear` uses for these arguments: ``"cuda"`` (our
-    GEMV), ``"cuda_gemm"`` (our GEMM, 17 to 32 rows), ``"triton"``, ``"fbgemm"`` or
-    ``"reference"`` (dequantize, then the dense op; see CUDA_GEMV_MAX_M and DENSE_MIN_M)."""
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
-    ours = _our_cuda_backend(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size,
-                             shuffled=False)
-    if ours:
-        return ours
-    if rows >= DENSE_MIN_M and x.is_cuda and \
-            cuda_dequant.can_run(weight.qdata, weight.scale, weight.zero_point, x.dtype):
-        return "reference"  # dequantize (one kernel), then cuBLAS
-    if rows <= TRITON_ALWAYS_MAX_M and _triton_can_run(x, weight):
-        return "triton"
-    if fbgemm.can_run_linear(x, weight):
-        return "fbgemm"
-    if _triton_can_run(x, weight):
-        return "triton"
-    return "reference"
+def _our_kernel(kernel, lo: int, hi: int, shuffled: bool):
+    """Refusal of our GEMV (``kernel = cuda_gemv``) or GEMM (``cuda_gemm``) for ``lo..hi``
+    rows per batch entry."""
+    def why_not(call: Call) -> str | None:
+        problem = _not_cuda(call, (8, 0), "nvrtc")
+        if problem:
+            return problem
+        if not lo <= call.rows <= hi:
+            return f"M = {call.rows} rows, it takes {lo} to {hi}"
+        qdata, scale, zero = _weight_fields(call)
+        if shuffled and qdata.shape[-2] % 16:
+            return f"N = {qdata.shape[-2]} is not a multiple of 16"
+        if kernel is cuda_gemm and not cuda_gemm.shared_memory_configurable():
+            return "this torch cannot raise a kernel's shared-memory limit"
+        return cuda_gemv.operands_problem(call.x, qdata, scale, zero, call.weight.group_size)
+    return why_not
+
+
+def _dense_why_not(call: Call) -> str | None:
+    problem = _not_cuda(call, (8, 0), "nvrtc")
+    if problem:
+        return problem
+    if call.rows < DENSE_MIN_M:
+        return f"M = {call.rows} < {DENSE_MIN_M} (below that the int4 kernels are faster)"
+    w = call.weight
+    if not cuda_dequant.operands_fit(w.qdata, w.scale, w.zero_point, call.x.dtype):
+        return ("the dequantize kernel needs bf16, contiguous qdata and N-contiguous scales "
+                "(a sliced weight is not)")
+    return None
+
+
+def _triton_why_not(max_rows: int):
+    def why_not(call: Call) -> str | None:
+        problem = _not_cuda(call, (8, 0), "triton")
+        if problem:
+            return problem
+        if not 0 < call.rows <= max_rows:
+            return f"M = {call.rows} rows, it takes 1 to {max_rows}"
+        return _bf16_contiguous_problem(call)
+    return why_not
+
+
+def _bf16_contiguous_problem(call: Call) -> str | None:
+    w = call.weight
+    if call.x.dtype != torch.bfloat16:
+        return f"activations are {call.x.dtype}, it takes bf16"
+    if w.scale.dtype != torch.bfloat16 or w.zero_point.dtype != torch.bfloat16:
+        return f"scales are {w.scale.dtype}, it takes bf16"
+    if not (w.qdata.is_contiguous() and w.scale.is_contiguous() and w.zero_point.is_contiguous()):
+        return "the weight's fields are not contiguous (a sliced weight; .contiguous() fixes it)"
+    return None
+
+
+def _fbgemm_why_not(call: Call) -> str | None:
+    problem = _not_cuda(call, (9, 0), "fbgemm")
+    if problem:
+        return problem
+    if call.x.numel() == 0:
+        return "empty activation"
+    if call.weight.group_size < 64:
+        return f"G = {call.weight.group_size}: fbgemm's int4 kernels give wrong results below 64"
+    return _bf16_contiguous_problem(call)
+
+
+def _fbgemm_fp8_why_not(call: Call) -> str | None:
+    if call.rows < FP8_ROWWISE_MIN_M:
+        return (f"M = {call.rows} < {FP8_ROWWISE_MIN_M}: the bf16 kernels on fp8-rounded "
+                "activations are faster")
+    if call.weight.group_size != 128:
+        return f"G = {call.weight.group_size}, f8i4bf16_rowwise takes 128"
+    return _fbgemm_why_not(call)
+
+
+def _fbgemm_preshuffled_why_not(call: Call) -> str | None:
+    problem = _not_cuda(call, (9, 0), "fbgemm")
+    if problem:
+        return problem
+    if call.x.dtype != torch.bfloat16:
+        return f"activations are {call.x.dtype}, fbgemm's shuffled kernels take bf16"
+    return None
+
+
+def _always(call: Call) -> None:
+    return None
+
+
+# ---- run functions: x as the kernel receives it, the stored weight -------------------------
+def _plain_op(traced, eager):
+    def run(x, w):
+        return traced(x, w.qdata, w.scale, w.zero_point, w.group_size)
+
+    def run_eager(x, w):
+        return eager(x, w.qdata, w.scale, w.zero_point, w.group_size)
+    return run, run_eager
+
+
+def _shuffled_op(traced, eager):
+    def run(x, w):
+        return traced(x, w.qdata, w.group_scale, w.group_zero, w.group_size)
+
+    def run_eager(x, w):
+        return eager(x, w.qdata, w.group_scale, w.group_zero, w.group_size)
+    return run, run_eager
+
+
+def _gemv_plain(x, q, s, z, g):
+    return cuda_gemv.int4_gemv(x, q, s, z, g)
+
+
+def _gemm_plain(x, q, s, z, g):
+    return cuda_gemm.int4_gemm(x, q, s, z, g, shuffled=False)
+
+
+def _gemv_shuffled(x, q, s, z, g):
+    return cuda_gemv.int4_gemv(x, q, s, z, g, shuffled=True)
+
+
+def _gemm_shuffled(x, q, s, z, g):
+    return cuda_gemm.int4_gemm(x, q, s, z, g)
+
+
+def _triton(x, q, s, z, g):
+    from int4tensor.kernels import triton_int4
+
+    return triton_int4.int4_matmul(x, q, s, z, g)
+
+
+def _fbgemm_rowwise(x, q, s, z, g):
+    return torch.ops.fbgemm.bf16i4bf16_rowwise(x, q, s, z)
+
+
+def _dense_linear(x, w, bias):
+    return torch.nn.functional.linear(x, dequantize_int4(w.qdata, w.scale, w.zero_point,
+                                                         w.group_size, x.dtype), bias)
+
+
+def _reference_linear(x, w, bias):
+    return reference.linear(x, w, bias)
+
+
+def _reference_bmm(x, w):
+    return reference.bmm(x, w)
+
+
+def _fbgemm_fp8_rowwise(x, w):
+    xq, x_scale = quantize_fp8_rows(x)
+    return custom_ops.fbgemm_f8i4_rowwise(xq, w.qdata, x_scale, w.scale, w.zero_point)
+
+
+def _fbgemm_bmm(x, w):
+    n = w.qdata.shape[-2]
+    return custom_ops.fbgemm_bf16i4_rowwise_batched(
+        x, w.qdata, w.scale.reshape(-1, n), w.zero_point.reshape(-1, n))
+
+
+def _fbgemm_shuffled(x, w):
+    return custom_ops.fbgemm_bf16i4_shuffled(x, w.qdata, w.group_scale, w.group_zero)
+
+
+def _fbgemm_shuffled_eager(x, w):
+    return torch.ops.fbgemm.bf16i4bf16_shuffled(x, w.qdata, w.group_scale, w.group_zero)
+
+
+def _fbgemm_f8_shuffled(x, w):
+    xq, x_scale = quantize_fp8_rows(x)
+    return custom_ops.fbgemm_f8i4_shuffled(xq, w.qdata, x_scale, w.row_scale, w.group_scale)
+
+
+def _fbgemm_shuffled_batched(x, w):
+    n = w.qdata.shape[-2]
+    return custom_ops.fbgemm_bf16i4_shuffled_batched(
+        x, w.qdata, w.group_scale.reshape(-1, n), w.group_zero.reshape(-1, n))
+
+
+def _fbgemm_f8_shuffled_batched(x, w):
+    b, m, k = x.shape
+    xq, x_scale = quantize_fp8_rows(x.reshape(b * m, k))
+    return custom_ops.fbgemm_f8i4_shuffled_batched(
+        xq.view(b, m, k), w.qdata, x_scale.view(b, m), w.row_scale, w.group_scale)
+
+
+def _bind(kernel, shuffled: bool):
+    def bind(x, w):
+        fields = (w.qdata, w.group_scale, w.group_zero) if shuffled else \
+            (w.qdata, w.scale, w.zero_point)
+        return kernel.bind(x, *fields, w.group_size, shuffled=shuffled)
+    return bind
+
+
+_GEMV = Candidate("cuda", _our_kernel(cuda_gemv, 1, CUDA_GEMV_MAX_M, False),
+                  *_plain_op(custom_ops.int4_gemv_cuda, _gemv_plain),
+                  bind=_bind(cuda_gemv, False))
+_GEMM = Candidate("cuda_gemm", _our_kernel(cuda_gemm, cuda_gemm.MIN_M, cuda_gemm.MAX_M, False),
+                  *_plain_op(custom_ops.int4_gemm_cuda, _gemm_plain),
+                  bind=_bind(cuda_gemm, False))
+_REFERENCE = Candidate("reference", _always, _reference_linear, takes_bias=True)
+
+PLAIN_LINEAR = [
+    _GEMV,
+    _GEMM,
+    Candidate("dense", _dense_why_not, _dense_linear, takes_bias=True),
+    Candidate("triton", _triton_why_not(TRITON_ALWAYS_MAX_M),
+              *_plain_op(custom_ops.int4_matmul_triton, _triton)),
+    Candidate("fbgemm", _fbgemm_why_not,
+              *_plain_op(custom_ops.int4_matmul_fbgemm, _fbgemm_rowwise)),
+    Candidate("triton", _triton_why_not(TRITON_MAX_M),
+              *_plain_op(custom_ops.int4_matmul_triton, _triton)),
+    _REFERENCE,
+]
+#: fp8-activation plain weights: fbgemm's fp8 GEMM at large M; else the bf16 table on the
+#: fp8-rounded activations (int4_linear rounds them; the reference path rounds the same way)
+PLAIN_LINEAR_FP8 = [Candidate("fbgemm_fp8", _fbgemm_fp8_why_not, _fbgemm_fp8_rowwise)]
+PLAIN_BMM = [
+    _GEMV,
+    _GEMM,
+    Candidate("fbgemm", lambda call: _fbgemm_why_not(call), _fbgemm_bmm),
+    Candidate("reference", _always, _reference_bmm),
+]
+_GEMV_SHUFFLED = Candidate("cuda", _our_kernel(cuda_gemv, 1, CUDA_GEMV_MAX_M, True),
+                           *_shuffled_op(custom_ops.int4_gemv_cuda_preshuffled, _gemv_shuffled),
+                           bind=_bind(cuda_gemv, True))
+_GEMM_SHUFFLED = Candidate("cuda_gemm",
+                           _our_kernel(cuda_gemm, cuda_gemm.MIN_M, cuda_gemm.MAX_M, True),
+                           *_shuffled_op(custom_ops.int4_gemm_cuda_preshuffled, _gemm_shuffled),
+                           bind=_bind(cuda_gemm, True))
+PRESHUFFLED_LINEAR = [_GEMV_SHUFFLED, _GEMM_SHUFFLED,
+                      Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_shuffled,
+                                _fbgemm_shuffled_eager)]
+PRESHUFFLED_LINEAR_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_f8_shuffled)]
+PRESHUFFLED_BMM = [_GEMV_SHUFFLED, _GEMM_SHUFFLED,
+                   Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_shuffled_batched)]
+PRESHUFFLED_BMM_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not,
+                                 _fbgemm_f8_shuffled_batched)]
+
+register("linear", "plain", "bf16", PLAIN_LINEAR)
+register("linear", "plain", "fp8", PLAIN_LINEAR_FP8 + PLAIN_LINEAR)
+register("bmm", "plain", "bf16", PLAIN_BMM)
+register("bmm", "plain", "fp8", PLAIN_BMM)
+register("linear", "preshuffled", "bf16", PRESHUFFLED_LINEAR)
+register("linear", "preshuffled", "fp8", PRESHUFFLED_LINEAR_FP8)
+register("bmm", "preshuffled", "bf16", PRESHUFFLED_BMM)
+register("bmm", "preshuffled", "fp8", PRESHUFFLED_BMM_FP8)
+
+
+# ---- entry points ---------------------------------------------------------------------------
+# Each entry point has two paths. Eager (see dispatch.is_eager): the whole call is planned once
+# per weight and activation signature (activation transforms, the candidate, its launch) and
+# cached on the weight. Traced (torch.compile, fake tensors, autograd): decided on each trace,
+# run through the candidates' custom ops.
+def _rows_2d(x: torch.Tensor) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    return x2d if x2d.is_contiguous() else x2d.contiguous()
+
+
+def _round_for(x2d: torch.Tensor):
+    """The fp8 rounding of activations like ``x2d``, planned once."""
+    if cuda_fp8_rows.can_run(x2d):
+        return cuda_fp8_rows.bind_round(x2d)
+    return quant_primitives.round_fp8_rows
+
+
+def _plan(op: str, x: torch.Tensor, weight, layout: str, out_n: int | None = None):
+    """``(Decision, f(x, bias))`` for eager calls like ``x``: ``op`` is ``"linear"`` (``x [*,
+    K]``, output ``[*, out_n or N]``) or ``"bmm"`` (``x [B, M, K]``)."""
+    pre = weight.act_pre_scale if layout == "plain" else None
+    k, lead = x.shape[-1], tuple(x.shape[:-1])
+    as_rows = (lambda t: t.view(-1, k)) if op == "linear" else (lambda t: t)
+    contiguous = x.is_contiguous() and pre is None
+    example = as_rows(x.contiguous())
+    decision = decide(describe(op, example, weight), layout)
+    candidate = decision.candidate
+    round_rows = None
+    if layout == "plain" and weight.activation_dtype == "fp8" and candidate.name != "fbgemm_fp8":
+        round_rows = _round_for(example.reshape(-1, k))
+    kernel = candidate.bind(example, weight) if candidate.bind else None
+
+    def call(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if pre is not None:
+            x = x * (pre.to(x.dtype) if op == "linear" else pre.to(x.dtype).unsqueeze(-2))
+        x = as_rows(x if contiguous else x.contiguous())
+        if round_rows is not None:
+            x = round_rows(x.reshape(-1, k)).view(x.shape)
+        if candidate.takes_bias:
+            return candidate(x, weight, True, bias).view(*lead, -1)
+        out = kernel(x) if kernel is not None else candidate(x, weight, True)
+        if out_n is not None and out.shape[-1] != out_n:
+            out = out[..., :out_n]
+        out = out.reshape(*lead, out.shape[-1]) if op == "linear" else out
+        if bias is None:
+            return out
+        return out.add_(bias) if bias.dtype == out.dtype and out.is_contiguous() else out + bias
+    return decision, call
+
+
+def _traced(op: str, x: torch.Tensor, weight, layout: str, bias) -> torch.Tensor:
+    pre = weight.act_pre_scale if layout == "plain" else None
+    if pre is not None:
+        x = x * (pre.to(x.dtype) if op == "linear" else pre.to(x.dtype).unsqueeze(-2))
+    xk = _rows_2d(x) if op == "linear" else x.contiguous()
+    decision = decide(describe(op, xk, weight), layout)
+    if layout == "plain" and weight.activation_dtype == "fp8" and \
+            decision.backend != "fbgemm_fp8":
+        xk = round_fp8_rows(xk.reshape(-1, xk.shape[-1])).reshape(xk.shape)
+    if decision.candidate.takes_bias:
+        return decision.candidate(xk, weight, False, bias).view(*x.shape[:-1], -1)
+    out = decision.candidate(xk, weight, False)
+    out = out.reshape(*x.shape[:-1], out.shape[-1]) if op == "linear" else out
+    return out + bias if bias is not None else out
 
 
 def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [*, K] @ W.T + bias -> [*, N]`` for an ``Int4Tensor`` ``W [N, K]``.
 
-    Backends see the int4 part only: an ``act_pre_scale`` is applied to ``x`` here, once.
-    fp8 activations (``W.activation_dtype == "fp8"``) are quantized per row; from
-    FP8_ROWWISE_MIN_M rows fbgemm's ``f8i4bf16_rowwise`` takes them (it also rounds the
-    dequantized weights to fp8: 3.3% from the reference path, measured on an H200), otherwise
-    the bf16 backends run on the fp8-rounded activations, as the reference path does.
+    An ``act_pre_scale`` is applied to ``x`` first. fp8 activations
+    (``W.activation_dtype == "fp8"``): from FP8_ROWWISE_MIN_M rows fbgemm's
+    ``f8i4bf16_rowwise`` takes the raw activations (it quantizes them per row and also rounds
+    the dequantized weights to fp8: 3.3% from the reference path, measured on an H200);
+    otherwise the bf16 table runs on the fp8-rounded activations, as the reference path does.
     """
-    if weight.act_pre_scale is not None:
-        x = x * weight.act_pre_scale.to(x.dtype)
-    x2d = x.reshape(-1, x.shape[-1])
-    if weight.activation_dtype == "fp8":
-        if x2d.shape[0] >= FP8_ROWWISE_MIN_M and fbgemm.can_run_fp8_linear(x2d, weight):
-            xq, x_scale = quantize_fp8_rows(x2d)
-            out = custom_ops.fbgemm_f8i4_rowwise(
-                xq, weight.qdata, x_scale, weight.scale, weight.zero_point)
-            out = out.reshape(*x.shape[:-1], out.shape[-1])
-            return out + bias if bias is not None else out
-        x = round_fp8_rows(x2d).reshape(x.shape)
-    backend = linear_backend(x, weight)
-    if backend in _PLAIN_OPS:
-        out = _PLAIN_OPS[backend](x.reshape(-1, x.shape[-1]).contiguous(), weight.qdata,
-                                  weight.scale, weight.zero_point, weight.group_size)
-        out = out.reshape(*x.shape[:-1], out.shape[-1])
-        return out + bias if bias is not None else out
-    if backend == "fbgemm":
-        return fbgemm.linear(x, weight, bias)
-    return reference.linear(x, weight, bias)
+    if is_eager(x):
+        return eager_plan("linear", x, weight,
+                          lambda: _plan("linear", x, weight, "plain"))(x, bias)
+    return _traced("linear", x, weight, "plain", bias)
 
 
+def int4_bmm(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T -> [B, M, N]`` for a stored (not transposed) ``W [B, N, K]``."""
+    if is_eager(x):
+        return eager_plan("bmm", x, weight, lambda: _plan("bmm", x, weight, "plain"))(x, None)
+    return _traced("bmm", x, weight, "plain", None)
+
+
+def preshuffled_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [*, K] @ W.T + bias -> [*, N]`` for a 2D ``Int4PreshuffledTensor`` (the kernels'
+    padded rows cut off): bf16 activations run our GEMV up to CUDA_GEMV_MAX_M rows (fbgemm's
+    ``bf16i4bf16_shuffled`` takes 1.5-3x its time there), our GEMM from 17 to 32 rows and
+    ``bf16i4bf16_shuffled`` above; fp8 activations ``f8i4bf16_shuffled`` after quantizing
+    ``x`` per row."""
+    n = weight.stored_n
+    if is_eager(x):
+        return eager_plan("linear", x, weight,
+                          lambda: _plan("linear", x, weight, "preshuffled", n))(x, bias)
+    out = _traced("linear", x, weight, "preshuffled", None)[..., :n]
+    return out + bias if bias is not None else out
+
+
+def preshuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x [B, M, K] @ W[b].T -> [B, M, N]`` for a 3D ``Int4PreshuffledTensor``, one launch for
+    all B (no loop over experts): bf16 activations run our GEMV up to CUDA_GEMV_MAX_M rows per
+    entry, our GEMM from 17 to 32, fbgemm's batched kernel above; fp8 activations fbgemm's
+    grouped kernel."""
+    n = weight.stored_n
+    if is_eager(x):
+        return eager_plan("bmm", x, weight,
+                          lambda: _plan("bmm", x, weight, "preshuffled", n))(x, None)
+    return _traced("bmm", x, weight, "preshuffled", None)[..., :n]
+
+
+def _layout(weight) -> str:
+    return "preshuffled" if hasattr(weight, "group_zero") else "plain"
+
+
+def explain_call(op: str, x: torch.Tensor, weight, **device):
+    """The :class:`~int4tensor.kernels.dispatch.Decision` for ``op`` (``"linear"``: ``x [*, K]``;
+    ``"bmm"``: ``x [B, M, K]``) on a stored weight, uncached; ``device`` overrides
+    ``device_type`` / ``capability`` / ``features`` as in :func:`dispatch.describe`."""
+    x = _rows_2d(x) if op == "linear" else x
+    return decide(describe(op, x, weight, **device), _layout(weight))
+
+
+def linear_backend(x: torch.Tensor, weight) -> str:
+    """Name of the backend :func:`int4_linear` uses for ``x [*, K]``: ``"cuda"`` (our GEMV),
+    ``"cuda_gemm"`` (our GEMM), ``"dense"`` (dequantize kernel + cuBLAS), ``"triton"``,
+    ``"fbgemm"``, ``"fbgemm_fp8"`` or ``"reference"``."""
+    return explain_call("linear", x, weight).backend
+
+
+def bmm_backend(x: torch.Tensor, weight) -> str:
+    """Name of the backend :func:`int4_bmm` uses for ``x [B, M, K]``."""
+    return explain_call("bmm", x, weight).backend
+
+
+def preshuffled_backend(x: torch.Tensor, weight) -> str:
+    """Name of the backend :func:`preshuffled_linear` (2D ``x``) or :func:`preshuffled_bmm`
+    (3D ``x``, 3D weight) uses."""
+    return explain_call("bmm" if weight.ndim == 3 else "linear", x, weight).backend
+
+
+# ---- helpers the tensor classes use ---------------------------------------------------------
 def dequantize_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                     group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """``q * scale + zero_point`` in ``dtype``, ``[..., N, K]``: one CUDA kernel where it can
@@ -164,6 +471,8 @@ def quantize_fp8_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     :func:`int4tensor.quant_primitives.quantize_fp8_rows`)."""
     x2d = x2d.contiguous()
     if cuda_fp8_rows.can_run(x2d):
+        if is_eager(x2d):
+            return cuda_fp8_rows.quantize_fp8_rows(x2d)
         return custom_ops.fp8_quantize_rows(x2d)
     return quant_primitives.quantize_fp8_rows(x2d)
 
@@ -172,89 +481,7 @@ def round_fp8_rows(x2d: torch.Tensor) -> torch.Tensor:
     """Activations ``[M, K]`` rounded through their per-row fp8 quantization and back."""
     x2d = x2d.contiguous()
     if cuda_fp8_rows.can_run(x2d):
+        if is_eager(x2d):
+            return cuda_fp8_rows.round_fp8_rows(x2d)
         return custom_ops.fp8_round_rows(x2d)
     return quant_primitives.round_fp8_rows(x2d)
-
-
-def preshuffled_backend(x: torch.Tensor, weight) -> str:
-    """Name of the backend :func:`preshuffled_linear` and :func:`preshuffled_bmm` use, for bf16
-    activations: ``"cuda"`` (our GEMV reading the preshuffled layout, up to CUDA_GEMV_MAX_M
-    rows; G = 128 / 256), ``"cuda_gemm"`` (our GEMM, 17 to 32 rows) or ``"fbgemm"``; rows
-    count per batch entry for a 3D weight."""
-    if weight.activation_dtype != "bf16":
-        return "fbgemm"
-    return _our_cuda_backend(x, weight.qdata, weight.group_scale, weight.group_zero,
-                             weight.group_size, shuffled=True) or "fbgemm"
-
-
-def _our_preshuffled(x: torch.Tensor, weight) -> torch.Tensor | None:
-    """Our GEMV or GEMM on a bf16 ``Int4PreshuffledTensor`` where :func:`preshuffled_backend`
-    picks one, else None."""
-    op = _PRESHUFFLED_OPS.get(preshuffled_backend(x, weight))
-    if op is None:
-        return None
-    return op(x, weight.qdata, weight.group_scale, weight.group_zero, weight.group_size)
-
-
-def preshuffled_linear(x2d: torch.Tensor, weight) -> torch.Tensor:
-    """``x [M, K] @ W.T -> [M, Np]`` for a 2D ``Int4PreshuffledTensor``: bf16 activations run
-    our GEMV at decode sizes (see :func:`preshuffled_backend`; fbgemm's ``bf16i4bf16_shuffled``
-    takes 1.5-3x its time there), our GEMM from 17 to 32 rows and ``bf16i4bf16_shuffled``
-    above; fp8 activations ``f8i4bf16_shuffled`` after quantizing ``x`` per row."""
-    if weight.activation_dtype == "bf16":
-        out = _our_preshuffled(x2d, weight)
-        if out is not None:
-            return out
-        return custom_ops.fbgemm_bf16i4_shuffled(
-            x2d, weight.qdata, weight.group_scale, weight.group_zero)
-    xq, x_scale = quantize_fp8_rows(x2d)
-    return custom_ops.fbgemm_f8i4_shuffled(
-        xq, weight.qdata, x_scale, weight.row_scale, weight.group_scale)
-
-
-def preshuffled_bmm(x: torch.Tensor, weight) -> torch.Tensor:
-    """``x [B, M, K] @ W[b].T -> [B, M, Np]`` for a 3D ``Int4PreshuffledTensor``, one launch for
-    all B (no loop over experts): bf16 activations run our GEMV up to CUDA_GEMV_MAX_M rows per
-    entry, our GEMM from 17 to 32, fbgemm's batched kernel above; fp8 activations fbgemm's
-    grouped kernel."""
-    n = weight.qdata.shape[-2]
-    if weight.activation_dtype == "bf16":
-        out = _our_preshuffled(x, weight)
-        if out is not None:
-            return out
-        return custom_ops.fbgemm_bf16i4_shuffled_batched(
-            x.contiguous(), weight.qdata,
-            weight.group_scale.reshape(-1, n), weight.group_zero.reshape(-1, n))
-    b, m, k = x.shape
-    xq, x_scale = quantize_fp8_rows(x.reshape(b * m, k))
-    return custom_ops.fbgemm_f8i4_shuffled_batched(
-        xq.view(b, m, k), weight.qdata, x_scale.view(b, m), weight.row_scale,
-        weight.group_scale)
-
-
-def bmm_backend(x: torch.Tensor, weight) -> str:
-    """Name of the backend :func:`int4_bmm` uses: ``"cuda"`` (our GEMV, up to
-    CUDA_GEMV_MAX_M rows per batch entry), ``"cuda_gemm"`` (our GEMM, 17 to 32 rows per entry),
-    ``"fbgemm"`` or ``"reference"``."""
-    ours = _our_cuda_backend(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size,
-                             shuffled=False)
-    if ours:
-        return ours
-    if fbgemm.can_run_bmm(x, weight):
-        return "fbgemm"
-    return "reference"
-
-
-def int4_bmm(x: torch.Tensor, weight) -> torch.Tensor:
-    """``x [B, M, K] @ W[b].T -> [B, M, N]`` for a stored (not transposed) ``W [B, N, K]``."""
-    if weight.act_pre_scale is not None:
-        x = x * weight.act_pre_scale.to(x.dtype).unsqueeze(-2)
-    if weight.activation_dtype == "fp8":  # the same activation rounding as linear, then bf16
-        x = round_fp8_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-    backend = bmm_backend(x, weight)
-    if backend in ("cuda", "cuda_gemm"):
-        return _PLAIN_OPS[backend](x, weight.qdata, weight.scale, weight.zero_point,
-                                   weight.group_size)
-    if backend == "fbgemm":
-        return fbgemm.bmm(x, weight)
-    return reference.bmm(x, weight)

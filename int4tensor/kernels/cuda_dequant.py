@@ -48,14 +48,13 @@ extern "C" __global__ void int4_dequant_bf16(
 _KERNEL = _SOURCE % dict(bf16_helpers=nvrtc.BF16_HELPERS)
 
 
-def can_run(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-            dtype: torch.dtype) -> bool:
-    """The kernel's contract: CUDA, bf16 out and bf16 scales, contiguous 4-byte-aligned
-    ``qdata [N, K/2]`` or ``[B, N, K/2]`` with K % 8 == 0, scales ``[(B,) K/G, N]`` with unit
-    stride along N and the same strides for the zero points; and the kernel compiles here."""
+def operands_fit(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                 dtype: torch.dtype) -> bool:
+    """The kernel's operand contract, the device not checked: bf16 out and bf16 scales,
+    contiguous 4-byte-aligned ``qdata [N, K/2]`` or ``[B, N, K/2]`` with K % 8 == 0, scales
+    ``[(B,) K/G, N]`` with unit stride along N and the same strides for the zero points."""
     return (
-        qdata.is_cuda
-        and qdata.ndim in (2, 3)
+        qdata.ndim in (2, 3)
         and dtype == torch.bfloat16
         and qdata.numel() > 0
         and qdata.is_contiguous()
@@ -66,6 +65,15 @@ def can_run(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
         and scale.stride(-1) == 1
         and scale.stride() == zero_point.stride()
         and qdata.numel() // 4 < 2**31 and scale.numel() < 2**31  # int kernel arguments
+    )
+
+
+def can_run(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+            dtype: torch.dtype) -> bool:
+    """:func:`operands_fit` on CUDA, where the kernel compiles."""
+    return (
+        qdata.is_cuda
+        and operands_fit(qdata, scale, zero_point, dtype)
         and nvrtc.is_available()
         and nvrtc.compiles(_KERNEL, "int4_dequant_bf16", nvrtc.device_capability(qdata.device))
     )
@@ -81,7 +89,7 @@ def dequantize_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     kernel = nvrtc.compile_kernel(_KERNEL, "int4_dequant_bf16", nvrtc.device_capability(qdata.device))
     rows = qdata.numel() // half_k
     threads = min(256, max(32, -(-(k // 8) // 32) * 32))
-    kernel(grid=(rows, 1, 1), block=(threads, 1, 1),
-           args=[qdata, scale, zero_point, out, n, k, scale.stride(-2),
-                 scale.stride(0) if scale.ndim == 3 else 0, group_size.bit_length() - 1])
+    nvrtc.launch(kernel, (rows, 1, 1), (threads, 1, 1),
+                 [qdata, scale, zero_point, out, n, k, scale.stride(-2),
+                  scale.stride(0) if scale.ndim == 3 else 0, group_size.bit_length() - 1])
     return out

@@ -133,14 +133,32 @@ _KERNELS = {rounded: (_SOURCE % dict(bf16_helpers=nvrtc.BF16_HELPERS, rounded=in
             for rounded, name in ((False, "fp8_quantize_rows"), (True, "fp8_round_rows"))}
 
 
-def _launch(x2d: torch.Tensor, out: torch.Tensor, x_scale: torch.Tensor, rounded: bool) -> None:
+def _launcher(x2d: torch.Tensor, rounded: bool) -> nvrtc.Launcher:
+    """The launch for bf16 ``x2d [M, K]`` (output rows contiguous)."""
     kernel = nvrtc.compile_kernel(*_KERNELS[rounded], nvrtc.device_capability(x2d.device))
     m, k = x2d.shape
     # few rows: enough threads per row to hold it in registers (4 vectors of 8 each)
     threads = 1024 if m <= 128 else 256
     threads = min(threads, max(32, -(-(k // 32) // 32) * 32))
-    kernel(grid=(m, 1, 1), block=(threads, 1, 1),
-           args=[x2d, out, x_scale, k, x2d.stride(0), out.stride(0)])
+    return nvrtc.Launcher(kernel, (m, 1, 1), (threads, 1, 1), 0, 3, (k, x2d.stride(0), k),
+                          x2d.device.index)
+
+
+def _launch(x2d: torch.Tensor, out: torch.Tensor, x_scale: torch.Tensor, rounded: bool) -> None:
+    _launcher(x2d, rounded)(x2d, out, x_scale)
+
+
+def bind_round(x2d: torch.Tensor):
+    """``f(x) -> round_fp8_rows(x)`` for contiguous activations of ``x2d``'s shape and
+    device, the launch planned once."""
+    launch, shape, device = _launcher(x2d, True), x2d.shape, x2d.device
+    no_scales = torch.empty(0, dtype=torch.float32, device=device)
+
+    def round_rows(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        launch(x, out, no_scales)
+        return out
+    return round_rows
 
 
 def quantize_fp8_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

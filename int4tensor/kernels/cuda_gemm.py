@@ -37,6 +37,7 @@ Compiled at first use with NVRTC (like cuda_gemv.py); this module imports nothin
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -371,9 +372,14 @@ def can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
         MIN_M <= x.shape[-2] <= MAX_M
         and (not shuffled or qdata.shape[-2] % 16 == 0)
         and cuda_gemv.operands_fit(x, qdata, scale, zero_point, group_size)
-        and hasattr(getattr(torch.cuda, "_utils", None), "_CudaKernel")
-        and hasattr(torch.cuda._utils._CudaKernel, "set_shared_memory_config")
+        and shared_memory_configurable()
     )
+
+
+def shared_memory_configurable() -> bool:
+    """Whether torch's NVRTC kernels can be given more than 48 KB of shared memory."""
+    return hasattr(getattr(torch.cuda, "_utils", None), "_CudaKernel") and \
+        hasattr(torch.cuda._utils._CudaKernel, "set_shared_memory_config")
 
 
 def int4_gemm(
@@ -403,15 +409,54 @@ def int4_gemm(
     Returns:
         bf16 ``[M, N]`` or ``[B, M, N]``.
     """
-    batched = x.ndim == 3
-    batch = x.shape[0] if batched else 1
-    m, k = x.shape[-2:]
+    plan = _launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
+                        scale.stride(), x.device.index, group_size, shuffled,
+                        tuple(sorted(config.items())) if config else ())
+    sums = torch.zeros(plan.sums_shape, dtype=torch.float32, device=x.device)
+    plan.launch(x, qdata, scale, zero_point, sums)
+    return sums.to(torch.bfloat16)
+
+
+def bind(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+         group_size: int, shuffled: bool = True):
+    """``f(x) -> int4_gemm(x, qdata, scale, zero_point, group_size, shuffled=shuffled)`` for
+    activations of ``x``'s shape, strides and device: the launch is planned here, once."""
+    plan = _launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
+                        scale.stride(), x.device.index, group_size, shuffled, ())
+    shape, launch, device = plan.sums_shape, plan.launch, x.device
+
+    def gemm(x: torch.Tensor) -> torch.Tensor:
+        sums = torch.zeros(shape, dtype=torch.float32, device=device)
+        launch(x, qdata, scale, zero_point, sums)
+        return sums.to(torch.bfloat16)
+    return gemm
+
+
+class _LaunchPlan(NamedTuple):
+    launch: nvrtc.Launcher
+    kernel: object
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_mem: int
+    ints: tuple[int, ...]
+    sums_shape: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(x_shape: tuple, x_stride: tuple, q_shape: tuple, q_batch_stride: int,
+                 s_stride: tuple, device_index: int, group_size: int, shuffled: bool,
+                 config: tuple) -> _LaunchPlan:
+    """Everything a launch needs that follows from the operands' shapes and strides: made once
+    per signature, so a repeated call only allocates its output and launches."""
+    batched = len(x_shape) == 3
+    batch = x_shape[0] if batched else 1
+    m, k = x_shape[-2:]
     if not 1 <= m <= 64:  # 8 mma tiles at most (registers)
         raise ValueError(f"the GEMM takes 1 to 64 activation rows, got {m}")
-    n = qdata.shape[-2]
-    props = torch.cuda.get_device_properties(x.device)
+    n = q_shape[-2]
+    props = torch.cuda.get_device_properties(device_index)
     # the batch's blocks share the multiprocessors, so the config sees all of their rows
-    cfg = dict(pick_config(m, batch * n, k, props.multi_processor_count), **(config or {}))
+    cfg = dict(pick_config(m, batch * n, k, props.multi_processor_count), **dict(config))
     m_tiles = -(-m // 8)
     chunks = k // CHUNK
     block_chunks = min(cfg["BLOCK_CHUNKS"], chunks)
@@ -423,13 +468,20 @@ def int4_gemm(
                        (props.major, props.minor))
     if smem >= 48 * 1024:
         _allow_smem(kernel)
-    sums = torch.zeros(*x.shape[:-1], n, dtype=torch.float32, device=x.device)
-    strides = [x.stride(0), qdata.stride(0) // 16, scale.stride(0)] if batched else [0, 0, 0]
-    kernel(
+    strides = (x_stride[0], q_batch_stride // 16, s_stride[0]) if batched else (0, 0, 0)
+    return _with_launcher(
+        kernel=kernel,
         grid=(-(-n // BLOCK_N), -(-chunks // block_chunks), batch),
         block=(32 * WARPS, 1, 1),
-        args=[x, qdata, scale, zero_point, sums, m, n, k, x.stride(-2), scale.stride(-2),
-              group_size.bit_length() - 1, block_chunks, *strides],
         shared_mem=smem,
+        device_index=device_index,
+        ints=(m, n, k, x_stride[-2], s_stride[-2], group_size.bit_length() - 1, block_chunks,
+              *strides),
+        sums_shape=(*x_shape[:-1], n),
     )
-    return sums.to(torch.bfloat16)
+
+
+def _with_launcher(device_index: int, **fields) -> _LaunchPlan:
+    launch = nvrtc.Launcher(fields["kernel"], fields["grid"], fields["block"],
+                            fields["shared_mem"], 5, fields["ints"], device_index)
+    return _LaunchPlan(launch=launch, **fields)

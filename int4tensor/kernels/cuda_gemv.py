@@ -46,6 +46,7 @@ or fails, the dispatcher uses the Triton kernels instead. This module imports no
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -391,38 +392,45 @@ def pick_config(m: int, n: int, k: int, num_sms: int, shuffled: bool = False) ->
     return dict(cfg, WARPS_N=MAX_WARPS // cfg["SLICES"])
 
 
-def operands_fit(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-                 zero_point: torch.Tensor, group_size: int) -> bool:
-    """What every kernel reading this per-lane layout needs of its operands (any M): bf16 ``x``
-    on CUDA with 16-byte aligned rows, contiguous 16-byte aligned ``qdata`` with K a multiple of
-    128, bf16 N-contiguous scales and zero points, G = 128 or 256 (a 128-wide chunk must not
-    straddle groups); 2D (``x [M, K]``, ``qdata [N, K/2]``, scales ``[K/G, N]``) or batched
-    (``x [B, M, K]``, ``qdata [B, N, K/2]``, scales ``[B, K/G, N]``, B < 2^16 grid rows, batch
-    strides within the kernels' 32-bit arguments)."""
+def operands_problem(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                     zero_point: torch.Tensor, group_size: int) -> str | None:
+    """Why the operands do not fit every kernel reading this per-lane layout (any M), or None:
+    bf16 ``x`` with 16-byte aligned rows, contiguous 16-byte aligned ``qdata`` with K a
+    multiple of 128, bf16 N-contiguous scales and zero points, G = 128 or 256 (a 128-wide
+    chunk must not straddle groups); 2D (``x [M, K]``, ``qdata [N, K/2]``, scales ``[K/G, N]``)
+    or batched (``x [B, M, K]``, ``qdata [B, N, K/2]``, scales ``[B, K/G, N]``, B < 2^16 grid
+    rows, batch strides within the kernels' 32-bit arguments). The device is not checked."""
     if not (x.ndim == qdata.ndim == scale.ndim and x.ndim in (2, 3)):
-        return False
+        return f"x {x.ndim}D with a {qdata.ndim}D weight: it takes 2D/2D or 3D/3D"
     if x.ndim == 3 and not (
             x.shape[0] == qdata.shape[0] == scale.shape[0] and x.shape[0] < 2**16
             and max(x.stride(0), qdata.stride(0), scale.stride(0),
                     x.shape[1] * qdata.shape[-2]) < 2**31):
-        return False
-    return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and x.stride(-1) == 1
-        and all(s % 8 == 0 for s in x.stride()[:-1])
-        and x.storage_offset() % 8 == 0  # 16-byte aligned rows (allocations are aligned)
-        and qdata.is_contiguous()
-        and qdata.storage_offset() % 16 == 0
-        and qdata.shape[-1] * 2 == x.shape[-1]
-        and x.shape[-1] % CHUNK == 0
-        and scale.dtype == torch.bfloat16
-        and zero_point.dtype == torch.bfloat16
-        and scale.stride(-1) == 1
-        and zero_point.stride() == scale.stride()
-        and scale.shape[-1] == qdata.shape[-2]
-        and group_size in (128, 256)
-    )
+        return "batch sizes differ or exceed the kernel's 32-bit strides"
+    if x.dtype != torch.bfloat16:
+        return f"activations are {x.dtype}, it takes bf16"
+    if group_size not in (128, 256):
+        return f"G = {group_size}, it takes 128 or 256"
+    if x.shape[-1] % CHUNK:
+        return f"K = {x.shape[-1]} is not a multiple of {CHUNK}"
+    if not (x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:-1])
+            and x.data_ptr() % 16 == 0):
+        return "activation rows are not 16-byte aligned"
+    if not (qdata.is_contiguous() and qdata.data_ptr() % 16 == 0):
+        return "qdata is not contiguous (a sliced weight; .contiguous() fixes it)"
+    if qdata.shape[-1] * 2 != x.shape[-1] or scale.shape[-1] != qdata.shape[-2]:
+        return "operand shapes disagree"
+    if not (scale.dtype == zero_point.dtype == torch.bfloat16):
+        return f"scales are {scale.dtype}, it takes bf16"
+    if not (scale.stride(-1) == 1 and zero_point.stride() == scale.stride()):
+        return "scales are not N-contiguous with zero points of the same strides"
+    return None
+
+
+def operands_fit(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                 zero_point: torch.Tensor, group_size: int) -> bool:
+    """:func:`operands_problem` is None, on CUDA."""
+    return x.is_cuda and operands_problem(x, qdata, scale, zero_point, group_size) is None
 
 
 def can_run(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
@@ -459,28 +467,75 @@ def int4_gemv(
     Returns:
         bf16 ``[M, N]`` or ``[B, M, N]``.
     """
-    batched = x.ndim == 3
-    batch = x.shape[0] if batched else 1
-    m, k = x.shape[-2:]
+    plan = _launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
+                        scale.stride(), x.device.index, group_size, shuffled,
+                        tuple(sorted(config.items())) if config else ())
+    out = torch.empty(plan.out_shape, dtype=torch.bfloat16, device=x.device)
+    plan.launch(x, qdata, scale, zero_point, out)
+    return out
+
+
+def bind(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+         group_size: int, shuffled: bool = False):
+    """``f(x) -> int4_gemv(x, qdata, scale, zero_point, group_size)`` for activations of
+    ``x``'s shape, strides and device: the launch is planned here, once."""
+    plan = _launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
+                        scale.stride(), x.device.index, group_size, shuffled, ())
+    shape, launch, device = plan.out_shape, plan.launch, x.device
+
+    def gemv(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        launch(x, qdata, scale, zero_point, out)
+        return out
+    return gemv
+
+
+class _LaunchPlan(NamedTuple):
+    launch: nvrtc.Launcher
+    kernel: object
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_mem: int
+    ints: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(x_shape: tuple, x_stride: tuple, q_shape: tuple, q_batch_stride: int,
+                 s_stride: tuple, device_index: int, group_size: int, shuffled: bool,
+                 config: tuple) -> _LaunchPlan:
+    """Everything a launch needs that follows from the operands' shapes and strides: made once
+    per signature, so a repeated call only allocates its output and launches."""
+    batched = len(x_shape) == 3
+    batch = x_shape[0] if batched else 1
+    m, k = x_shape[-2:]
     if not 1 <= m <= MAX_M:  # the kernel would leave rows unwritten
         raise ValueError(f"the GEMV takes 1 to {MAX_M} activation rows, got {m}")
-    n = qdata.shape[-2]
+    n = q_shape[-2]
     if shuffled and n % 16:
         raise ValueError(f"a preshuffled weight has a multiple of 16 rows, got {n}")
-    props = torch.cuda.get_device_properties(x.device)
+    props = torch.cuda.get_device_properties(device_index)
     # the batch's row tiles share the multiprocessors, so the config sees all of them
-    cfg = dict(pick_config(m, batch * n, k, props.multi_processor_count, shuffled), **(config or {}))
+    cfg = dict(pick_config(m, batch * n, k, props.multi_processor_count, shuffled), **dict(config))
     m_tiles = 1 if m <= 8 else 2
     kernel = _compiled(m_tiles, cfg["WARPS_N"], cfg["U"], (props.major, props.minor),
                        cfg["MIN_BLOCKS"], cfg["R"], shuffled)
-    out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16, device=x.device)
-    strides = ([x.stride(0), qdata.stride(0) // 16, scale.stride(0), out.stride(0)] if batched
-               else [0, 0, 0, 0])
-    kernel(
+    out_shape = (*x_shape[:-1], n)
+    batch_strides = (x_stride[0], q_batch_stride // 16, s_stride[0], m * n) if batched \
+        else (0, 0, 0, 0)
+    return _with_launcher(
+        kernel=kernel,
         grid=(-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), batch, 1),
         block=(32, cfg["WARPS_N"], cfg["SLICES"]),
-        args=[x, qdata, scale, zero_point, out, m, n, k, x.stride(-2), scale.stride(-2),
-              out.stride(-2), group_size.bit_length() - 1, *strides],
         shared_mem=_smem_bytes(m_tiles, cfg["WARPS_N"], cfg["SLICES"], cfg["R"]),
+        device_index=device_index,
+        ints=(m, n, k, x_stride[-2], s_stride[-2], n, group_size.bit_length() - 1,
+              *batch_strides),
+        out_shape=out_shape,
     )
-    return out
+
+
+def _with_launcher(device_index: int, **fields) -> _LaunchPlan:
+    launch = nvrtc.Launcher(fields["kernel"], fields["grid"], fields["block"],
+                            fields["shared_mem"], 5, fields["ints"], device_index)
+    return _LaunchPlan(launch=launch, **fields)

@@ -7,7 +7,9 @@ fails, :func:`compiles` says so and the dispatcher picks another backend.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import struct
 
 import torch
 
@@ -75,3 +77,67 @@ def compiles(source: str, name: str, capability: tuple[int, int]) -> bool:
         return True
     except Exception:
         return False
+
+
+# ---- launching ---------------------------------------------------------------------------
+# torch's kernel wrapper converts every argument to a ctypes object and looks up the current
+# stream on each call (~100 us of Python per launch, measured on an H200 host): more than
+# the decode kernels themselves take. Here the parameters travel as one packed buffer
+# (cuLaunchKernel's CU_LAUNCH_PARAM_BUFFER_POINTER), laid out once per argument signature,
+# and the stream is read as a raw handle.
+_PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0
+_Extra = ctypes.c_void_p * 5
+
+
+@functools.lru_cache(maxsize=None)
+def _cu_launch_kernel():
+    """``cuLaunchKernel`` as a ctypes function of its own (the argument types set here do not
+    touch the function object torch's wrapper uses)."""
+    library = torch.cuda._utils._get_gpu_runtime_library()
+    prototype = ctypes.CFUNCTYPE(
+        ctypes.c_int, ctypes.c_void_p, *([ctypes.c_uint] * 7), ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p)
+    return prototype(("cuLaunchKernel", library))
+
+
+class Launcher:
+    """One kernel with a fixed grid, block, shared memory and trailing int parameters:
+    ``launcher(*tensors)`` launches it on the current stream of the tensors' device with the
+    tensors' data pointers as its leading parameters (CUDA-graph capturable, like any launch
+    on the current stream). The parameter buffer follows C's layout (pointers, then 32-bit
+    ints), which is how the kernels declare their parameters."""
+
+    def __init__(self, kernel, grid: tuple[int, int, int], block: tuple[int, int, int],
+                 shared_mem: int, n_tensors: int, ints: tuple[int, ...], device_index: int):
+        self._func = kernel.func
+        self._dims = (*grid, *block, shared_mem)
+        self._pointers = struct.Struct(f"@{n_tensors}P")
+        tail = struct.pack(f"@{len(ints)}i", *ints)
+        # the ints after the pointers start 8-byte aligned (pointers are 8 bytes): no padding
+        self._tail = tail
+        self._size = ctypes.c_size_t(self._pointers.size + len(tail))  # read-only after this
+        self._size_address = ctypes.addressof(self._size)
+        self._device_index = device_index
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        params = ctypes.create_string_buffer(
+            self._pointers.pack(*[t.data_ptr() for t in tensors]) + self._tail)
+        extra = _Extra(_PARAM_BUFFER_POINTER, ctypes.addressof(params), _PARAM_BUFFER_SIZE,
+                       self._size_address, _PARAM_END)
+        stream = torch._C._cuda_getCurrentRawStream(self._device_index)
+        status = _cu_launch_kernel()(self._func, *self._dims, stream, None, extra)
+        if status != 0:
+            raise RuntimeError(f"cuLaunchKernel failed with CUDA error {status} (grid/block/"
+                               f"shared memory {self._dims})")
+
+
+def launch(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list,
+           shared_mem: int = 0) -> None:
+    """Launch a kernel of :func:`compile_kernel` once: ``args`` are its parameters in order,
+    CUDA tensors (as data pointers) first, then Python ints (as 32-bit ``int``)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    ints = tuple(args[len(tensors):])
+    if any(isinstance(a, torch.Tensor) for a in ints):
+        raise TypeError("kernel parameters must be tensors first, then ints")
+    Launcher(kernel, grid, block, shared_mem, len(tensors), ints,
+             tensors[0].device.index)(*tensors)

@@ -60,12 +60,32 @@ class Int4BaseTensor(torch.Tensor):
                 if table_name not in cls.__dict__:
                     setattr(cls, table_name, {})
                 cls.__dict__[table_name][func] = impl
+            pending = [cls]  # registrations after a lookup: forget what this class tree found
+            while pending:
+                klass = pending.pop()
+                klass.__dict__.get("_impl_cache", {}).clear()
+                pending += klass.__subclasses__()
             return impl
 
         return register
 
     @classmethod
     def _find_impl(cls, table_name: str, func) -> OpImpl | None:
+        # found once per class and op: this runs on every call of every op
+        cache = cls.__dict__.get("_impl_cache")
+        if cache is None:
+            cache = {}
+            setattr(cls, "_impl_cache", cache)
+        try:
+            return cache[(table_name, func)]
+        except KeyError:
+            impl = cache[(table_name, func)] = cls._lookup_impl(table_name, func)
+            return impl
+        except TypeError:  # an unhashable callable
+            return cls._lookup_impl(table_name, func)
+
+    @classmethod
+    def _lookup_impl(cls, table_name: str, func) -> OpImpl | None:
         keys = (func, getattr(func, "overloadpacket", None))
         for klass in cls.__mro__:
             table = klass.__dict__.get(table_name)
@@ -127,6 +147,10 @@ class Int4BaseTensor(torch.Tensor):
     def _with_data(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int4BaseTensor":
         """A new tensor of the same class and metadata with ``fn`` applied to each inner tensor."""
         return self._build({n: fn(t) for n, t in self._tensors().items()}, self._attributes())
+
+    def __getstate__(self) -> dict:
+        # pickled state: the fields, not the dispatch decisions cached on this tensor
+        return {k: v for k, v in self.__dict__.items() if k != "_dispatch_plans"}
 
     def __tensor_flatten__(self):
         return list(self._tensors()), self._attributes()
@@ -333,6 +357,7 @@ def _(func, args, kwargs):
         raise ValueError(f"copy_ into {type(dst).__name__}: source differs, {problem}")
     for name, t in dst._tensors().items():
         t.copy_(getattr(src, name))
+    dst.__dict__.pop("_dispatch_plans", None)  # decisions are remade for the new values
     return dst
 
 

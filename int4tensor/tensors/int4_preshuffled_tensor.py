@@ -250,10 +250,7 @@ def _linear(x: torch.Tensor, w: Int4PreshuffledTensor, bias) -> torch.Tensor:
                          f"{list(x.shape)}")
     if x.dtype != torch.bfloat16:
         raise TypeError(f"Int4PreshuffledTensor takes bf16 activations, got {x.dtype}")
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    out = kernels.preshuffled_linear(x2d, w)[:, : w.stored_n]
-    out = out.reshape(*x.shape[:-1], w.stored_n)
-    return out + bias if bias is not None else out
+    return kernels.preshuffled_linear(x, w, bias)
 
 
 def _transposed(t: Int4PreshuffledTensor) -> Int4PreshuffledTensor:
@@ -350,6 +347,6 @@ def _(func, args, kwargs):
             if a.shape[-1] != stored.shape[-1]:
                 raise ValueError(f"bmm: shapes {list(a.shape)} and {list(b.shape)} cannot be "
                                  "multiplied")
-            return kernels.preshuffled_bmm(a, stored)[..., : stored.stored_n]
+            return kernels.preshuffled_bmm(a, stored)
     dense = [x.dequantize(torch.bfloat16) if isinstance(x, Int4BaseTensor) else x for x in (a, b)]
     return torch.matmul(*dense)

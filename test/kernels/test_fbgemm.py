@@ -59,7 +59,7 @@ def test_linear_fbgemm_leading_dims_and_bias():
 
 @pytest.mark.parametrize("m, backend", [(1, "cuda"), (8, "cuda"), (9, "cuda"),
                                         (16, "cuda"), (17, "cuda_gemm"), (32, "cuda_gemm"),
-                                        (33, "fbgemm"), (512, "fbgemm"), (4096, "reference")])
+                                        (33, "fbgemm"), (512, "fbgemm"), (4096, "dense")])
 def test_dispatch_by_batch_size(m, backend):
     needs_fbgemm_hopper()
     t = Int4Tensor.from_hp(torch.randn(256, 512, dtype=torch.bfloat16, device="cuda"), (1, 128))

@@ -1,0 +1,154 @@
+"""transformers ``generate()`` itself: bf16 vs int4 (plain, preshuffled), in one run.
+
+    python benchmarks/bench_generate.py [--layers 32] [--batch 1 8] [--cache dynamic static]
+        [--modes bf16 int4 int4-prepared preshuffled-prepared] [--user-compile] [--out DIR]
+
+The model is a ``LlamaForCausalLM`` built from a Llama-3-8B-shaped ``LlamaConfig`` with random
+weights (nothing is downloaded; ``--layers`` shortens it). Per-token time is
+``(t(N new tokens) - t(8 new tokens)) / (N - 8)`` (median of 3 runs after a warm-up that also
+compiles), so prefill and compilation cancel out. ``cache dynamic`` is transformers' default
+DynamicCache in eager mode; ``cache static`` is ``cache_implementation="static"``, for which
+transformers compiles the decode step itself (``mode="reduce-overhead"``, CUDA graphs);
+``--user-compile`` adds ``model.forward = torch.compile(model.forward, mode="reduce-overhead",
+fullgraph=True)`` with a static cache. The GPU time per token comes from the profiler (the
+sum of the device time of a decode's kernels); when the wall time per token is larger, the
+rest is the host's.
+
+Modes: ``bf16``; ``int4``: ``quantize_(model, Int4WeightOnlyConfig(group_size=128))`` on every
+``nn.Linear``; ``int4-prepared``: the same after ``int4tensor.prepare_for_compile(model)``;
+``preshuffled`` / ``preshuffled-prepared``: after ``convert_model_to_packed_tensors_``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import write_csv  # noqa: E402
+from int4tensor import (  # noqa: E402
+    Int4WeightOnlyConfig, convert_model_to_packed_tensors_, prepare_for_compile, quantize_)
+
+PROMPT = 128
+
+
+def build_model(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=8192, rope_theta=500000.0,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def generate(model, batch: int, new_tokens: int, cache: str):
+    ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device="cuda")
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=0, attention_mask=torch.ones_like(ids))
+    if cache in ("static", "user-compile"):
+        kwargs["cache_implementation"] = "static"
+    if cache == "user-compile":
+        kwargs["disable_compile"] = True
+    with torch.no_grad():
+        return model.generate(ids, **kwargs)
+
+
+def wall_s(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def gpu_s(fn) -> float:
+    """Sum of the device time of the kernels ``fn`` launches (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) * 1e-6
+
+
+def per_token(model, batch: int, cache: str, n: int, profile_gpu: bool) -> tuple[float, float]:
+    """(wall ms, GPU ms) per decode step."""
+    generate(model, batch, 16, cache)  # warm-up (compiles the static-cache step)
+    generate(model, batch, 16, cache)
+    short = sorted(wall_s(lambda: generate(model, batch, 8, cache)) for _ in range(3))[1]
+    long = sorted(wall_s(lambda: generate(model, batch, n, cache)) for _ in range(3))[1]
+    wall = (long - short) / (n - 8) * 1e3
+    gpu = float("nan")
+    if profile_gpu:
+        gpu = (gpu_s(lambda: generate(model, batch, n, cache))
+               - gpu_s(lambda: generate(model, batch, 8, cache))) / (n - 8) * 1e3
+    return wall, gpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--cache", nargs="+", default=["dynamic", "static"],
+                        choices=["dynamic", "static"])
+    parser.add_argument("--modes", nargs="+",
+                        default=["bf16", "int4", "int4-prepared", "preshuffled-prepared"])
+    parser.add_argument("--user-compile", action="store_true")
+    parser.add_argument("--tokens", type=int, default=72)
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    caches = list(args.cache) + (["user-compile"] if args.user_compile else [])
+    rows, bf16 = [], {}
+    for mode in args.modes:
+        model = build_model(args.layers)  # the same weights for every mode (seeded)
+        if mode != "bf16":
+            quantize_(model, Int4WeightOnlyConfig(group_size=128))
+        if mode.startswith("preshuffled"):
+            convert_model_to_packed_tensors_(model)
+        if mode.endswith("prepared"):
+            prepare_for_compile(model)
+        for cache in caches:
+            if mode.endswith("prepared") and cache == "dynamic":
+                continue  # eager: nothing to prepare for
+            for batch in args.batch:
+                torch._dynamo.reset()
+                wall, gpu = per_token(model, batch, cache, args.tokens, not args.no_profile)
+                key = (cache, batch)
+                if mode == "bf16":
+                    bf16[key] = wall
+                speedup = bf16[key] / wall if key in bf16 else float("nan")
+                rows.append(dict(mode=mode, cache=cache, batch=batch, ms_per_token=round(wall, 3),
+                                 gpu_ms_per_token=round(gpu, 3),
+                                 tokens_per_s=round(batch * 1e3 / wall, 1),
+                                 speedup_vs_bf16=round(speedup, 3)))
+                print(f"{mode:22s} {cache:12s} batch {batch:3d}: {wall:7.2f} ms/token "
+                      f"(GPU {gpu:6.2f} ms) {batch * 1e3 / wall:8.1f} tok/s  "
+                      f"{speedup:5.2f}x bf16", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    import transformers
+
+    comment = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
+               f"{transformers.__version__}, Llama-3-8B shape with {args.layers} layers, "
+               f"prompt {PROMPT}, {args.tokens} new tokens, {datetime.date.today()}")
+    write_csv(os.path.join(args.out, "bench_generate.csv"), comment, rows)
+
+
+if __name__ == "__main__":
+    main()

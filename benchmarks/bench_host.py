@@ -1,0 +1,107 @@
+"""Host cost per call: what a Python caller pays for each int4 path, beside bf16, in one run.
+
+    python benchmarks/bench_host.py [--out DIR] [--n 4096] [--k 4096]
+
+For every path (bf16 ``F.linear``; ``F.linear`` on the plain and preshuffled layouts with bf16
+and fp8 activations, 2D and 3D ``x``; ``torch.bmm`` on 3D expert stacks of both layouts) and
+M = 1, 8, 32 rows: the eager wall time per call of a Python loop of calls (synchronized once
+at the end, so a path bound by its host work shows that work) and the GPU time per call of
+the same call replayed in a CUDA graph (no host work at all). A path is host-bound when its
+wall time exceeds its GPU time. Writes bench_host.csv to --out and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import graph_time_us, write_csv  # noqa: E402
+from int4tensor import Int4PreshuffledTensor, Int4Tensor  # noqa: E402
+from int4tensor.kernels import fbgemm  # noqa: E402
+
+MS = (1, 8, 32)
+
+
+def eager_us(fn, calls: int = 2000) -> float:
+    """Median over 5 rounds of the wall µs per call of ``calls`` back-to-back calls."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - start) / calls * 1e6)
+    return sorted(rounds)[2]
+
+
+def paths(n: int, k: int, m: int, experts: int) -> dict:
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    t = Int4Tensor.from_hp(w, (1, 128))
+    t8 = Int4Tensor(t.qdata, t.scale, t.zero_point, t.block_size, t.shape, activation_dtype="fp8")
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    x3 = x.view(1, m, k)
+    we = torch.randn(experts, n // experts, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    te = Int4Tensor.from_hp(we, (1, 1, 128)).transpose(-1, -2)  # logical [E, K, N/E]
+    xe = torch.randn(experts, m, k, dtype=torch.bfloat16, device="cuda")
+    out = {
+        "bf16 F.linear": lambda: F.linear(x, w),
+        "int4 plain F.linear": lambda: F.linear(x, t),
+        "int4 plain F.linear, 3D x": lambda: F.linear(x3, t),
+        "int4 plain fp8-act F.linear": lambda: F.linear(x, t8),
+        "bf16 bmm (experts)": lambda: torch.bmm(xe, we.transpose(-1, -2)),
+        "int4 plain bmm (experts)": lambda: torch.bmm(xe, te),
+    }
+    if fbgemm.is_available() and torch.cuda.get_device_capability() >= (9, 0):
+        p = Int4PreshuffledTensor.from_int4_tensor(t)
+        p8 = Int4PreshuffledTensor.from_hp_fp8(w)
+        pe = Int4PreshuffledTensor.from_int4_tensor(te.transpose(-1, -2)).transpose(-1, -2)
+        out.update({
+            "int4 preshuffled F.linear": lambda: F.linear(x, p),
+            "int4 preshuffled F.linear, 3D x": lambda: F.linear(x3, p),
+            "int4 preshuffled fp8-act F.linear": lambda: F.linear(x, p8),
+            "int4 preshuffled bmm (experts)": lambda: torch.bmm(xe, pe),
+            "fbgemm bf16i4bf16_rowwise (op called directly)":
+                lambda: torch.ops.fbgemm.bf16i4bf16_rowwise(x, t.qdata, t.scale, t.zero_point),
+        })
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--experts", type=int, default=8)
+    args = parser.parse_args()
+    rows = []
+    with torch.no_grad():
+        for m in MS:
+            bf16 = {}
+            for name, fn in paths(args.n, args.k, m, args.experts).items():
+                wall, gpu = eager_us(fn), graph_time_us([fn])
+                base = "bf16 bmm (experts)" if "bmm" in name else "bf16 F.linear"
+                if name.startswith("bf16"):
+                    bf16[name] = wall
+                rows.append(dict(M=m, path=name, eager_us=round(wall, 1), gpu_us=round(gpu, 1),
+                                 eager_vs_bf16=round(wall / bf16[base], 2)))
+                print(f"M={m:3d} {name:48s} eager {wall:7.1f} us  gpu {gpu:7.1f} us  "
+                      f"{wall / bf16[base]:5.2f}x bf16's eager", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    comment = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+               f"{args.n}x{args.k}, {args.experts} experts of {args.n // args.experts}x{args.k}, "
+               f"{datetime.date.today()}")
+    write_csv(os.path.join(args.out, "bench_host.csv"), comment, rows)
+
+
+if __name__ == "__main__":
+    main()

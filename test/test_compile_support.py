@@ -1,0 +1,98 @@
+"""prepare_for_compile: int4 weights held as plain inner tensors; everything a user does with
+the model stays the same."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from int4tensor import (Int4Tensor, Int4WeightOnlyConfig, explain, load_file,
+                        prepare_for_compile, quantize_, save_file)
+from int4tensor.compile_support import is_prepared_for_compile
+
+
+def model_and_input(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(256, 512), nn.SiLU(), nn.Linear(512, 128, bias=False))
+    model = model.to(torch.bfloat16)
+    quantize_(model, Int4WeightOnlyConfig())
+    return model, torch.randn(3, 256, dtype=torch.bfloat16)
+
+
+def same_state(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if type(x) is not type(y):
+            return False
+        if isinstance(x, Int4Tensor):
+            if x._mismatch(y) or not all(torch.equal(t, getattr(y, n))
+                                         for n, t in x._tensors().items()):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
+
+
+def test_outputs_and_state_dict_unchanged():
+    model, x = model_and_input()
+    ref, state = model(x), model.state_dict()
+    assert prepare_for_compile(model) is model
+    assert is_prepared_for_compile(model[0]) and is_prepared_for_compile(model[2])
+    assert not any(isinstance(p, Int4Tensor) for p in model.parameters())  # plain tensors now
+    assert isinstance(model[0].weight, Int4Tensor)
+    assert model[0].weight is model[0].weight  # cached in eager mode
+    assert torch.equal(model(x), ref)
+    assert same_state(model.state_dict(), state)
+    prepare_for_compile(model)  # again: nothing changes
+    assert same_state(model.state_dict(), state)
+
+
+def test_save_and_load_both_ways(tmp_path):
+    model, x = model_and_input()
+    ref = model(x)
+    prepare_for_compile(model)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    save_file(model.state_dict(), tmp_path / "m.safetensors")
+    for state in (torch.load(io.BytesIO(buf.getvalue()), weights_only=True),
+                  load_file(tmp_path / "m.safetensors")):
+        plain, _ = model_and_input(seed=1)  # other values, same layout
+        plain.load_state_dict(state)
+        assert torch.equal(plain(x), ref)
+        prepared, _ = model_and_input(seed=1)
+        prepare_for_compile(prepared).load_state_dict(state)
+        assert torch.equal(prepared(x), ref)
+
+
+def test_copy_into_the_inner_tensors_is_seen():
+    model, x = model_and_input()
+    other, _ = model_and_input(seed=1)
+    prepare_for_compile(model)
+    before = model[0].weight
+    model.load_state_dict(other.state_dict())
+    assert model[0].weight is not before
+    assert torch.equal(model(x), other(x))
+
+
+def test_assigning_another_layout_is_refused():
+    model, _ = model_and_input()
+    prepare_for_compile(model)
+    w = Int4Tensor.from_hp(torch.randn(512, 256, dtype=torch.bfloat16), (1, 64))
+    with pytest.raises(ValueError, match="prepared for compile as Int4Tensor"):
+        model[0].weight = w
+
+
+def test_compiled_fullgraph_matches_eager_and_explain_names_the_weights():
+    model, x = model_and_input()
+    ref = model(x)
+    prepare_for_compile(model)
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True)
+        assert torch.equal(compiled(x), ref)
+        assert torch.equal(compiled(x), ref)
+    report = explain(model, x)
+    assert [e.name for e in report] == ["0.weight", "2.weight"]
+    assert all(e.backend == "reference" for e in report)  # on this CPU
