@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import pathlib
+import threading
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -139,14 +140,27 @@ class Int4BaseTensor(torch.Tensor):
         return [getattr(self, name) for name in self.tensor_attribute_names]
 
     @classmethod
-    def _build(cls, tensors: dict[str, torch.Tensor], attributes: list[Any]) -> "Int4BaseTensor":
+    def _build(cls, tensors: dict[str, torch.Tensor], attributes: list[Any],
+               validate: bool = True) -> "Int4BaseTensor":
+        """``cls(...)`` from fields by name. ``validate=False`` is for the ops that derive a
+        tensor from checked ones by construction (views, transposes, ``.to``, cat): they skip
+        the consistency check, which costs tens of microseconds, on hot paths."""
         optional = {n: tensors.get(n) for n in cls.optional_tensor_data_names}
         named = dict(zip(cls.tensor_attribute_names, attributes))
-        return cls(*[tensors[n] for n in cls.tensor_data_names], **named, **optional)
+        args = [tensors[n] for n in cls.tensor_data_names]
+        if validate:
+            return cls(*args, **named, **optional)
+        _derived.active = True
+        try:
+            return cls(*args, **named, **optional)
+        finally:
+            _derived.active = False
 
     def _with_data(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int4BaseTensor":
-        """A new tensor of the same class and metadata with ``fn`` applied to each inner tensor."""
-        return self._build({n: fn(t) for n, t in self._tensors().items()}, self._attributes())
+        """A new tensor of the same class and metadata with ``fn`` applied to each inner tensor
+        (same shapes, dtypes at most re-typed together: consistent by construction)."""
+        return self._build({n: fn(t) for n, t in self._tensors().items()}, self._attributes(),
+                           validate=False)
 
     def __getstate__(self) -> dict:
         # pickled state: the fields, not the dispatch decisions cached on this tensor
@@ -172,7 +186,7 @@ class Int4BaseTensor(torch.Tensor):
         """Raise ``ValueError`` if the fields contradict each other. Run by every constructor,
         by unpickling and by ``__tensor_unflatten__`` outside tracing (where the inner tensors
         are fake and their shapes may be symbolic, the check is skipped)."""
-        if _is_fake(self._tensors().values()):
+        if getattr(_derived, "active", False) or _is_fake(self._tensors().values()):
             return
         problem = self._layout_problem()
         if problem is not None:
@@ -249,6 +263,9 @@ class Int4BaseTensor(torch.Tensor):
 
 
 implements = Int4BaseTensor.implements
+
+# Set while an op builds a tensor derived from checked ones (``_build(..., validate=False)``).
+_derived = threading.local()
 
 
 @functools.lru_cache(maxsize=None)

@@ -257,7 +257,7 @@ def _transposed(t: Int4PreshuffledTensor) -> Int4PreshuffledTensor:
     bs, shape = t.block_size, tuple(t.shape)
     return Int4PreshuffledTensor._build(
         t._tensors(), [(*bs[:-2], bs[-1], bs[-2]), (*shape[:-2], shape[-1], shape[-2]),
-                       t.activation_dtype])
+                       t.activation_dtype], validate=False)
 
 
 @implements([aten.t.default, aten.transpose.int])

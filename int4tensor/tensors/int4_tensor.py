@@ -359,7 +359,8 @@ def _field_dims(t: Int4Tensor, dim: int) -> dict[str, tuple[int, int]]:
 def _replace(t: Int4Tensor, shape, block_size=None, **tensors) -> Int4Tensor:
     fields = {**t._tensors(), **tensors}
     return Int4Tensor._build(
-        fields, [tuple(block_size or t.block_size), tuple(shape), t.activation_dtype])
+        fields, [tuple(block_size or t.block_size), tuple(shape), t.activation_dtype],
+        validate=False)  # derived from a checked tensor by the ops below
 
 
 def _transposed(t: Int4Tensor) -> Int4Tensor:
