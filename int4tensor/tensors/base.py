@@ -8,8 +8,14 @@ A subclass declares its fields once::
 and gets from this module: ``__tensor_flatten__``/``__tensor_unflatten__`` (torch.compile),
 pickling for ``torch.save``, a ``repr``, an op table filled with the :meth:`implements`
 decorator, and the ops whose meaning is "do the same to every inner tensor" (detach, alias,
-clone, contiguous, ``.to()``) plus a checked ``copy_``. Ops that are not registered raise
-``NotImplementedError`` naming the op and the class, never a crash deep in torch.
+clone, contiguous, ``.to()``, pinning) plus a checked ``copy_`` and ``param.data = ...``. Ops
+that are not registered raise ``NotImplementedError`` naming the op and the class, never a
+crash deep in torch.
+
+A subclass also defines ``_layout_problem()`` (do the fields agree with each other and the
+attributes?); its constructor calls :meth:`Int4BaseTensor._validate`, and so do unpickling and
+``__tensor_unflatten__`` (through the constructor), so no tensor with contradictory fields is
+ever built from a file or a pickle.
 """
 
 from __future__ import annotations
