@@ -39,13 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native: int4tensor safetensors; compressed-tensors: pack-quantized "
                         "W4A16 (vLLM/SGLang)")
     q.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=False,
-                   help="zero point 0 (default: asymmetric)")
+                   help="zero point 0 (off: asymmetric)")
     q.add_argument("--ignore", nargs="*", default=["lm_head"], metavar="REGEX",
-                   help="keep tensors whose name matches any REGEX in high precision; replaces "
-                        "the default ['lm_head'] (give --ignore alone to quantize lm_head too)")
+                   help="keep tensors whose name matches any REGEX in high precision; the list "
+                        "replaces the default (give --ignore alone to quantize lm_head too)")
     q.add_argument("--device", default=None,
-                   help="where to quantize, e.g. cpu, cuda, cuda:1 (default: cuda if available, "
-                        "else cpu)")
+                   help="where to quantize, e.g. cpu, cuda, cuda:1; None: cuda if available, "
+                        "else cpu")
     q.add_argument("--expert-k-dim", type=int, default=-1, choices=(-1, -2),
                    help="K of 3D expert weights: -1 for [E, N, K] (Mixtral), -2 for [E, K, N] "
                         "(Llama4, gpt-oss; native format only)")
