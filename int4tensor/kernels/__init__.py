@@ -39,7 +39,7 @@ TRITON_MAX_M = 16
 DENSE_MIN_M = 4096
 FP8_ROWWISE_MIN_M = 64
 
-__all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_linear",
+__all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_linear", "is_eager",
            "linear_backend", "preshuffled_backend", "preshuffled_bmm", "preshuffled_linear",
            "quantize_fp8_rows", "round_fp8_rows"]
 
@@ -234,6 +234,11 @@ def _fbgemm_f8_shuffled(x, w):
     return custom_ops.fbgemm_f8i4_shuffled(xq, w.qdata, x_scale, w.row_scale, w.group_scale)
 
 
+def _fbgemm_f8_shuffled_eager(x, w):
+    xq, x_scale = quantize_fp8_rows(x)
+    return torch.ops.fbgemm.f8i4bf16_shuffled(xq, w.qdata, x_scale, w.row_scale, w.group_scale)
+
+
 def _fbgemm_shuffled_batched(x, w):
     n = w.qdata.shape[-2]
     return custom_ops.fbgemm_bf16i4_shuffled_batched(
@@ -294,7 +299,8 @@ _GEMM_SHUFFLED = Candidate("cuda_gemm",
 PRESHUFFLED_LINEAR = [_GEMV_SHUFFLED, _GEMM_SHUFFLED,
                       Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_shuffled,
                                 _fbgemm_shuffled_eager)]
-PRESHUFFLED_LINEAR_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_f8_shuffled)]
+PRESHUFFLED_LINEAR_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_f8_shuffled,
+                                    _fbgemm_f8_shuffled_eager)]
 PRESHUFFLED_BMM = [_GEMV_SHUFFLED, _GEMM_SHUFFLED,
                    Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_shuffled_batched)]
 PRESHUFFLED_BMM_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not,

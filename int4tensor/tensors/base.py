@@ -169,8 +169,17 @@ class Int4BaseTensor(torch.Tensor):
                            validate=False)
 
     def __getstate__(self) -> dict:
-        # pickled state: the fields, not the dispatch decisions cached on this tensor
-        return {k: v for k, v in self.__dict__.items() if k != "_dispatch_plans"}
+        # pickled state: the fields, not what dispatch caches on this tensor
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_dispatch_")}
+
+    def _dispatch_cached(self, name: str, make: Callable[[], Any]) -> Any:
+        """``make()``, kept on this tensor under ``_dispatch_<name>`` (eager dispatch only:
+        never pickled, dropped by ``copy_``)."""
+        key = "_dispatch_" + name
+        value = self.__dict__.get(key)
+        if value is None:
+            value = self.__dict__[key] = make()
+        return value
 
     def __tensor_flatten__(self):
         return list(self._tensors()), self._attributes()
@@ -380,7 +389,8 @@ def _(func, args, kwargs):
         raise ValueError(f"copy_ into {type(dst).__name__}: source differs, {problem}")
     for name, t in dst._tensors().items():
         t.copy_(getattr(src, name))
-    dst.__dict__.pop("_dispatch_plans", None)  # decisions are remade for the new values
+    for key in [k for k in dst.__dict__ if k.startswith("_dispatch_")]:
+        del dst.__dict__[key]  # decisions are remade for the new values
     return dst
 
 
@@ -414,3 +424,5 @@ def _(func, args, kwargs):
                         "nn.Parameter(new, requires_grad=False)))")
     for name in dst.tensor_data_names + dst.optional_tensor_data_names:
         setattr(dst, name, getattr(src, name))
+    for key in [k for k in dst.__dict__ if k.startswith("_dispatch_")]:
+        del dst.__dict__[key]  # plans made for the old inner tensors

@@ -114,6 +114,8 @@ class Int4PreshuffledTensor(Int4BaseTensor):
     def _require_fbgemm(self, what: str) -> None:
         """Reading this layout needs fbgemm's kernels on CUDA; say so instead of failing
         inside torch.ops (a file loaded with ``load_file(path)`` lands on the CPU)."""
+        if torch.compiler.is_compiling():  # checked when the eager op ran or the graph traced
+            return
         if not self.is_cuda or not kernels.fbgemm.is_available():
             where = "fbgemm-gpu-genai is not installed" if self.is_cuda else \
                 f"it is on {self.device.type}"
@@ -330,7 +332,7 @@ def _slice_fp8(t: Int4PreshuffledTensor, dim: int, start, end, step) -> Int4Pres
 
 
 @implements([aten.bmm.default, aten.mm.default, torch.matmul, torch.Tensor.matmul,
-             torch.Tensor.__matmul__])
+             torch.Tensor.__matmul__, torch.bmm, torch.mm, torch.Tensor.bmm, torch.Tensor.mm])
 def _(func, args, kwargs):
     """``x @ W`` for a transposed weight (``W`` logical ``[.., K, N]``) runs the kernels; any
     other product goes through the dense value."""
@@ -340,7 +342,8 @@ def _(func, args, kwargs):
             x._require_fbgemm(str(getattr(func, "__name__", func)))
     if isinstance(b, Int4PreshuffledTensor) and b.is_transposed and \
             not isinstance(a, Int4BaseTensor) and a.dtype == torch.bfloat16:
-        stored = _transposed(b)
+        stored = b._dispatch_cached("stored", lambda: _transposed(b)) \
+            if kernels.is_eager(a) else _transposed(b)
         if b.ndim == 2:
             return _linear(a, stored, None)
         if a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0]:

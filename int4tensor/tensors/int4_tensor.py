@@ -650,10 +650,16 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
     dense_a = not isinstance(a, Int4BaseTensor)
     if dense_a and isinstance(b, Int4Tensor) and b.is_transposed and a.numel() and b.numel():
         _check_activation(a, op)
+        # the stored weight, made once per tensor for eager calls (its dispatch plans live on it)
+        stored = b._dispatch_cached("stored", lambda: _transposed(b)) \
+            if kernels.is_eager(a) else _transposed(b)
+        # a slice's strided fields must not reach the kernels; copied per call, never cached
+        # (a cached copy would go stale when the sliced parameter is written in place)
+        stored = stored.contiguous()
         if b.ndim == 2:
-            return kernels.int4_linear(a, _transposed(b).contiguous(), None)
+            return kernels.int4_linear(a, stored, None)
         if a.ndim == 3 and a.shape[0] == b.shape[0]:
-            return kernels.int4_bmm(a, _transposed(b).contiguous())
+            return kernels.int4_bmm(a, stored)
     dtype = a.dtype if dense_a else (b.dtype if not isinstance(b, Int4BaseTensor) else a.dtype)
     return torch.matmul(_dense(a, dtype), _dense(b, dtype))
 
@@ -663,16 +669,18 @@ def _(func, args, kwargs):
     return _matmul(args[0], args[1], "matmul")
 
 
-@Int4Tensor.implements([aten.mm.default, aten.bmm.default])
+@Int4Tensor.implements([aten.mm.default, aten.bmm.default, torch.mm, torch.bmm, torch.Tensor.mm,
+                        torch.Tensor.bmm])
 def _(func, args, kwargs):
     a, b = args
-    want = 2 if func is aten.mm.default else 3
+    want = 2 if func in (aten.mm.default, torch.mm, torch.Tensor.mm) else 3
+    name = "mm" if want == 2 else "bmm"
     if a.ndim != want or b.ndim != want:
-        raise ValueError(f"{func}: expects {want}D operands, got {list(a.shape)} and "
+        raise ValueError(f"{name}: expects {want}D operands, got {list(a.shape)} and "
                          f"{list(b.shape)}")
     if want == 3 and a.shape[0] != b.shape[0]:
         raise ValueError(f"bmm: batch sizes differ, {list(a.shape)} and {list(b.shape)}")
-    return _matmul(a, b, str(func.overloadpacket.__name__))
+    return _matmul(a, b, name)
 
 
 @Int4Tensor.implements([aten.addmm.default])
