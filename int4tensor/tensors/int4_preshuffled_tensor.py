@@ -114,7 +114,7 @@ class Int4PreshuffledTensor(Int4BaseTensor):
     def _require_fbgemm(self, what: str) -> None:
         """Reading this layout needs fbgemm's kernels on CUDA; say so instead of failing
         inside torch.ops (a file loaded with ``load_file(path)`` lands on the CPU)."""
-        if torch.compiler.is_compiling():  # checked when the eager op ran or the graph traced
+        if torch.compiler.is_compiling():  # keep compiled graphs free of this host check
             return
         if not self.is_cuda or not kernels.fbgemm.is_available():
             where = "fbgemm-gpu-genai is not installed" if self.is_cuda else \

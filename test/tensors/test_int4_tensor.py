@@ -472,8 +472,11 @@ class TestParameterData:
         _, t = make((32, 128))
         p = torch.nn.Parameter(t, requires_grad=False)
         _, new = make((32, 128))
+        F.linear(torch.randn(2, 128, dtype=torch.bfloat16), p)  # may cache dispatch plans on p
+        p._dispatch_cached("probe", lambda: "made for the old fields")
         p.data = new
         assert torch.equal(p.qdata, new.qdata) and torch.equal(p.dequantize(), new.dequantize())
+        assert not [k for k in p.__dict__ if k.startswith("_dispatch_")]  # plans are remade
         with pytest.raises(TypeError, match=r"shape \[16, 128\] != \[32, 128\]"):
             p.data = new[:16]
         with pytest.raises(TypeError, match="cannot become the data"):
