@@ -100,7 +100,8 @@ class Checkpoint:
         if self.quant_method is None and any(self.reader(f).described for f in self.files):
             self.quant_method = _NATIVE  # a shard of ours, read without its config.json
         self._check_index()
-        if self.format is not None:
+        if self.format is not None and os.path.isdir(self.path):
+            # (one shard alone may hold a module's scales while another holds its weight)
             self._check_modules()
 
     def _check_index(self) -> None:

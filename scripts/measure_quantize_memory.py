@@ -60,7 +60,8 @@ def make_checkpoint(directory: str, mib: int) -> None:
     shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
     while sum(t.numel() * 2 for t in tensors.values()) < mib * 2**20:
         n, k = shapes[i % len(shapes)]
-        tensors[f"model.layers.{i // 3}.p{i % 3}.weight"] = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
+        weight = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
+        tensors[f"model.layers.{i // 3}.p{i % 3}.weight"] = weight
         i += 1
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})

@@ -284,7 +284,8 @@ class TestMalformedMetadata:
         t = quantized()
         _write_with_meta(tmp_path / "m.safetensors", _fields(t),
                          _meta_for(t, attributes={"shape": list(t.shape)}))
-        with pytest.raises(ValueError, match=r"tensor 'w': 'attributes' .*missing \['block_size'\]"):
+        with pytest.raises(ValueError,
+                           match=r"tensor 'w': 'attributes' .*missing \['block_size'\]"):
             load_file(tmp_path / "m.safetensors")
 
     @pytest.mark.parametrize("where", ["entry", "attributes", "file"])

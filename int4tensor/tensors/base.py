@@ -403,7 +403,8 @@ def _shallow_copy_problem(dst: torch.Tensor, src: torch.Tensor) -> str | None:
     return dst._mismatch(src)
 
 
-@implements([torch._has_compatible_shallow_copy_type, aten._has_compatible_shallow_copy_type.default])
+@implements([torch._has_compatible_shallow_copy_type,
+             aten._has_compatible_shallow_copy_type.default])
 def _(func, args, kwargs):
     # True only for the same class, device, shape, metadata and inner dtypes: then
     # ``param.data = new`` swaps the inner tensors (below). nn.Module._apply (``.to``, ``.cuda``)

@@ -111,8 +111,8 @@ class Int4Tensor(Int4BaseTensor):
     def empty(cls, shape, block_size, *, dtype: torch.dtype = torch.bfloat16,
               device: torch.device | str | None = None, activation_dtype: str = "bf16",
               transposed: bool = False) -> "Int4Tensor":
-        """An Int4Tensor of logical ``shape`` whose fields are uninitialized memory (``torch.empty``;
-        ``device="meta"`` works): for loaders that create parameters first and ``copy_`` the
+        """An Int4Tensor of logical ``shape`` whose fields are uninitialized memory
+        (``torch.empty``; ``device="meta"`` works): for loaders that create parameters first and ``copy_`` the
         checkpoint over them (vLLM's ``weight_loader`` pattern: ``param.narrow(...).copy_(shard)``).
         No value is read or validated, so uninitialized NaN/Inf bits cannot make it fail.
 
