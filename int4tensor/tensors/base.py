@@ -201,9 +201,13 @@ class Int4BaseTensor(torch.Tensor):
         """Raise ``ValueError`` if the fields contradict each other. Run by every constructor,
         by unpickling and by ``__tensor_unflatten__`` outside tracing (where the inner tensors
         are fake and their shapes may be symbolic, the check is skipped)."""
-        if getattr(_derived, "active", False) or _is_fake(self._tensors().values()):
+        if getattr(_derived, "active", False):
             return
-        problem = self._layout_problem()
+        # the check reads this wrapper's shape and dtype: skip __torch_function__ for those
+        with torch._C.DisableTorchFunctionSubclass():
+            if _is_fake(self._tensors().values()):
+                return
+            problem = self._layout_problem()
         if problem is not None:
             raise LayoutError(type(self).__name__, problem)
 
@@ -297,9 +301,14 @@ def _code_fingerprint() -> str:
 
 def _is_fake(tensors) -> bool:
     """True while tracing (torch.compile, FakeTensorMode): inner tensors are fake."""
+    return any(isinstance(t, _fake_tensor_class()) for t in tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def _fake_tensor_class() -> type:
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return any(isinstance(t, FakeTensor) for t in tensors)
+    return FakeTensor
 
 
 def op_args(args: tuple, kwargs: dict, *defaults: tuple[str, Any]) -> list[Any]:

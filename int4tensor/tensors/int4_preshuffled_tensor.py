@@ -72,7 +72,7 @@ class Int4PreshuffledTensor(Int4BaseTensor):
         if self.activation_dtype not in ACTIVATION_DTYPES:
             return (f"activation_dtype must be one of {ACTIVATION_DTYPES}, "
                     f"got {self.activation_dtype!r}")
-        problem = _block_problem(self)
+        problem = _block_problem(self.block_size, tuple(self.shape))
         if problem is not None:
             return problem
         needed = ("qdata", "group_scale") + (

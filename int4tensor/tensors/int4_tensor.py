@@ -75,11 +75,12 @@ class Int4Tensor(Int4BaseTensor):
     def _layout_problem(self) -> str | None:
         """qdata int8 ``[..., N, K/2]``, scale and zero_point (one float dtype) ``[..., K/G, N]``,
         act_pre_scale ``[..., K]``, all on one device, for the stored ``[..., N, K]``."""
-        problem = _block_problem(self)
+        shape = tuple(self.shape)
+        problem = _block_problem(self.block_size, shape)
         if problem is not None:
             return problem
-        *lead, n, k = _stored_shape(self)
-        g = self.group_size
+        *lead, n, k = (*shape[:-2], shape[-1], shape[-2]) if self.block_size[-2] != 1 else shape
+        g = max(self.block_size)
         for name in ("qdata", "scale", "zero_point"):
             if not isinstance(getattr(self, name), torch.Tensor):
                 return f"{name} is a {type(getattr(self, name)).__name__}, not a tensor"
@@ -277,24 +278,25 @@ def _stored_shape(t) -> list[int]:
     return shape
 
 
-def _block_problem(t) -> str | None:
+def _block_problem(block, shape: tuple) -> str | None:
     """``block_size`` and ``shape`` agree: ``(1, .., G)`` (``(.., G, 1)`` transposed) with
-    ``G`` supported and dividing K. Shared by every int4 layout."""
-    block = t.block_size
+    ``G`` supported and dividing K. Shared by every int4 layout; plain values in (no tensor
+    attribute lookups: this runs on every construction)."""
     if not isinstance(block, tuple) or not all(isinstance(b, int) for b in block):
         return f"block_size {block!r} is not a tuple of ints"
-    if t.ndim not in (2, 3):
-        return f"shape {list(t.shape)}: int4 weights are 2D [N, K] or 3D [E, N, K]"
-    expected_g = [b for b in block if b != 1]
-    g = max(block) if block else 0
-    stored = (*block[:-2], block[-1], block[-2]) if len(block) >= 2 and block[-2] != 1 else block
-    if len(block) != t.ndim or len(expected_g) > 1 or any(b != 1 for b in stored[:-1]):
-        return f"block_size {block} does not fit shape {list(t.shape)}"
+    ndim = len(shape)
+    if ndim not in (2, 3):
+        return f"shape {list(shape)}: int4 weights are 2D [N, K] or 3D [E, N, K]"
+    transposed = len(block) >= 2 and block[-2] != 1
+    stored = (*block[:-2], block[-1], block[-2]) if transposed else block
+    if len(block) != ndim or any(b != 1 for b in stored[:-1]):
+        return f"block_size {block} does not fit shape {list(shape)}"
+    g = stored[-1]
     if g not in SUPPORTED_GROUP_SIZES:
         return f"group size {g} (block_size {block}) is not one of {SUPPORTED_GROUP_SIZES}"
-    k = _stored_shape(t)[-1]
+    k = shape[-2] if transposed else shape[-1]
     if k % g:
-        return f"K = {k} of shape {list(t.shape)} is not a multiple of the group size {g}"
+        return f"K = {k} of shape {list(shape)} is not a multiple of the group size {g}"
     return None
 
 
