@@ -8,6 +8,7 @@ DST behind (see :mod:`int4tensor.checkpoint`).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import sys
@@ -101,8 +102,21 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _return_large_frees_to_the_os() -> None:
+    """glibc raises its mmap threshold after each large free, so the next temporaries of a
+    tensor come from the heap and their memory stays with the process (measured: ~200 MiB more
+    resident on a 1 GB shard). A fixed threshold keeps every large buffer mmap-backed and
+    returned when freed. Process-wide, hence here, in the command, not in the library."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _quantize(args) -> int:
     from int4tensor.checkpoint import quantize_checkpoint
+
+    _return_large_frees_to_the_os()
 
     report = quantize_checkpoint(args.src, args.dst, args.group_size, args.format,
                                  args.symmetric, args.ignore, args.device, args.overwrite,
@@ -119,6 +133,8 @@ def _quantize(args) -> int:
 
 def _convert(args) -> int:
     from int4tensor.checkpoint import convert_checkpoint
+
+    _return_large_frees_to_the_os()
 
     report = convert_checkpoint(args.src, args.dst, _DTYPES[args.dtype], args.overwrite,
                                 args.progress)

@@ -1,7 +1,8 @@
 """Peak memory of ``int4tensor quantize`` on one large shard (the figure in docs/cli.md).
 
 Writes a synthetic one-shard checkpoint (bf16 linear weights of a 7B-class layer's shapes plus
-an embedding that stays dense), quantizes it on the CPU in a fresh process, and samples that
+an embedding that stays dense), quantizes it on the CPU in a fresh process (once through the
+command, ``int4tensor.cli.main``, once through ``quantize_checkpoint``), and samples that
 process's ``/proc/self/status`` every 2 ms: ``RssAnon`` (heap: what the bound is about) and
 ``RssFile`` (pages of the memory-mapped source shard, which the kernel can drop at will).
 
@@ -42,11 +43,15 @@ CHILD = textwrap.dedent("""
             if key in peaks:
                 base[key] = int(value.split()[0]) * 1024
     thread.start()
-    report = quantize_checkpoint(sys.argv[1], sys.argv[2], device="cpu", progress=False)
+    if sys.argv[3] == "cli":  # what `int4tensor quantize SRC DST` runs
+        from int4tensor.cli import main
+        assert main(["quantize", sys.argv[1], sys.argv[2], "--device", "cpu",
+                     "--no-progress"]) == 0
+    else:  # the library call, as from Python
+        quantize_checkpoint(sys.argv[1], sys.argv[2], device="cpu", progress=False)
     done = True
     thread.join()
-    print({"peaks": peaks, "baseline": base, "dst_bytes": report.dst_bytes,
-           "src_bytes": report.src_bytes})
+    print({"peaks": peaks, "baseline": base})
 """)
 
 
@@ -78,10 +83,13 @@ def main() -> None:
     shutil.rmtree(args.dir, ignore_errors=True)
     make_checkpoint(src, args.mib)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", CHILD, src, dst], capture_output=True,
-                         text=True, cwd=repo, check=True)
-    result = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307  (our own child's dict)
     mib = lambda n: n / 2**20  # noqa: E731
+    results = {}
+    for how in ("cli", "library"):
+        shutil.rmtree(dst, ignore_errors=True)
+        out = subprocess.run([sys.executable, "-c", CHILD, src, dst, how], capture_output=True,
+                             text=True, cwd=repo, check=True)
+        results[how] = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307  (our child's)
     shard = os.path.getsize(os.path.join(src, "model.safetensors"))
     out_shard = sum(os.path.getsize(os.path.join(dst, f)) for f in os.listdir(dst)
                     if f.endswith(".safetensors"))
@@ -92,10 +100,12 @@ def main() -> None:
                       for k in f.keys())
     print(f"largest tensor {mib(largest):.0f} MiB (bf16; quantizing it works in float32)")
     print(f"source shard {mib(shard):.0f} MiB -> output shard {mib(out_shard):.0f} MiB")
-    for key in ("VmRSS", "RssAnon", "RssFile"):
-        peak, base = result["peaks"][key], result["baseline"][key]
-        print(f"peak {key:8s} {mib(peak):7.0f} MiB  (at start {mib(base):5.0f} MiB, "
-              f"growth {mib(peak - base):7.0f} MiB)")
+    for how, result in results.items():
+        print(f"{how}:")
+        for key in ("VmRSS", "RssAnon", "RssFile"):
+            peak, base = result["peaks"][key], result["baseline"][key]
+            print(f"  peak {key:8s} {mib(peak):7.0f} MiB  (at start {mib(base):5.0f} MiB, "
+                  f"growth {mib(peak - base):7.0f} MiB)")
     shutil.rmtree(args.dir, ignore_errors=True)
 
 
