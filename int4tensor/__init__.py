@@ -45,3 +45,9 @@ torch.serialization.add_safe_globals([
     (Int4Tensor, "int4tensor.tensors.int4_tensor.Int4Tensor"),
     (Int4PreshuffledTensor, "int4tensor.tensors.int4_preshuffled_tensor.Int4PreshuffledTensor"),
 ])
+
+# transformers finds our quantizer for checkpoints of ours once both packages are imported
+# (int4tensor.integrations.transformers registers it; transformers is not imported here).
+from int4tensor.integrations import _autoload  # noqa: E402
+
+_autoload.install()

@@ -35,6 +35,7 @@ from int4tensor.serialization import (
     save_file,
 )
 from int4tensor.config import Int4WeightOnlyConfig
+from int4tensor import native_format
 from int4tensor.tensors import Int4BaseTensor
 
 __all__ = [
@@ -53,7 +54,8 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_IGNORE = ("lm_head",)
 # Embedding tables are 2D ``.weight``s but not linear layers: never quantized.
 _EMBEDDING = re.compile(r"embed|(^|\.)(wte|wpe)\.")
-_NATIVE = "int4tensor"
+_NATIVE = native_format.QUANT_METHOD
+_SEP = native_format.FIELD_SEPARATOR  # quantized fields: "layer.weight__qdata"
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -128,8 +130,18 @@ class Checkpoint:
 
     def reader(self, file: str) -> _Reader:
         if file not in self._readers:
-            self._readers[file] = _Reader(os.path.join(self.dir, file))
+            self._readers[file] = _Reader(os.path.join(self.dir, file),
+                                          resolve_raw=self._raw_from_any_shard)
         return self._readers[file]
+
+    def _raw_from_any_shard(self, key: str) -> torch.Tensor:
+        """A stored tensor of any shard (a quantized tensor's fields may span shards)."""
+        for f in self.files:
+            r = self.reader(f)
+            if key in r.raw_keys():
+                return r.get_raw(key)
+        raise ValueError(f"{self.path}: tensor field {key!r} is in no shard (a shard is missing "
+                         "or incomplete)")
 
     def stored_names(self, file: str | None = None) -> list[str]:
         files = self.files if file is None else [file]
@@ -613,20 +625,20 @@ def quantize_checkpoint(
                     out.update({f"{prefix}.{s}": v for s, v in parts.items()})
                 del t
                 _return_freed_memory()
-            save_file(out, os.path.join(tmp, file))
+            save_file(out, os.path.join(tmp, file), field_separator=_SEP)
             for key, v in out.items():
                 report.dst_bytes += _bytes(v)
                 if isinstance(v, Int4BaseTensor):  # the index lists what the file holds
-                    weight_map.update({f"{key}.{f}": file for f in v._tensors()})
+                    weight_map.update({f"{key}{_SEP}{f}": file for f in v._tensors()})
                 else:
                     weight_map[key] = file
             del out
         config = dict(ckpt.config)
         if format == "native":
-            config["quantization_config"] = {
-                "quant_method": _NATIVE, "format": "native", "group_size": group_size,
-                "zero_point_domain": domain, "ignore": list(ignore),
-                "expert_k_dim": expert_k_dim, "tensor_type": "Int4Tensor"}
+            config["quantization_config"] = native_format.quantization_config_dict(
+                configs[2], None, True, ignore=list(ignore), expert_k_dim=expert_k_dim,
+                not_converted=sorted(n.removesuffix(".weight") for n, r in report.kept.items()
+                                     if n.endswith(".weight") and r not in ("1D", "embedding")))
         else:
             config["quantization_config"] = ct.quantization_config(
                 group_size, symmetric, sorted(ct_ignored))
@@ -643,11 +655,13 @@ def convert_checkpoint(
     progress: bool = True,
 ) -> ConversionReport:
     """Import an AWQ / GPTQ / compressed-tensors checkpoint into our native format, exactly
-    (with the default float32 scale dtype), shard by shard."""
+    (with the default float32 scale dtype), shard by shard; or rewrite a native checkpoint of
+    int4tensor 0.1 (fields named ``NAME.qdata``) in the current format, bit for bit."""
     ckpt = Checkpoint(src, dtype)
-    if ckpt.format is None:
-        raise ValueError(f"{ckpt.path}: not an AWQ/GPTQ/compressed-tensors checkpoint "
-                         f"(quant_method={ckpt.quant_method!r})")
+    legacy = native_format.is_legacy_native(ckpt.quantization_config)
+    if ckpt.format is None and not legacy:
+        raise ValueError(f"{ckpt.path}: not an AWQ/GPTQ/compressed-tensors checkpoint nor one "
+                         f"of int4tensor 0.1 (quant_method={ckpt.quant_method!r})")
     report = ConversionReport()
     weight_map: dict[str, str] = {}
     output = _OutputDir(dst, overwrite, src=ckpt.dir)
@@ -661,16 +675,23 @@ def convert_checkpoint(
                 (report.quantized.append(name) if isinstance(t, Int4BaseTensor)
                  else report.kept.__setitem__(name, "not quantized in SRC"))
                 out[name] = t
-            save_file(out, os.path.join(tmp, file))
+            save_file(out, os.path.join(tmp, file), field_separator=_SEP)
             for key, v in out.items():
                 report.dst_bytes += _bytes(v)
-                keys = [f"{key}.{f}" for f in v._tensors()] if isinstance(v, Int4BaseTensor) \
+                keys = [f"{key}{_SEP}{f}" for f in v._tensors()] if isinstance(v, Int4BaseTensor) \
                     else [key]
                 weight_map.update(dict.fromkeys(keys, file))
         config = dict(ckpt.config)
-        config["quantization_config"] = {
-            "quant_method": _NATIVE, "format": "native",
-            "imported_from": ckpt.quantization_config, "tensor_type": "Int4Tensor"}
+        if legacy:  # int4tensor 0.1's CLI output: the same tensors, fields renamed
+            old = ckpt.quantization_config
+            config["quantization_config"] = native_format.quantization_config_dict(
+                Int4WeightOnlyConfig(old.get("group_size", 128),
+                                     zero_point_domain=old.get("zero_point_domain", "float")),
+                None, True, ignore=old.get("ignore"), expert_k_dim=old.get("expert_k_dim", -1))
+        else:
+            config["quantization_config"] = native_format.quantization_config_dict(
+                None, None, True, tensor_type="Int4Tensor",
+                imported_from=ckpt.quantization_config)
         _copy_side_files(ckpt.dir, tmp)
         _write_dir_metadata(tmp, config, weight_map, report.dst_bytes)
     return report

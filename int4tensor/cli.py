@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flags(q, progress=True)
 
     c = sub.add_parser("convert", help="import an AWQ / GPTQ / compressed-tensors checkpoint "
-                                       "into int4tensor's native format", formatter_class=fmt)
-    c.add_argument("src", help="an AWQ / GPTQ / compressed-tensors checkpoint directory")
+                                       "(or an int4tensor 0.1 native one) into int4tensor's "
+                                       "native format", formatter_class=fmt)
+    c.add_argument("src", help="an AWQ / GPTQ / compressed-tensors (or int4tensor 0.1 native) "
+                               "checkpoint directory")
     c.add_argument("dst", help="output directory (must not exist or be empty, see --overwrite)")
     c.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
                    help="scale/zero dtype (float32 is exact; bfloat16 runs fbgemm's kernel)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from typing import Callable, Mapping
 
@@ -87,6 +88,7 @@ def quantize_(
             except (ValueError, TypeError) as e:
                 raise type(e)(f"quantize_: cannot quantize {label}: {e}") from e
             replace_parameter(module, name, quantized)
+    _tell_integrations(model, config)
     return model
 
 
@@ -97,6 +99,15 @@ def _check_config(config, what: str) -> None:
                         "Int4WeightOnlyConfig(group_size=128) or "
                         "Float8DynamicActivationInt4WeightConfig() (or a map of parameter "
                         f"names to configs), got {config!r} of type {type(config).__name__}")
+
+
+def _tell_integrations(model: nn.Module, config) -> None:
+    """A transformers model quantized by hand then saves with ``save_pretrained`` (and prints,
+    counts its memory) like one loaded with ``Int4TensorConfig``. The integration is imported
+    only where transformers is (see ``int4tensor.integrations._autoload``)."""
+    integration = sys.modules.get("int4tensor.integrations.transformers")
+    if integration is not None:
+        integration.attach_quantizer_(model, config)
 
 
 def _targets_by_name(model: nn.Module, config_map: Mapping):

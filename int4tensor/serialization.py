@@ -44,8 +44,11 @@ __all__ = [
     "atomic_write_path",
 ]
 
-#: Version of the metadata layout written by :func:`save_file` (file level).
-FORMAT_VERSION = 1
+#: Version of the metadata layout written by :func:`save_file` (file level): 1 names a field
+#: ``"{name}.{field}"``; 2 records a ``"field_separator"`` (checkpoint directories use
+#: ``"__"``, so that ``layer.weight__qdata`` is a buffer name transformers can load into).
+FORMAT_VERSION = 2
+_DEFAULT_SEPARATOR = "."
 #: The safetensors metadata key that holds our JSON.
 METADATA_KEY = "int4tensor"
 
@@ -124,7 +127,8 @@ def _dtype(name: str) -> torch.dtype:
 
 
 # ---- save -------------------------------------------------------------------------------------
-def _describe(name: str, t: Int4BaseTensor) -> tuple[dict, dict[str, torch.Tensor]]:
+def _describe(name: str, t: Int4BaseTensor, sep: str = _DEFAULT_SEPARATOR,
+              ) -> tuple[dict, dict[str, torch.Tensor]]:
     type_name = type(t).__name__
     entry = _REGISTRY.get(type_name)
     if entry is None or entry[0] is not type(t):
@@ -136,11 +140,12 @@ def _describe(name: str, t: Int4BaseTensor) -> tuple[dict, dict[str, torch.Tenso
              for a, v in zip(t.tensor_attribute_names, t._attributes())}
     meta = {"type": type_name, "version": entry[1], "fields": list(inner), "attributes": attrs,
             "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-    return meta, {f"{name}.{field}": v for field, v in inner.items()}
+    return meta, {f"{name}{sep}{field}": v for field, v in inner.items()}
 
 
 def flatten_state_dict(
     state_dict: dict[str, torch.Tensor],
+    field_separator: str = _DEFAULT_SEPARATOR,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """Split subclass tensors into plain ones: ``(plain tensors by key, metadata by name)``."""
     plain: dict[str, torch.Tensor] = {}
@@ -149,7 +154,7 @@ def flatten_state_dict(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"save_file: {name!r} is a {type(t).__name__}, not a tensor")
         if isinstance(t, Int4BaseTensor):
-            described[name], parts = _describe(name, t)
+            described[name], parts = _describe(name, t, field_separator)
         else:
             parts = {name: t}
         for key, v in parts.items():
@@ -237,11 +242,15 @@ def save_file(
     state_dict: dict[str, torch.Tensor],
     path: str | os.PathLike,
     metadata: dict[str, str] | None = None,
+    *,
+    field_separator: str = _DEFAULT_SEPARATOR,
 ) -> None:
     """Write ``state_dict`` (plain tensors and registered tensor subclasses) to ``path``.
 
     Like ``safetensors.torch.save_file``; ``metadata`` (str -> str) is stored alongside ours
     (the key ``"int4tensor"`` is reserved). The file appears under ``path`` only when complete.
+    ``field_separator`` joins a quantized tensor's name and field (``"."``: ``w.qdata``;
+    checkpoint directories use ``"__"``: ``w__qdata``).
     """
     metadata = dict(metadata or {})
     if METADATA_KEY in metadata:
@@ -249,21 +258,32 @@ def save_file(
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise TypeError(f"save_file: metadata must map str to str, bad keys: {bad}")
-    plain, described = flatten_state_dict(state_dict)
+    plain, described = flatten_state_dict(state_dict, field_separator)
     metadata.setdefault("format", "pt")  # transformers refuses files whose format is not "pt"
     if described:
-        metadata[METADATA_KEY] = json.dumps({"format_version": FORMAT_VERSION,
-                                             "tensors": described})
+        metadata[METADATA_KEY] = json.dumps(metadata_json(described, field_separator))
     with atomic_write_path(path) as tmp:
         _write_safetensors(plain, tmp, metadata)
+
+
+def metadata_json(described: dict[str, dict], field_separator: str = _DEFAULT_SEPARATOR) -> dict:
+    """The JSON stored under :data:`METADATA_KEY` for ``described`` tensors."""
+    if field_separator == _DEFAULT_SEPARATOR:  # readable by int4tensor versions before 2
+        return {"format_version": 1, "tensors": described}
+    return {"format_version": FORMAT_VERSION, "field_separator": field_separator,
+            "tensors": described}
 
 
 # ---- load -------------------------------------------------------------------------------------
 class _Reader:
     """A lazily read safetensors file: logical names -> plain tensors or rebuilt subclasses."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu",
+                 resolve_raw: Callable[[str], torch.Tensor] | None = None):
+        """``resolve_raw(key)``: reads a field stored in another shard of the same checkpoint
+        (transformers' sharding may split one tensor's fields); without it they must be here."""
         self.path = os.fspath(path)
+        self._resolve_raw = resolve_raw
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"no such safetensors file: {self.path}")
         try:
@@ -273,13 +293,22 @@ class _Reader:
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"{self.path} is not a readable safetensors file "
                              f"(truncated or corrupted?): {e}") from e
+        self.field_separator = _DEFAULT_SEPARATOR
         self.described = self._parse_metadata()
-        owned = {f"{n}.{f}" for n, m in self.described.items() for f in m["fields"]}
-        missing = sorted(owned - set(self._raw_keys))
-        if missing:
+        sep = self.field_separator
+        raw = set(self._raw_keys)
+        fields_anywhere = {f"{n}{sep}{f}" for n, m in self.described.items() for f in m["fields"]}
+        if sep != _DEFAULT_SEPARATOR:
+            # transformers' save_pretrained writes the same metadata into every shard: a tensor
+            # belongs to the shard holding its first field (qdata); others may be elsewhere.
+            self.described = {n: m for n, m in self.described.items()
+                              if f"{n}{sep}{m['fields'][0]}" in raw}
+        owned = {f"{n}{sep}{f}" for n, m in self.described.items() for f in m["fields"]}
+        missing = sorted(owned - raw)
+        if missing and resolve_raw is None:
             raise ValueError(f"{self.path}: metadata lists tensors that are not in the file: "
                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        self._plain = [k for k in self._raw_keys if k not in owned]
+        self._plain = [k for k in self._raw_keys if k not in fields_anywhere]
 
     def _parse_metadata(self) -> dict[str, dict]:
         text = self.raw_metadata.get(METADATA_KEY)
@@ -300,13 +329,17 @@ class _Reader:
         if version > FORMAT_VERSION:
             raise ValueError(f"{self.path}: int4tensor format version {version!r} is newer "
                              f"than this int4tensor reads ({FORMAT_VERSION}); upgrade int4tensor")
-        unknown = sorted(set(meta) - {"format_version", "tensors"})
+        unknown = sorted(set(meta) - {"format_version", "tensors", "field_separator"})
         if unknown:
             raise ValueError(f"{self.path}: the {METADATA_KEY!r} metadata has unknown keys "
                              f"{unknown}; this int4tensor cannot tell what they mean")
         if not isinstance(tensors, dict):
             raise ValueError(f"{self.path}: the {METADATA_KEY!r} metadata's 'tensors' must be an "
                              f"object (name -> entry), got a {type(tensors).__name__}")
+        self.field_separator = meta.get("field_separator", _DEFAULT_SEPARATOR)
+        if not isinstance(self.field_separator, str) or not self.field_separator:
+            raise ValueError(f"{self.path}: the {METADATA_KEY!r} metadata has an invalid "
+                             f"field_separator {self.field_separator!r}")
         for name, m in tensors.items():
             self._check_entry(name, m)
         return tensors
@@ -385,7 +418,13 @@ class _Reader:
             return self.get_raw(name)
         m = self.described[name]
         cls = _REGISTRY[m["type"]][0]
-        tensors = {f: self.get_raw(f"{name}.{f}") for f in m["fields"]}
+        keys = {f: f"{name}{self.field_separator}{f}" for f in m["fields"]}
+        raw = set(self._raw_keys)
+        tensors = {f: self.get_raw(k) if k in raw else self._resolve_raw(k)
+                   for f, k in keys.items()}
+        missing = [f for f in cls.tensor_data_names if f not in tensors]
+        if missing:
+            raise ValueError(f"{self.path}: {m['type']} {name!r} lacks fields {missing}")
         attrs = [_decode(m["attributes"][a]) if a in m["attributes"] else cls._state_defaults[a]
                  for a in cls.tensor_attribute_names]
         try:

@@ -89,7 +89,9 @@ class TestQuantizeNative:
         config = json.loads((dst / "config.json").read_text())
         assert config["model_type"] == "llama"
         assert config["quantization_config"]["quant_method"] == "int4tensor"
-        assert config["quantization_config"]["group_size"] == 32
+        assert config["quantization_config"]["format_version"] == 2
+        assert config["quantization_config"]["config"]["group_size"] == 32
+        assert "model.layers.0.mlp.odd_proj" in config["quantization_config"]["not_converted"]
         # the index lists exactly what each shard holds
         index = json.loads((dst / "model.safetensors.index.json").read_text())
         for shard in set(index["weight_map"].values()):
@@ -202,7 +204,7 @@ class TestVerifyCatchesBadFiles:
 
         sd = load_file(shard)
         sd["model.norm.weight"] = sd["model.norm.weight"] * 2
-        save_file(sd, shard)
+        save_file(sd, shard, field_separator="__")  # as the checkpoint writes (its index says)
         rows, summary = verify_checkpoint(src, dst, progress=False)
         assert [r.note for r in rows if not r.ok] == ["kept tensor differs from SRC"]
 
@@ -247,7 +249,7 @@ class TestBadInput:
             quantize_checkpoint(src, dst, group_size=64, overwrite=True, progress=False)
         assert sorted(os.listdir(dst)) == before
         assert json.loads((dst / "config.json").read_text())["quantization_config"][
-            "group_size"] == 32
+            "config"]["group_size"] == 32
         assert sorted(os.listdir(tmp_path)) == ["dst", "src"]
 
     def test_existing_dst(self, src, tmp_path):
@@ -578,13 +580,13 @@ class TestNothingSilentlyLost:
         quantize_checkpoint(src, dst, group_size=32, progress=False)
         lost = "model.layers.0.self_attn.q_proj.weight"
         index = _index(dst)
-        file = index["weight_map"][f"{lost}.qdata"]
+        file = index["weight_map"][f"{lost}__qdata"]
         from int4tensor.serialization import load_file, save_file
         sd = load_file(dst / file)
         del sd[lost]
-        save_file(sd, dst / file)
+        save_file(sd, dst / file, field_separator="__")
         index["weight_map"] = {k: v for k, v in index["weight_map"].items()
-                               if not k.startswith(lost + ".")}
+                               if not k.startswith(lost + "__")}
         _write_index(dst, index)
         rows, summary = verify_checkpoint(src, dst, progress=False)
         assert summary["failed"] == 1

@@ -691,3 +691,75 @@ def _(func, args, kwargs):
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     out = _matmul(a, b, "addmm")
     return (out if alpha == 1 else alpha * out) + (bias if beta == 1 else beta * bias)
+
+
+# ---- grouped matmul (MoE experts) ----------------------------------------------------------
+# transformers' default experts implementation calls ``F.grouped_mm(x, w.transpose(-2, -1),
+# offs=offs)`` (aten._grouped_mm). Here it has dense semantics on the dequantized weights: the
+# reference path for every device; a fused int4 grouped kernel is a separate piece of work.
+
+
+def _grouped_mm_padded(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``a [T, K]`` rows grouped by ``offs`` (cumulative ends, ``[E]``) times ``b [E, K, N]``,
+    as one batched matmul: rows are scattered into ``[E, M, K]`` (M: the largest group), one
+    ``bmm``, gathered back. Rows at or past ``offs[-1]`` belong to no group and come out 0."""
+    t, e = a.shape[0], b.shape[0]
+    ends = offs.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    rows = torch.arange(t, device=a.device)
+    group = torch.searchsorted(ends, rows, right=True)  # E for rows past the last end
+    valid = group < e
+    group = group.clamp(max=e - 1)
+    slot = torch.where(valid, rows - starts[group], 0)
+    m = int((ends - starts).clamp(min=0).max().item()) if e else 0
+    padded = a.new_zeros(e, max(m, 1), a.shape[1])
+    padded[group[valid], slot[valid]] = a[valid]
+    out = torch.bmm(padded, b)[group, slot]
+    return out * valid.unsqueeze(1).to(out.dtype)
+
+
+def _grouped_mm_dense(a, b, offs, out_dtype):
+    """``aten._grouped_mm`` on dense operands: torch's op where it takes this dtype, else the
+    padded batched formulation (2D x 3D with offs; 3D x 3D is a bmm)."""
+    if a.device.type == "cpu" or a.dtype == torch.bfloat16:
+        return aten._grouped_mm.default(a, b, offs, None, out_dtype)
+    if a.ndim == 3 and b.ndim == 3 and offs is None:
+        out = torch.bmm(a, b)
+    elif a.ndim == 2 and b.ndim == 3 and offs is not None:
+        out = _grouped_mm_padded(a, b, offs)
+    else:
+        return aten._grouped_mm.default(a, b, offs, None, out_dtype)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def _group_of_rows(offs: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.searchsorted(offs.to(torch.int64), torch.arange(rows, device=offs.device),
+                              right=True).clamp(max=offs.numel() - 1)
+
+
+# Registered on the base class: the preshuffled layout (after convert_model_to_packed_tensors_)
+# takes the same reference path through its own dequantize().
+@Int4BaseTensor.implements([aten._grouped_mm.default])
+def _(func, args, kwargs):
+    """``_grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None)`` with either operand
+    an int4 tensor (typically ``mat_b = w.transpose(-2, -1)``, ``w [E, N, K]``, so ``mat_b
+    [E, K, N]``; ``mat_a [T, K]`` bf16/fp16/fp32 sorted by expert, ``offs [E]`` int32 cumulative
+    row counts; empty experts have equal consecutive offsets). The Int4Tensor is dequantized to
+    the activation dtype, then the dense op runs. ``bias [E, N]`` is added per group."""
+    a, b, offs, bias, out_dtype = op_args(args, kwargs, ("mat_a", None), ("mat_b", None),
+                                          ("offs", None), ("bias", None), ("out_dtype", None))
+    dense = a if not isinstance(a, Int4BaseTensor) else b
+    if isinstance(dense, Int4BaseTensor):
+        dtype = a.dtype
+    else:
+        _check_activation(dense, "grouped_mm")
+        dtype = dense.dtype
+    a, b = (t.dequantize(dtype) if isinstance(t, Int4BaseTensor) else t for t in (a, b))
+    out = _grouped_mm_dense(a, b, offs, out_dtype)
+    if bias is not None:
+        if out.ndim == 2 and offs is not None:  # 2D x 3D: one bias row per group of rows
+            bias = bias[_group_of_rows(offs, out.shape[0])]
+        elif out.ndim == 3 and bias.ndim == 2:
+            bias = bias.unsqueeze(1)
+        out = out + bias.to(out.dtype)
+    return out
