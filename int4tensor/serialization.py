@@ -28,9 +28,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file as _st_save_file
 
 from int4tensor.tensors import Int4BaseTensor, Int4PreshuffledTensor, Int4Tensor
+from int4tensor.tensors.base import LayoutError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -52,6 +52,9 @@ _DEFAULT_SEPARATOR = "."
 #: The safetensors metadata key that holds our JSON.
 METADATA_KEY = "int4tensor"
 
+# The keys of one tensor's metadata entry (all required; others are refused).
+_ENTRY_KEYS = ("type", "version", "fields", "attributes", "shape", "dtype")
+
 # class name -> (class, per-class version, layout checker or None)
 _REGISTRY: dict[str, tuple[type, int, Callable[[Any], str | None] | None]] = {}
 
@@ -66,8 +69,8 @@ def register_serializable(
     Args:
         version: the layout version of this class's fields; a file written with a newer
             version than the one registered is refused on load.
-        check: optional ``fn(tensor) -> problem or None`` that checks the inner tensors'
-            shapes/dtypes against the attributes (run on load and by ``inspect``).
+        check: optional ``fn(tensor) -> problem or None``, run on load and by ``inspect``
+            after the class's own ``_layout_problem`` (which every constructor runs).
     """
     if not (isinstance(cls, type) and issubclass(cls, Int4BaseTensor)):
         raise TypeError(f"register_serializable expects an Int4BaseTensor subclass, got {cls!r}")
@@ -80,44 +83,18 @@ def serializable_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _check_int4_tensor(t: Int4Tensor) -> str | None:
-    """Int4Tensor: qdata int8 ``[..., N, K/2]``, scale/zero_point ``[..., K/G, N]`` (the stored
-    ``[..., N, K]``; a transposed tensor has logical shape ``[..., K, N]``)."""
-    transposed = getattr(t, "is_transposed", False)
-    *lead, n, k = t.shape
-    block = list(t.block_size)
-    if transposed:
-        n, k = k, n
-        block[-2:] = block[-1:-3:-1]
-    g = block[-1]
-    if len(block) != t.ndim or any(b != 1 for b in block[:-1]) or g <= 0 or k % g:
-        return f"block_size {t.block_size} does not fit shape {list(t.shape)}"
-    want = {"qdata": (torch.int8, [*lead, n, k // 2]),
-            "scale": (None, [*lead, k // g, n]),
-            "zero_point": (None, [*lead, k // g, n])}
-    if t.act_pre_scale is not None:
-        want["act_pre_scale"] = (None, [*lead, k])
-    for name, (dtype, shape) in want.items():
-        inner = getattr(t, name)
-        if list(inner.shape) != shape:
-            return f"{name} has shape {list(inner.shape)}, expected {shape}"
-        if dtype is not None and inner.dtype != dtype:
-            return f"{name} has dtype {inner.dtype}, expected {dtype}"
-        if dtype is None and not inner.is_floating_point():
-            return f"{name} has dtype {inner.dtype}, expected a floating dtype"
-    return None
-
-
-register_serializable(Int4Tensor, version=1, check=_check_int4_tensor)
-# fbgemm's preshuffled layout: its fields are opaque here (no layout check); the file records
-# them as they are, and loading on a CPU gives back the same bytes.
+register_serializable(Int4Tensor, version=1)
+# fbgemm's preshuffled layout: its fields are checked by shape only; the file records them as
+# they are, and loading on a CPU gives back the same bytes.
 register_serializable(Int4PreshuffledTensor, version=1)
 
 
 def check_layout(t: Int4BaseTensor) -> str | None:
-    """The registered checker's verdict on ``t`` (None: consistent or nothing to check)."""
+    """The class's own consistency check (the one every constructor runs), then the registered
+    extra checker's verdict on ``t`` (None: consistent)."""
+    problem = t._layout_problem()
     entry = _REGISTRY.get(type(t).__name__)
-    return entry[2](t) if entry and entry[2] else None
+    return problem or (entry[2](t) if entry and entry[2] else None)
 
 
 # ---- JSON encoding of attributes ------------------------------------------------------------
@@ -188,19 +165,45 @@ def flatten_state_dict(
     return plain, described
 
 
-def _storage_safe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors that share no storage (safetensors refuses shared storage)."""
-    seen: set[int] = set()
-    out = {}
-    for key, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        if ptr in seen or not whole:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[key] = t
-    return out
+# torch dtype -> safetensors dtype name
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32",
+    torch.uint64: "U64",
+}
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: str,
+                       metadata: dict[str, str]) -> None:
+    """Write a safetensors file one tensor at a time.
+
+    ``safetensors.torch.save_file`` first turns every tensor into a ``bytes`` copy, so saving
+    a shard needs twice its size in memory; this writes the same format (8-byte header length,
+    JSON header with ``data_offsets``, padded with spaces to 8 bytes, then the raw data) with at
+    most one tensor's contiguous CPU copy alive at a time.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"save_file: {name!r} has dtype {t.dtype}, which safetensors "
+                            "cannot store")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for t in tensors.values():
+            if t.numel():
+                flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                f.write(memoryview(flat.numpy()))
+                del flat
 
 
 def _umask() -> int:
@@ -260,7 +263,7 @@ def save_file(
     if described:
         metadata[METADATA_KEY] = json.dumps(metadata_json(described, field_separator))
     with atomic_write_path(path) as tmp:
-        _st_save_file(_storage_safe(plain), tmp, metadata=metadata)
+        _write_safetensors(plain, tmp, metadata)
 
 
 def metadata_json(described: dict[str, dict], field_separator: str = _DEFAULT_SEPARATOR) -> dict:
@@ -313,27 +316,87 @@ class _Reader:
             return {}
         try:
             meta = json.loads(text)
-            version, tensors = meta["format_version"], meta["tensors"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{self.path}: the {METADATA_KEY!r} metadata is not valid "
-                             f"({type(e).__name__}: {e})") from e
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        except ValueError as e:
+            raise ValueError(f"{self.path}: the {METADATA_KEY!r} metadata is not valid JSON "
+                             f"({e})") from e
+        if not isinstance(meta, dict) or "format_version" not in meta or "tensors" not in meta:
+            raise ValueError(f"{self.path}: the {METADATA_KEY!r} metadata must be an object with "
+                             "'format_version' and 'tensors'")
+        version, tensors = meta["format_version"], meta["tensors"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"{self.path}: int4tensor format_version {version!r} is not a "
+                             "positive integer")
+        if version > FORMAT_VERSION:
             raise ValueError(f"{self.path}: int4tensor format version {version!r} is newer "
                              f"than this int4tensor reads ({FORMAT_VERSION}); upgrade int4tensor")
+        unknown = sorted(set(meta) - {"format_version", "tensors", "field_separator"})
+        if unknown:
+            raise ValueError(f"{self.path}: the {METADATA_KEY!r} metadata has unknown keys "
+                             f"{unknown}; this int4tensor cannot tell what they mean")
+        if not isinstance(tensors, dict):
+            raise ValueError(f"{self.path}: the {METADATA_KEY!r} metadata's 'tensors' must be an "
+                             f"object (name -> entry), got a {type(tensors).__name__}")
         self.field_separator = meta.get("field_separator", _DEFAULT_SEPARATOR)
         if not isinstance(self.field_separator, str) or not self.field_separator:
             raise ValueError(f"{self.path}: the {METADATA_KEY!r} metadata has an invalid "
                              f"field_separator {self.field_separator!r}")
         for name, m in tensors.items():
-            entry = _REGISTRY.get(m.get("type"))
-            if entry is None:
-                raise ValueError(f"{self.path}: tensor {name!r} has type {m.get('type')!r}, "
-                                 f"unknown to this int4tensor (known: {serializable_types()})")
-            if not isinstance(m.get("version"), int) or m["version"] > entry[1]:
-                raise ValueError(f"{self.path}: tensor {name!r} is a {m['type']} of layout "
-                                 f"version {m.get('version')!r}; this int4tensor reads up to "
-                                 f"version {entry[1]}")
+            self._check_entry(name, m)
         return tensors
+
+    def _check_entry(self, name: str, m: Any) -> None:
+        """One entry of ``tensors``: known keys only, each of the expected JSON type."""
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}: its metadata entry must be an object, got a "
+                             f"{type(m).__name__}")
+        missing = [k for k in _ENTRY_KEYS if k not in m]
+        if missing:
+            raise ValueError(f"{where}: its metadata entry lacks {missing}")
+        unknown = sorted(set(m) - set(_ENTRY_KEYS))
+        if unknown:  # e.g. a layout claim (nibble order) this version would silently ignore
+            raise ValueError(f"{where}: its metadata entry has unknown keys {unknown}; this "
+                             "int4tensor cannot tell what they mean (written by a newer one?)")
+        entry = _REGISTRY.get(m["type"]) if isinstance(m["type"], str) else None
+        if entry is None:
+            raise ValueError(f"{where} has type {m['type']!r}, unknown to this int4tensor "
+                             f"(known: {serializable_types()})")
+        cls = entry[0]
+        if not isinstance(m["version"], int) or isinstance(m["version"], bool) or \
+                m["version"] > entry[1]:
+            raise ValueError(f"{where} is a {m['type']} of layout version {m['version']!r}; "
+                             f"this int4tensor reads up to version {entry[1]}")
+        fields = m["fields"]
+        known_fields = cls.tensor_data_names + cls.optional_tensor_data_names
+        if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+            raise ValueError(f"{where}: 'fields' must be a list of names, got {fields!r}")
+        if set(fields) - set(known_fields) or len(set(fields)) != len(fields):
+            raise ValueError(f"{where}: 'fields' {fields} are not fields of {m['type']} "
+                             f"{list(known_fields)} (or repeat)")
+        missing = [f for f in cls.tensor_data_names if f not in fields]
+        if missing:
+            raise ValueError(f"{where}: {m['type']} lacks fields {missing}")
+        attrs = m["attributes"]
+        if not isinstance(attrs, dict):
+            raise ValueError(f"{where}: 'attributes' must be an object, got "
+                             f"{type(attrs).__name__}")
+        unknown = sorted(set(attrs) - set(cls.tensor_attribute_names))
+        # attributes added later (activation_dtype) have defaults for older files
+        missing = [a for a in cls.tensor_attribute_names
+                   if a not in attrs and a not in cls._state_defaults]
+        if unknown or missing:
+            raise ValueError(f"{where}: 'attributes' {sorted(attrs)} must be "
+                             f"{list(cls.tensor_attribute_names)}"
+                             f"{f'; unknown {unknown}' if unknown else ''}"
+                             f"{f'; missing {missing}' if missing else ''}")
+        for key in ("shape",):
+            value = m[key]
+            if not isinstance(value, list) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+                raise ValueError(f"{where}: {key!r} must be a list of sizes, got {value!r}")
+        if not isinstance(m["dtype"], str) or not isinstance(getattr(torch, m["dtype"], None),
+                                                              torch.dtype):
+            raise ValueError(f"{where}: 'dtype' {m['dtype']!r} is not a torch dtype name")
 
     def keys(self) -> list[str]:
         """Logical names: plain tensors and quantized ones (not their field keys)."""
@@ -362,9 +425,13 @@ class _Reader:
         missing = [f for f in cls.tensor_data_names if f not in tensors]
         if missing:
             raise ValueError(f"{self.path}: {m['type']} {name!r} lacks fields {missing}")
-        attrs = [_decode(m["attributes"].get(a)) for a in cls.tensor_attribute_names]
+        attrs = [_decode(m["attributes"][a]) if a in m["attributes"] else cls._state_defaults[a]
+                 for a in cls.tensor_attribute_names]
         try:
             t = cls._build(tensors, attrs)
+        except LayoutError as e:
+            raise ValueError(f"{self.path}: {m['type']} {name!r} does not match its metadata: "
+                             f"{e.problem}") from e
         except Exception as e:  # a constructor's own error, with the file and name added
             raise ValueError(f"{self.path}: cannot rebuild {m['type']} {name!r}: {e}") from e
         problem = check_layout(t)
