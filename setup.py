@@ -8,7 +8,9 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["int4tensor", "int4tensor.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "safetensors>=0.4", "tqdm"],
+    # numpy: save_file writes tensors through numpy buffers, and torch warns "Failed to
+    # initialize NumPy" on first use without it
+    install_requires=["torch>=2.6", "safetensors>=0.4", "tqdm", "numpy"],
     extras_require={
         # transformers and compressed-tensors: interop tests load our exports with them
         "test": ["pytest>=7", "expecttest", "hypothesis", "transformers", "compressed-tensors"],

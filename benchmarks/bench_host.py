@@ -31,7 +31,7 @@ MS = (1, 8, 32)
 
 def eager_us(fn, calls: int = 2000) -> float:
     """Median over 5 rounds of the wall µs per call of ``calls`` back-to-back calls."""
-    for _ in range(50):
+    for _ in range(500):  # warm-up: first-call planning, allocator, clocks
         fn()
     torch.cuda.synchronize()
     rounds = []

@@ -37,5 +37,18 @@ __all__ = [
     "save_file",
 ]
 
-# Lets torch.load(..., weights_only=True) rebuild our tensors.
-torch.serialization.add_safe_globals([Int4Tensor, Int4PreshuffledTensor])
+# Lets torch.load(..., weights_only=True) rebuild our tensors: under their public path
+# (int4tensor.Int4Tensor, what torch.save writes now) and under the module path that files
+# saved by int4tensor 0.1.0 name.
+torch.serialization.add_safe_globals([
+    Int4Tensor,
+    Int4PreshuffledTensor,
+    (Int4Tensor, "int4tensor.tensors.int4_tensor.Int4Tensor"),
+    (Int4PreshuffledTensor, "int4tensor.tensors.int4_preshuffled_tensor.Int4PreshuffledTensor"),
+])
+
+# transformers finds our quantizer for checkpoints of ours once both packages are imported
+# (int4tensor.integrations.transformers registers it; transformers is not imported here).
+from int4tensor.integrations import _autoload  # noqa: E402
+
+_autoload.install()

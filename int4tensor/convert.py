@@ -39,7 +39,20 @@ def convert_to_packed_tensor_based_on_current_hardware(tensor: torch.Tensor) -> 
       torch runs the AVX512 int4 kernels);
     * anything else is returned unchanged.
 
-    Never raises: a failed conversion warns and keeps the tensor."""
+    Never raises: a failed conversion warns and keeps the tensor.
+
+    Kept as they are on a GPU, on purpose:
+
+    * ``activation_dtype="fp8"`` Int4Tensors: they are asymmetric (a float zero point per
+      group), and fbgemm's fp8 preshuffled kernel (``f8i4bf16_shuffled``) takes symmetric int4
+      with fp8 group scales only; converting would re-quantize the weight (new rounding error)
+      instead of moving it. On Hopper they already run fbgemm's ``f8i4bf16_rowwise``. Quantize
+      with ``Float8DynamicActivationInt4WeightConfig()`` (preshuffled, the default) for the
+      fast fp8 layout. (On a CPU they stay plain too: the reference path emulates their fp8
+      activation rounding.)
+    * group size 32 (fbgemm's int4 kernels are wrong there, measured), non-bf16 scales, and
+      weights with an ``act_pre_scale``.
+    """
     if not isinstance(tensor, Int4Tensor):
         return tensor
     if _preshuffle_supported(tensor):

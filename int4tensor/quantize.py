@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from typing import Callable, Mapping
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from int4tensor.tensors import Int4BaseTensor
+from int4tensor.tensors.int4_tensor import check_weight_values
 
 __all__ = ["quantize_", "replace_parameter"]
 
@@ -41,30 +43,71 @@ def quantize_(
     (``weight_loader``, ``input_dim``, ...) are kept. A weight the config cannot take (e.g. K
     not a multiple of the group size) stays in high precision with a warning naming it.
     Works on the meta device. Returns ``model``.
+
+    Raises ``TypeError`` when ``config`` is not a config (a string, a number, None), and
+    ``ValueError`` naming the parameter when a weight cannot be quantized (NaN/Inf values, a
+    range that overflows the scale dtype); every target is checked before any is replaced, so
+    the model is left unchanged then.
     """
     if isinstance(config, Mapping):
         if filter_fn is not None:
             raise ValueError("quantize_: filter_fn cannot be combined with a name -> config map")
+        for key, cfg in config.items():
+            if cfg is not None:
+                _check_config(cfg, f"the config for {key!r}")
         targets = _targets_by_name(model, config)
     else:
+        _check_config(config, "config")
         filter_fn = filter_fn or _is_linear
         targets = [
             (fqn, module, "weight", config)
             for fqn, module in model.named_modules()
             if isinstance(getattr(module, "weight", None), torch.Tensor) and filter_fn(module, fqn)
         ]
+    # Check every target before replacing any, so a bad weight (NaN, overflowing range) leaves
+    # the model as it was instead of half quantized.
+    chosen = []
     for fqn, module, name, cfg in targets:
         param = getattr(module, name)
         if isinstance(param, Int4BaseTensor):
             continue  # already quantized
-        reason = cfg.can_quantize(param)
         label = f"{fqn}.{name}" if fqn else name
+        reason = cfg.can_quantize(param)
         if reason is not None:
             warnings.warn(f"quantize_: left {label} in {param.dtype}: {reason}", stacklevel=2)
             continue
+        try:
+            check_weight_values(param)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"quantize_: cannot quantize {label}: {e}") from e
+        chosen.append((label, module, name, cfg))
+    for label, module, name, cfg in chosen:
         with torch.no_grad():
-            replace_parameter(module, name, cfg.quantize_weight(param))
+            try:
+                quantized = cfg.quantize_weight(getattr(module, name))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"quantize_: cannot quantize {label}: {e}") from e
+            replace_parameter(module, name, quantized)
+    _tell_integrations(model, config)
     return model
+
+
+def _check_config(config, what: str) -> None:
+    if isinstance(config, type) or not (callable(getattr(config, "can_quantize", None))
+            and callable(getattr(config, "quantize_weight", None))):
+        raise TypeError(f"quantize_: {what} must be a config object such as "
+                        "Int4WeightOnlyConfig(group_size=128) or "
+                        "Float8DynamicActivationInt4WeightConfig() (or a map of parameter "
+                        f"names to configs), got {config!r} of type {type(config).__name__}")
+
+
+def _tell_integrations(model: nn.Module, config) -> None:
+    """A transformers model quantized by hand then saves with ``save_pretrained`` (and prints,
+    counts its memory) like one loaded with ``Int4TensorConfig``. The integration is imported
+    only where transformers is (see ``int4tensor.integrations._autoload``)."""
+    integration = sys.modules.get("int4tensor.integrations.transformers")
+    if integration is not None:
+        integration.attach_quantizer_(model, config)
 
 
 def _targets_by_name(model: nn.Module, config_map: Mapping):

@@ -89,7 +89,9 @@ class TestQuantizeNative:
         config = json.loads((dst / "config.json").read_text())
         assert config["model_type"] == "llama"
         assert config["quantization_config"]["quant_method"] == "int4tensor"
-        assert config["quantization_config"]["group_size"] == 32
+        assert config["quantization_config"]["format_version"] == 2
+        assert config["quantization_config"]["config"]["group_size"] == 32
+        assert "model.layers.0.mlp.odd_proj" in config["quantization_config"]["not_converted"]
         # the index lists exactly what each shard holds
         index = json.loads((dst / "model.safetensors.index.json").read_text())
         for shard in set(index["weight_map"].values()):
@@ -202,7 +204,7 @@ class TestVerifyCatchesBadFiles:
 
         sd = load_file(shard)
         sd["model.norm.weight"] = sd["model.norm.weight"] * 2
-        save_file(sd, shard)
+        save_file(sd, shard, field_separator="__")  # as the checkpoint writes (its index says)
         rows, summary = verify_checkpoint(src, dst, progress=False)
         assert [r.note for r in rows if not r.ok] == ["kept tensor differs from SRC"]
 
@@ -247,7 +249,7 @@ class TestBadInput:
             quantize_checkpoint(src, dst, group_size=64, overwrite=True, progress=False)
         assert sorted(os.listdir(dst)) == before
         assert json.loads((dst / "config.json").read_text())["quantization_config"][
-            "group_size"] == 32
+            "config"]["group_size"] == 32
         assert sorted(os.listdir(tmp_path)) == ["dst", "src"]
 
     def test_existing_dst(self, src, tmp_path):
@@ -433,3 +435,232 @@ class TestTransformersLlama:
                 assert torch.equal(theirs[name], t.dequantize(torch.bfloat16)), name
                 checked += 1
         assert checked == 14
+
+
+def _index(d):
+    return json.loads((d / "model.safetensors.index.json").read_text())
+
+
+def _write_index(d, index):
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _files_under(d):
+    return {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+class TestPathSafety:
+    """Names that come from file contents (an index's shard names) never lead outside SRC for
+    reading or outside DST for writing."""
+
+    @pytest.mark.parametrize("shard", ["../victim/model-00001-of-00002.safetensors",
+                                       "/tmp/abs.safetensors", "sub/../x.safetensors", ".."])
+    def test_index_shard_names_outside_src_refused(self, src, tmp_path, shard):
+        victim = tmp_path / "victim"
+        victim.mkdir()
+        (victim / "model-00001-of-00002.safetensors").write_bytes(
+            (src / "model-00001-of-00002.safetensors").read_bytes())
+        index = _index(src)
+        index["weight_map"]["model.layers.0.self_attn.q_proj.weight"] = shard
+        _write_index(src, index)
+        before = {**_files_under(victim), **{("src",) + p.parts: b
+                                             for p, b in _files_under(src).items()}}
+        with pytest.raises(ValueError, match="refusing shard name .*plain file name"):
+            quantize_checkpoint(src, tmp_path / "dst", group_size=32, progress=False)
+        after = {**_files_under(victim), **{("src",) + p.parts: b
+                                            for p, b in _files_under(src).items()}}
+        assert before == after and not (tmp_path / "dst").exists()
+        assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+    def test_shard_symlink_outside_src_refused(self, src, tmp_path):
+        outside = tmp_path / "outside.safetensors"
+        os.replace(src / "model-00002-of-00002.safetensors", outside)
+        os.symlink(outside, src / "model-00002-of-00002.safetensors")
+        with pytest.raises(ValueError, match="resolves to .*outside the checkpoint directory"):
+            quantize_checkpoint(src, tmp_path / "dst", group_size=32, progress=False)
+
+    def test_side_file_symlink_outside_src_refused(self, src, tmp_path):
+        secret = tmp_path / "secret.txt"
+        secret.write_text("do not copy")
+        os.symlink(secret, src / "tokenizer_extra.json")
+        with pytest.raises(ValueError, match="outside the checkpoint directory"):
+            quantize_checkpoint(src, tmp_path / "dst", group_size=32, progress=False)
+        assert not (tmp_path / "dst").exists()
+
+    def test_hub_cache_snapshot_symlinks_allowed(self, src, tmp_path):
+        """Hugging Face's cache keeps files in ``blobs/`` and symlinks them from
+        ``snapshots/<rev>/``: that layout reads."""
+        repo = tmp_path / "models--x"
+        (repo / "blobs").mkdir(parents=True)
+        snap = repo / "snapshots" / "abc123"
+        snap.mkdir(parents=True)
+        for i, entry in enumerate(sorted(os.listdir(src))):
+            os.replace(src / entry, repo / "blobs" / f"h{i}")
+            os.symlink(os.path.join("..", "..", "blobs", f"h{i}"), snap / entry)
+        report = quantize_checkpoint(snap, tmp_path / "dst", group_size=32, progress=False)
+        assert sorted(report.quantized) == sorted(QUANTIZED)
+
+    def test_src_and_dst_must_be_apart(self, src, tmp_path):
+        before = _files_under(src)
+        with pytest.raises(ValueError, match="is SRC"):
+            quantize_checkpoint(src, src, group_size=32, overwrite=True, progress=False)
+        with pytest.raises(ValueError, match="inside SRC"):
+            quantize_checkpoint(src, src / "q", group_size=32, progress=False)
+        with pytest.raises(ValueError, match="SRC .* is inside DST"):
+            quantize_checkpoint(src, tmp_path, group_size=32, overwrite=True, progress=False)
+        assert _files_under(src) == before
+
+    def test_dst_parent_is_a_file(self, src, tmp_path):
+        (tmp_path / "f").write_text("x")
+        with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+            quantize_checkpoint(src, tmp_path / "f" / "dst", group_size=32, progress=False)
+
+    def test_stale_temporaries_removed(self, src, tmp_path):
+        """A SIGKILLed run leaves its temporary directory; the next run to that DST removes
+        it (and reports it), but never a live run's."""
+        dead = tmp_path / ".dst.abcd1234.tmp"  # int4tensor 0.1.0: no marker
+        dead.mkdir()
+        (dead / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+        killed = tmp_path / ".dst.efgh5678.tmp"
+        killed.mkdir()
+        import socket
+        import subprocess
+        import sys
+        proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True)
+        (killed / ".int4tensor-partial").write_text(f"{socket.gethostname()} "
+                                                    f"{proc.stdout.strip()}\n")
+        live = tmp_path / ".dst.ijkl9012.tmp"
+        live.mkdir()
+        (live / ".int4tensor-partial").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        other = tmp_path / ".other.abcd1234.tmp"  # another DST's: not ours to remove
+        other.mkdir()
+        report = quantize_checkpoint(src, tmp_path / "dst", group_size=32, progress=False)
+        assert sorted(report.removed_temporaries) == sorted([str(dead), str(killed)])
+        assert not dead.exists() and not killed.exists() and live.exists() and other.exists()
+
+
+class TestNothingSilentlyLost:
+    def test_index_names_a_tensor_its_shard_lacks(self, src, tmp_path):
+        index = _index(src)
+        index["weight_map"]["model.layers.0.extra.weight"] = "model-00001-of-00002.safetensors"
+        _write_index(src, index)
+        match = ("lists tensor 'model.layers.0.extra.weight' in "
+                 "model-00001-of-00002.safetensors, which does not contain it")
+        with pytest.raises(ValueError, match=match):
+            quantize_checkpoint(src, tmp_path / "dst", group_size=32, progress=False)
+        with pytest.raises(ValueError, match=match):
+            inspect_checkpoint(src)
+
+    @pytest.mark.parametrize("fmt", ["awq", "compressed-tensors"])
+    def test_scales_without_packed_weight(self, src, tmp_path, fmt):
+        if fmt == "awq":
+            d = tmp_path / "q"
+            write_awq_checkpoint(d, {f"l{i}.proj.weight": torch.randn(16, 64) for i in range(2)})
+            marker, prefix = "qweight", "l1.proj"
+        else:
+            d = tmp_path / "q"
+            quantize_checkpoint(src, d, group_size=32, format="compressed-tensors",
+                                progress=False)
+            marker, prefix = "weight_packed", "model.layers.0.self_attn.q_proj"
+        key = f"{prefix}.{marker}"
+        file = _index(d)["weight_map"].pop(key)
+        shard = st_load_file(d / file)
+        del shard[key]
+        st_save_file(shard, d / file, metadata={"format": "pt"})
+        _write_index(d, {"weight_map": {k: v for k, v in _index(d)["weight_map"].items()
+                                        if k != key}})
+        with pytest.raises(ValueError, match=f"{prefix!r} has .* but no {marker!r}: its "
+                                             "quantized weight is missing"):
+            convert_checkpoint(d, tmp_path / "native", progress=False)
+        assert not (tmp_path / "native").exists()
+
+    def test_verify_fails_when_dst_lost_a_layer(self, src, tmp_path):
+        dst = tmp_path / "dst"
+        quantize_checkpoint(src, dst, group_size=32, progress=False)
+        lost = "model.layers.0.self_attn.q_proj.weight"
+        index = _index(dst)
+        file = index["weight_map"][f"{lost}__qdata"]
+        from int4tensor.serialization import load_file, save_file
+        sd = load_file(dst / file)
+        del sd[lost]
+        save_file(sd, dst / file, field_separator="__")
+        index["weight_map"] = {k: v for k, v in index["weight_map"].items()
+                               if not k.startswith(lost + "__")}
+        _write_index(dst, index)
+        rows, summary = verify_checkpoint(src, dst, progress=False)
+        assert summary["failed"] == 1
+        (row,) = [r for r in rows if not r.ok]
+        assert row.name == lost and row.note == ("missing in DST (in SRC "
+                                                 "model-00001-of-00002.safetensors)")
+
+    def test_nan_weight_names_tensor_and_shard(self, src, tmp_path):
+        shard = st_load_file(src / "model-00001-of-00002.safetensors")
+        shard["model.layers.0.mlp.down_proj.weight"][3, 5] = float("nan")
+        st_save_file(shard, src / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=r"model-00001-of-00002.safetensors: cannot quantize "
+                                             r"'model.layers.0.mlp.down_proj.weight': weight has "
+                                             r"1 NaN/Inf"):
+            quantize_checkpoint(src, tmp_path / "dst", group_size=32, progress=False)
+
+
+class TestConfigErrors:
+    def test_src_without_config_json(self, src, tmp_path):
+        os.remove(src / "config.json")
+        with pytest.raises(FileNotFoundError, match="has no config.json"):
+            quantize_checkpoint(src, tmp_path / "dst", group_size=32, progress=False)
+        assert not (tmp_path / "dst").exists()
+
+    @pytest.mark.parametrize("content, match", [
+        ("[1, 2]", "must hold a JSON object, not a list"),
+        ('{"quantization_config": "int4"}', "quantization_config must be a JSON object"),
+        ("{not json", "is not valid JSON"),
+    ])
+    def test_malformed_config(self, src, tmp_path, content, match):
+        (src / "config.json").write_text(content)
+        with pytest.raises(ValueError, match=match):
+            quantize_checkpoint(src, tmp_path / "dst", group_size=32, progress=False)
+
+    def test_config_json_is_a_directory(self, src, tmp_path):
+        os.remove(src / "config.json")
+        (src / "config.json").mkdir()
+        with pytest.raises(ValueError, match="config.json is not a file"):
+            quantize_checkpoint(src, tmp_path / "dst", group_size=32, progress=False)
+
+    def test_bad_ignore_regex_and_device(self, src, tmp_path):
+        with pytest.raises(ValueError, match=r"ignore pattern '\[unclosed' is not a valid"):
+            quantize_checkpoint(src, tmp_path / "dst", ignore=["[unclosed"], progress=False)
+        with pytest.raises(ValueError, match="unknown device 'foo'"):
+            quantize_checkpoint(src, tmp_path / "dst", device="foo", progress=False)
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+    def test_cuda_device_without_cuda(self, src, tmp_path):
+        with pytest.raises(ValueError, match="device 'cuda' is not available"):
+            quantize_checkpoint(src, tmp_path / "dst", device="cuda", progress=False)
+
+    def test_inspect_single_native_shard(self, src, tmp_path):
+        quantize_checkpoint(src, tmp_path / "dst", group_size=32, progress=False)
+        rows, summary = inspect_checkpoint(tmp_path / "dst" / "model-00001-of-00002.safetensors")
+        assert summary["quant_method"] == "int4tensor" and summary["quantized"] == 2
+        (tmp_path / "dst" / "config.json").unlink()  # the shard's own metadata says it too
+        rows, summary = inspect_checkpoint(tmp_path / "dst" / "model-00001-of-00002.safetensors")
+        assert summary["quant_method"] == "int4tensor"
+
+
+class TestBoundedMemory:
+    def test_row_chunks_give_the_same_bits(self, src, tmp_path, monkeypatch):
+        """quantize works a few rows at a time (docs/cli.md's memory bound); forcing chunks of
+        one or a few rows changes no bit, for 2D, 3D and [E, K, N] experts."""
+        import int4tensor.checkpoint as checkpoint
+
+        quantize_checkpoint(src, tmp_path / "whole", group_size=32, expert_k_dim=-2,
+                            progress=False)
+        monkeypatch.setattr(checkpoint, "_CHUNK_ELEMENTS", 3 * 128)
+        quantize_checkpoint(src, tmp_path / "chunked", group_size=32, expert_k_dim=-2,
+                            progress=False)
+        a, b = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "chunked")
+        assert a.keys() == b.keys()
+        for name in QUANTIZED:
+            assert a[name]._mismatch(b[name]) is None, name
+            for field, x in a[name]._tensors().items():
+                assert torch.equal(x, getattr(b[name], field)), (name, field)

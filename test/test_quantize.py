@@ -265,3 +265,34 @@ class TestQuantizeByName:
         fresh.load_state_dict(torch.load(buf, weights_only=True), assign=True)
         x = torch.randn(4, 6, 256, dtype=torch.bfloat16)
         assert torch.equal(fresh(x), model(x))
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("config", ["int4", None, 128, Int4WeightOnlyConfig])
+    def test_config_must_be_a_config(self, config):
+        with pytest.raises(TypeError, match="must be a config object such as "
+                                            r"Int4WeightOnlyConfig\(group_size=128\)"):
+            quantize_(MLP(), config)
+        with pytest.raises(TypeError, match="must be a config object"):
+            quantize_(MLP(), {"up.weight": config} if config is not None else {"up.weight": 1})
+
+    def test_nan_weight_names_the_layer_and_changes_nothing(self):
+        model = MLP()
+        with torch.no_grad():
+            model.down.weight[3, 7] = float("nan")
+        before = {n: p.clone() for n, p in model.named_parameters()}
+        with pytest.raises(ValueError, match=r"quantize_: cannot quantize down.weight: weight "
+                                             r"has 1 NaN/Inf value\(s\)"):
+            quantize_(model, Int4WeightOnlyConfig())
+        # "up" comes first and is fine, but nothing was replaced
+        assert not any(isinstance(p, Int4Tensor) for p in model.parameters())
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p, before[n], rtol=0, atol=0, equal_nan=True)
+
+    def test_meta_and_uninitialized_memory(self):
+        """quantize_ on the meta device reads no values (vLLM/transformers create models
+        there); Int4Tensor.empty is the constructor for uninitialized real memory."""
+        with torch.device("meta"):
+            model = MLP()
+        quantize_(model, Int4WeightOnlyConfig())
+        assert isinstance(model.up.weight, Int4Tensor) and model.up.weight.is_meta

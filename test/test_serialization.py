@@ -144,8 +144,8 @@ class TestGenericMechanism:
         from int4tensor.tensors import Int4PreshuffledTensor
 
         t = Int4PreshuffledTensor(
-            torch.randint(-128, 127, (64, 32), dtype=torch.int8),
-            torch.randn(2, 64, dtype=torch.bfloat16), (1, 64), (64, 64), "bf16",
+            torch.randint(-128, 127, (64, 64), dtype=torch.int8),
+            torch.randn(2, 64, dtype=torch.bfloat16), (1, 64), (64, 128), "bf16",
             group_zero=torch.randn(2, 64, dtype=torch.bfloat16))
         save_file({"p": t}, tmp_path / "m.safetensors")
         back = load_file(tmp_path / "m.safetensors")["p"]
@@ -254,3 +254,105 @@ class TestSaveErrors:
         with pytest.raises(TypeError, match="'y' is a str, not a tensor"):
             save_file({"x": torch.zeros(2), "y": "oops"}, path)
         assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.safetensors"]
+
+
+class TestMalformedMetadata:
+    """Every malformed structure is a ValueError naming the file (and the tensor)."""
+
+    @pytest.mark.parametrize("tensors, match", [
+        ([1, 2], r"'tensors' must be an object \(name -> entry\), got a list"),
+        ({"w": "Int4Tensor"}, r"tensor 'w': its metadata entry must be an object, got a str"),
+    ])
+    def test_bad_structure(self, tmp_path, tensors, match):
+        t = quantized()
+        _write_with_meta(tmp_path / "m.safetensors", _fields(t),
+                         {"format_version": 1, "tensors": tensors})
+        with pytest.raises(ValueError, match=r"m\.safetensors: .*" + match):
+            load_file(tmp_path / "m.safetensors")
+
+    @pytest.mark.parametrize("key", ["attributes", "shape", "fields", "dtype", "type"])
+    def test_missing_key(self, tmp_path, key):
+        t = quantized()
+        meta = _meta_for(t)
+        del meta["tensors"]["w"][key]
+        _write_with_meta(tmp_path / "m.safetensors", _fields(t), meta)
+        with pytest.raises(ValueError, match=rf"m\.safetensors: tensor 'w': its metadata entry "
+                                             rf"lacks \['{key}'\]"):
+            load_file(tmp_path / "m.safetensors")
+
+    def test_missing_block_size(self, tmp_path):
+        t = quantized()
+        _write_with_meta(tmp_path / "m.safetensors", _fields(t),
+                         _meta_for(t, attributes={"shape": list(t.shape)}))
+        with pytest.raises(ValueError,
+                           match=r"tensor 'w': 'attributes' .*missing \['block_size'\]"):
+            load_file(tmp_path / "m.safetensors")
+
+    @pytest.mark.parametrize("where", ["entry", "attributes", "file"])
+    def test_unknown_keys_are_refused(self, tmp_path, where):
+        """A claim we do not understand (a nibble order, say) must not be ignored."""
+        t = quantized()
+        meta = _meta_for(t)
+        target = {"entry": meta["tensors"]["w"], "attributes": meta["tensors"]["w"]["attributes"],
+                  "file": meta}[where]
+        target["nibble_order"] = "high_first"
+        _write_with_meta(tmp_path / "m.safetensors", _fields(t), meta)
+        with pytest.raises(ValueError, match=r"unknown .*nibble_order"):
+            load_file(tmp_path / "m.safetensors")
+
+    def test_bad_shape_value(self, tmp_path):
+        t = quantized()
+        _write_with_meta(tmp_path / "m.safetensors", _fields(t), _meta_for(t, shape="64x256"))
+        with pytest.raises(ValueError, match=r"tensor 'w': 'shape' must be a list of sizes"):
+            load_file(tmp_path / "m.safetensors")
+
+    def test_our_own_files_load(self, tmp_path):
+        """act_pre_scale given as one factor ([1]) is stored as [K] and loads back."""
+        base = quantized()
+        t = Int4Tensor(base.qdata, base.scale, base.zero_point, base.block_size, base.shape,
+                       act_pre_scale=torch.tensor([0.5], dtype=torch.bfloat16))
+        save_file({"w": t}, tmp_path / "m.safetensors")
+        back = load_file(tmp_path / "m.safetensors")["w"]
+        assert_same(t, back)
+        assert back.act_pre_scale.shape == (256,)
+
+
+class TestWriter:
+    def test_files_read_back_with_safetensors_itself(self, tmp_path):
+        """save_file writes safetensors one tensor at a time; safetensors' own reader gets the
+        same tensors back (every dtype, 0-d, empty, strided and storage-sharing tensors)."""
+        from safetensors.torch import load_file as st_load_file
+
+        base = torch.randn(8, 16)
+        tensors = {
+            "f32": base, "bf16": base.to(torch.bfloat16), "f16": base.half(),
+            "i8": torch.randint(-128, 127, (5, 3), dtype=torch.int8),
+            "i64": torch.arange(7), "bool": base > 0, "u8": torch.arange(9, dtype=torch.uint8),
+            "fp8": base.to(torch.float8_e4m3fn), "scalar": torch.tensor(3.5),
+            "empty": torch.empty(0, 4), "strided": base.t(), "shared_a": base[:4],
+            "shared_b": base[4:],
+        }
+        save_file(tensors, tmp_path / "m.safetensors", metadata={"k": "v"})
+        back = st_load_file(tmp_path / "m.safetensors")
+        assert back.keys() == tensors.keys()
+        for name, t in tensors.items():
+            assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
+            assert torch.equal(back[name].view(torch.uint8) if t.dtype == torch.float8_e4m3fn
+                               else back[name], t.contiguous().view(torch.uint8)
+                               if t.dtype == torch.float8_e4m3fn else t), name
+        with safe_open(tmp_path / "m.safetensors", "pt") as f:
+            assert f.metadata() == {"k": "v", "format": "pt"}
+
+
+def test_numpy_is_a_declared_dependency():
+    """save_file writes through numpy buffers, and torch warns "Failed to initialize NumPy" on
+    a fresh install without it: setup.py must install it."""
+    import ast
+    import pathlib
+
+    setup = pathlib.Path(__file__).resolve().parent.parent / "setup.py"
+    call = next(node for node in ast.walk(ast.parse(setup.read_text()))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    requires = next(k.value for k in call.keywords if k.arg == "install_requires")
+    names = [ast.literal_eval(e).split(">")[0].split("=")[0] for e in requires.elts]
+    assert "numpy" in names

@@ -39,7 +39,7 @@ TRITON_MAX_M = 16
 DENSE_MIN_M = 4096
 FP8_ROWWISE_MIN_M = 64
 
-__all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_linear",
+__all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_linear", "is_eager",
            "linear_backend", "preshuffled_backend", "preshuffled_bmm", "preshuffled_linear",
            "quantize_fp8_rows", "round_fp8_rows"]
 
@@ -234,6 +234,11 @@ def _fbgemm_f8_shuffled(x, w):
     return custom_ops.fbgemm_f8i4_shuffled(xq, w.qdata, x_scale, w.row_scale, w.group_scale)
 
 
+def _fbgemm_f8_shuffled_eager(x, w):
+    xq, x_scale = quantize_fp8_rows(x)
+    return torch.ops.fbgemm.f8i4bf16_shuffled(xq, w.qdata, x_scale, w.row_scale, w.group_scale)
+
+
 def _fbgemm_shuffled_batched(x, w):
     n = w.qdata.shape[-2]
     return custom_ops.fbgemm_bf16i4_shuffled_batched(
@@ -294,7 +299,8 @@ _GEMM_SHUFFLED = Candidate("cuda_gemm",
 PRESHUFFLED_LINEAR = [_GEMV_SHUFFLED, _GEMM_SHUFFLED,
                       Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_shuffled,
                                 _fbgemm_shuffled_eager)]
-PRESHUFFLED_LINEAR_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_f8_shuffled)]
+PRESHUFFLED_LINEAR_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_f8_shuffled,
+                                    _fbgemm_f8_shuffled_eager)]
 PRESHUFFLED_BMM = [_GEMV_SHUFFLED, _GEMM_SHUFFLED,
                    Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_shuffled_batched)]
 PRESHUFFLED_BMM_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not,
@@ -376,7 +382,7 @@ def _traced(op: str, x: torch.Tensor, weight, layout: str, bias) -> torch.Tensor
     return out + bias if bias is not None else out
 
 
-def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, check=None) -> torch.Tensor:
     """``x [*, K] @ W.T + bias -> [*, N]`` for an ``Int4Tensor`` ``W [N, K]``.
 
     An ``act_pre_scale`` is applied to ``x`` first. fp8 activations
@@ -384,10 +390,17 @@ def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
     ``f8i4bf16_rowwise`` takes the raw activations (it quantizes them per row and also rounds
     the dequantized weights to fp8: 3.3% from the reference path, measured on an H200);
     otherwise the bf16 table runs on the fp8-rounded activations, as the reference path does.
+    ``check(x, weight)`` validates the operands: once per activation signature for eager
+    calls, on every traced call.
     """
     if is_eager(x):
-        return eager_plan("linear", x, weight,
-                          lambda: _plan("linear", x, weight, "plain"))(x, bias)
+        def build():
+            if check is not None:
+                check(x, weight)
+            return _plan("linear", x, weight, "plain")
+        return eager_plan("linear", x, weight, build)(x, bias)
+    if check is not None:
+        check(x, weight)
     return _traced("linear", x, weight, "plain", bias)
 
 

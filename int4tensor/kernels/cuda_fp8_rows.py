@@ -16,6 +16,8 @@ and back, ``bf16(float(xq) * x_scale)``, for bf16 kernels that should see the sa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from int4tensor.kernels import nvrtc
@@ -135,17 +137,22 @@ _KERNELS = {rounded: (_SOURCE % dict(bf16_helpers=nvrtc.BF16_HELPERS, rounded=in
 
 def _launcher(x2d: torch.Tensor, rounded: bool) -> nvrtc.Launcher:
     """The launch for bf16 ``x2d [M, K]`` (output rows contiguous)."""
-    kernel = nvrtc.compile_kernel(*_KERNELS[rounded], nvrtc.device_capability(x2d.device))
-    m, k = x2d.shape
+    return _planned(tuple(x2d.shape), x2d.stride(0), x2d.device.index, rounded)
+
+
+@functools.lru_cache(maxsize=1024)
+def _planned(shape: tuple, row_stride: int, device_index: int, rounded: bool) -> nvrtc.Launcher:
+    kernel = nvrtc.compile_kernel(*_KERNELS[rounded], torch.cuda.get_device_capability(device_index))
+    m, k = shape
     # few rows: enough threads per row to hold it in registers (4 vectors of 8 each)
     threads = 1024 if m <= 128 else 256
     threads = min(threads, max(32, -(-(k // 32) // 32) * 32))
-    return nvrtc.Launcher(kernel, (m, 1, 1), (threads, 1, 1), 0, 3, (k, x2d.stride(0), k),
-                          x2d.device.index)
+    return nvrtc.Launcher(kernel, (m, 1, 1), (threads, 1, 1), 0, 3, (k, row_stride, k),
+                          device_index)
 
 
 def _launch(x2d: torch.Tensor, out: torch.Tensor, x_scale: torch.Tensor, rounded: bool) -> None:
-    _launcher(x2d, rounded)(x2d, out, x_scale)
+    _planned(tuple(x2d.shape), x2d.stride(0), x2d.device.index, rounded)(x2d, out, x_scale)
 
 
 def bind_round(x2d: torch.Tensor):

@@ -413,10 +413,12 @@ def operands_problem(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
         return f"G = {group_size}, it takes 128 or 256"
     if x.shape[-1] % CHUNK:
         return f"K = {x.shape[-1]} is not a multiple of {CHUNK}"
+    # offsets, not data pointers: fake tensors (torch.compile) have none; allocations are
+    # 16-byte aligned
     if not (x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:-1])
-            and x.data_ptr() % 16 == 0):
+            and x.storage_offset() % 8 == 0):
         return "activation rows are not 16-byte aligned"
-    if not (qdata.is_contiguous() and qdata.data_ptr() % 16 == 0):
+    if not (qdata.is_contiguous() and qdata.storage_offset() % 16 == 0):
         return "qdata is not contiguous (a sliced weight; .contiguous() fixes it)"
     if qdata.shape[-1] * 2 != x.shape[-1] or scale.shape[-1] != qdata.shape[-2]:
         return "operand shapes disagree"

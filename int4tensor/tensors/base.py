@@ -8,8 +8,14 @@ A subclass declares its fields once::
 and gets from this module: ``__tensor_flatten__``/``__tensor_unflatten__`` (torch.compile),
 pickling for ``torch.save``, a ``repr``, an op table filled with the :meth:`implements`
 decorator, and the ops whose meaning is "do the same to every inner tensor" (detach, alias,
-clone, contiguous, ``.to()``) plus a checked ``copy_``. Ops that are not registered raise
-``NotImplementedError`` naming the op and the class, never a crash deep in torch.
+clone, contiguous, ``.to()``, pinning) plus a checked ``copy_`` and ``param.data = ...``. Ops
+that are not registered raise ``NotImplementedError`` naming the op and the class, never a
+crash deep in torch.
+
+A subclass also defines ``_layout_problem()`` (do the fields agree with each other and the
+attributes?); its constructor calls :meth:`Int4BaseTensor._validate`, and so do unpickling and
+``__tensor_unflatten__`` (through the constructor), so no tensor with contradictory fields is
+ever built from a file or a pickle.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import pathlib
+import threading
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -25,6 +32,14 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 aten = torch.ops.aten
 
 OpImpl = Callable[[Any, tuple, dict], Any]
+
+
+class LayoutError(ValueError):
+    """A tensor's fields contradict each other or its attributes (``problem`` says how)."""
+
+    def __init__(self, class_name: str, problem: str):
+        super().__init__(f"inconsistent {class_name}: {problem}")
+        self.problem = problem
 
 
 class Int4BaseTensor(torch.Tensor):
@@ -94,7 +109,19 @@ class Int4BaseTensor(torch.Tensor):
         if impl is not None:
             return impl(func, args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            except NotImplementedError:
+                raise
+            except RuntimeError as e:
+                # Composite functions (torch.fft.fft, ...) check dtypes in C++ before any aten
+                # op reaches __torch_dispatch__; name the op instead of torch's internal error.
+                # NotImplementedError is a RuntimeError: callers catching that still do.
+                name = getattr(func, "__qualname__", None) or getattr(func, "__name__", func)
+                raise NotImplementedError(
+                    f"{cls.__name__} does not support {name} (torch said: {e}); supported ops "
+                    "are listed in docs/ops.md (dequantize() first to use it as a dense tensor)"
+                ) from e
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -119,18 +146,40 @@ class Int4BaseTensor(torch.Tensor):
         return [getattr(self, name) for name in self.tensor_attribute_names]
 
     @classmethod
-    def _build(cls, tensors: dict[str, torch.Tensor], attributes: list[Any]) -> "Int4BaseTensor":
+    def _build(cls, tensors: dict[str, torch.Tensor], attributes: list[Any],
+               validate: bool = True) -> "Int4BaseTensor":
+        """``cls(...)`` from fields by name. ``validate=False`` is for the ops that derive a
+        tensor from checked ones by construction (views, transposes, ``.to``, cat): they skip
+        the consistency check, which costs tens of microseconds, on hot paths."""
         optional = {n: tensors.get(n) for n in cls.optional_tensor_data_names}
         named = dict(zip(cls.tensor_attribute_names, attributes))
-        return cls(*[tensors[n] for n in cls.tensor_data_names], **named, **optional)
+        args = [tensors[n] for n in cls.tensor_data_names]
+        if validate:
+            return cls(*args, **named, **optional)
+        _derived.active = True
+        try:
+            return cls(*args, **named, **optional)
+        finally:
+            _derived.active = False
 
     def _with_data(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int4BaseTensor":
-        """A new tensor of the same class and metadata with ``fn`` applied to each inner tensor."""
-        return self._build({n: fn(t) for n, t in self._tensors().items()}, self._attributes())
+        """A new tensor of the same class and metadata with ``fn`` applied to each inner tensor
+        (same shapes, dtypes at most re-typed together: consistent by construction)."""
+        return self._build({n: fn(t) for n, t in self._tensors().items()}, self._attributes(),
+                           validate=False)
 
     def __getstate__(self) -> dict:
-        # pickled state: the fields, not the dispatch decisions cached on this tensor
-        return {k: v for k, v in self.__dict__.items() if k != "_dispatch_plans"}
+        # pickled state: the fields, not what dispatch caches on this tensor
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_dispatch_")}
+
+    def _dispatch_cached(self, name: str, make: Callable[[], Any]) -> Any:
+        """``make()``, kept on this tensor under ``_dispatch_<name>`` (eager dispatch only:
+        never pickled, dropped by ``copy_``)."""
+        key = "_dispatch_" + name
+        value = self.__dict__.get(key)
+        if value is None:
+            value = self.__dict__[key] = make()
+        return value
 
     def __tensor_flatten__(self):
         return list(self._tensors()), self._attributes()
@@ -138,6 +187,50 @@ class Int4BaseTensor(torch.Tensor):
     @classmethod
     def __tensor_unflatten__(cls, inner_tensors, attributes, outer_size, outer_stride):
         return cls._build(inner_tensors, attributes)
+
+    # ---- consistency ---------------------------------------------------------------------
+    #: Values for fields absent from states pickled by older versions.
+    _state_defaults: ClassVar[dict[str, Any]] = {}
+
+    def _layout_problem(self) -> str | None:
+        """Hook: the first inconsistency between the inner tensors and the attributes (shapes,
+        dtypes, devices, block size), else None. Checks metadata only, never values."""
+        return None
+
+    def _validate(self) -> None:
+        """Raise ``ValueError`` if the fields contradict each other. Run by every constructor,
+        by unpickling and by ``__tensor_unflatten__`` outside tracing (where the inner tensors
+        are fake and their shapes may be symbolic, the check is skipped)."""
+        if getattr(_derived, "active", False):
+            return
+        # the check reads this wrapper's shape and dtype: skip __torch_function__ for those
+        with torch._C.DisableTorchFunctionSubclass():
+            if _is_fake(self._tensors().values()):
+                return
+            problem = self._layout_problem()
+        if problem is not None:
+            raise LayoutError(type(self).__name__, problem)
+
+    def __setstate__(self, state) -> None:
+        """Unpickling (``torch.load``, also with ``weights_only=True``) sets the fields without
+        running the constructor: check them as the constructor would."""
+        dict_state = state[0] if isinstance(state, tuple) else state
+        if not isinstance(dict_state, dict):
+            raise ValueError(f"cannot unpickle {type(self).__name__}: its state is a "
+                             f"{type(dict_state).__name__}, not a dict of fields")
+        torch._utils._set_obj_state(self, state)
+        for name, default in self._state_defaults.items():
+            if not hasattr(self, name):
+                setattr(self, name, default)
+        for name in self.optional_tensor_data_names:
+            if not hasattr(self, name):
+                setattr(self, name, None)
+        names = self.tensor_data_names + self.tensor_attribute_names
+        missing = [n for n in names if n != "shape" and n not in self.__dict__]
+        if missing:
+            raise ValueError(f"cannot unpickle {type(self).__name__}: its state lacks {missing} "
+                             f"(it holds {sorted(dict_state)}; saved from another tensor class?)")
+        self._validate()
 
     def _quantize_like(self, dense: torch.Tensor) -> "Int4BaseTensor":
         """Hook for ``copy_`` from a dense tensor: a tensor of this class holding ``dense``."""
@@ -190,6 +283,9 @@ class Int4BaseTensor(torch.Tensor):
 
 implements = Int4BaseTensor.implements
 
+# Set while an op builds a tensor derived from checked ones (``_build(..., validate=False)``).
+_derived = threading.local()
+
 
 @functools.lru_cache(maxsize=None)
 def _code_fingerprint() -> str:
@@ -201,6 +297,18 @@ def _code_fingerprint() -> str:
     for path in sorted(root.rglob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def _is_fake(tensors) -> bool:
+    """True while tracing (torch.compile, FakeTensorMode): inner tensors are fake."""
+    return any(isinstance(t, _fake_tensor_class()) for t in tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def _fake_tensor_class() -> type:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return FakeTensor
 
 
 def op_args(args: tuple, kwargs: dict, *defaults: tuple[str, Any]) -> list[Any]:
@@ -221,9 +329,24 @@ def _(func, args, kwargs):
     return return_and_correct_aliasing(func, args, kwargs, out)
 
 
-@implements([aten.contiguous.default])
+@implements([aten.contiguous.default, torch.Tensor.contiguous])
 def _(func, args, kwargs):
-    return args[0]._with_data(torch.Tensor.contiguous)
+    """Contiguous inner tensors. ``Tensor.contiguous`` is intercepted before torch's own early
+    return: the wrapper always reports contiguous strides, its fields may not be (a slice)."""
+    self = args[0]
+    if all(t.is_contiguous() for t in self._tensors().values()):
+        return self
+    return self._with_data(torch.Tensor.contiguous)
+
+
+@implements([aten.is_pinned.default])
+def _(func, args, kwargs):
+    return all(t.is_pinned() for t in args[0]._tensors().values())
+
+
+@implements([aten._pin_memory.default])
+def _(func, args, kwargs):
+    return args[0]._with_data(torch.Tensor.pin_memory)
 
 
 @implements([torch.Tensor.to])
@@ -264,6 +387,10 @@ def _to_copy(self, device=None, dtype=None, non_blocking=False, **_):
 def _(func, args, kwargs):
     """``dst.copy_(src)`` between tensors of the same class, shape and metadata (in place)."""
     dst, src = args[0], args[1]
+    if not isinstance(dst, Int4BaseTensor):
+        # dense.copy_(int4), e.g. load_state_dict of a quantized state into a dense model:
+        # the dense tensor receives the value the int4 tensor stands for.
+        return dst.copy_(src.dequantize(dst.dtype if dst.is_floating_point() else None))
     if not isinstance(src, Int4BaseTensor):
         src = dst._quantize_like(src)
     problem = dst._mismatch(src)
@@ -271,12 +398,41 @@ def _(func, args, kwargs):
         raise ValueError(f"copy_ into {type(dst).__name__}: source differs, {problem}")
     for name, t in dst._tensors().items():
         t.copy_(getattr(src, name))
-    dst.__dict__.pop("_dispatch_plans", None)  # decisions are remade for the new values
+    for key in [k for k in dst.__dict__ if k.startswith("_dispatch_")]:
+        del dst.__dict__[key]  # decisions are remade for the new values
     return dst
 
 
-@implements([aten._has_compatible_shallow_copy_type.default])
+def _shallow_copy_problem(dst: torch.Tensor, src: torch.Tensor) -> str | None:
+    """Why ``dst.data = src`` cannot keep ``dst``'s wrapper (None: it can)."""
+    if not isinstance(dst, Int4BaseTensor) or not isinstance(src, Int4BaseTensor):
+        return (f"a {type(src).__name__} cannot become the data of a {type(dst).__name__}")
+    if src.device != dst.device:
+        return f"device {src.device} != {dst.device}"
+    return dst._mismatch(src)
+
+
+@implements([torch._has_compatible_shallow_copy_type,
+             aten._has_compatible_shallow_copy_type.default])
 def _(func, args, kwargs):
-    # ``param.data = new`` would swap the wrapper's metadata but not the inner tensors, so never
-    # claim compatibility; nn.Module._apply then swaps whole tensors instead.
-    return False
+    # True only for the same class, device, shape, metadata and inner dtypes: then
+    # ``param.data = new`` swaps the inner tensors (below). nn.Module._apply (``.to``, ``.cuda``)
+    # asks this and replaces the whole Parameter otherwise.
+    return _shallow_copy_problem(args[0], args[1]) is None
+
+
+@implements([torch.Tensor.data.__set__])
+def _(func, args, kwargs):
+    """``param.data = new``: the parameter takes ``new``'s inner tensors (same class, shape,
+    metadata, device); anything else raises instead of leaving the old value in place."""
+    dst, src = args[0], args[1]
+    problem = _shallow_copy_problem(dst, src)
+    if problem is not None:
+        raise TypeError(f"cannot assign .data of a {type(dst).__name__} "
+                        f"{list(dst.shape)}: {problem}; replace the parameter instead "
+                        "(int4tensor.quantize.replace_parameter or setattr(module, name, "
+                        "nn.Parameter(new, requires_grad=False)))")
+    for name in dst.tensor_data_names + dst.optional_tensor_data_names:
+        setattr(dst, name, getattr(src, name))
+    for key in [k for k in dst.__dict__ if k.startswith("_dispatch_")]:
+        del dst.__dict__[key]  # plans made for the old inner tensors

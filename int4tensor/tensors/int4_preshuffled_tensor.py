@@ -53,15 +53,77 @@ class Int4PreshuffledTensor(Int4BaseTensor):
 
     def __init__(self, qdata, group_scale, block_size, shape, activation_dtype,
                  group_zero=None, row_scale=None):
-        if activation_dtype not in ACTIVATION_DTYPES:
-            raise ValueError(f"activation_dtype must be one of {ACTIVATION_DTYPES}, "
-                             f"got {activation_dtype!r}")
         self.qdata = qdata
         self.group_scale = group_scale
         self.group_zero = group_zero
         self.row_scale = row_scale
-        self.block_size = tuple(int(b) for b in block_size)
+        self.block_size = tuple(int(b) for b in block_size) \
+            if isinstance(block_size, (tuple, list, torch.Size)) else block_size
         self.activation_dtype = activation_dtype
+        self._validate()
+
+    __module__ = "int4tensor"  # the public path; the module path still loads old files
+
+    def _layout_problem(self) -> str | None:
+        """Shapes only (the values are fbgemm's): qdata int8 ``[..., Np, K/2]`` with ``Np`` N
+        rounded up to the kernels' alignment, the scales of ``activation_dtype``'s layout."""
+        from int4tensor.tensors.int4_tensor import _block_problem, _stored_shape
+
+        if self.activation_dtype not in ACTIVATION_DTYPES:
+            return (f"activation_dtype must be one of {ACTIVATION_DTYPES}, "
+                    f"got {self.activation_dtype!r}")
+        problem = _block_problem(self.block_size, tuple(self.shape))
+        if problem is not None:
+            return problem
+        needed = ("qdata", "group_scale") + (
+            ("group_zero",) if self.activation_dtype == "bf16" else ("row_scale",))
+        for name in needed:
+            if not isinstance(getattr(self, name), torch.Tensor):
+                return (f"{name} is a {type(getattr(self, name)).__name__}, expected a tensor "
+                        f"for {self.activation_dtype} activations")
+        unexpected = "row_scale" if self.activation_dtype == "bf16" else "group_zero"
+        if getattr(self, unexpected) is not None:
+            return f"{unexpected} is set, but {self.activation_dtype} activations have none"
+        *lead, n, k = _stored_shape(self)
+        groups = k // self.group_size
+        np_ = self.qdata.shape[-2] if self.qdata.ndim >= 2 else -1
+        if self.qdata.dtype != torch.int8 or list(self.qdata.shape) != [*lead, np_, k // 2] \
+                or not n <= np_ < n + kernels.fbgemm.N_ALIGN:
+            return (f"qdata is {self.qdata.dtype}{list(self.qdata.shape)}, expected int8 "
+                    f"[{', '.join(map(str, lead + ['N padded to 16', k // 2]))}] for shape "
+                    f"{list(self.shape)}")
+        if self.activation_dtype == "bf16":
+            want = [*lead, groups, np_]
+            for name in ("group_scale", "group_zero"):
+                x = getattr(self, name)
+                if x.dtype != torch.bfloat16 or list(x.shape) != want:
+                    return f"{name} is {x.dtype}{list(x.shape)}, expected bfloat16{want}"
+        else:
+            gs, rs = self.group_scale, self.row_scale
+            if gs.ndim != len(lead) + 3 or list(gs.shape[:len(lead)]) != lead or \
+                    gs.shape[-3] != groups or gs.shape[-1] != np_:
+                return (f"group_scale has shape {list(gs.shape)}, expected "
+                        f"[..., {groups}, 8, {np_}] (fbgemm's packed fp8 group scales)")
+            if rs.dtype != torch.float32 or list(rs.shape) != [*lead, np_]:
+                return f"row_scale is {rs.dtype}{list(rs.shape)}, expected float32{[*lead, np_]}"
+        for name, x in self._tensors().items():
+            if x.device != self.qdata.device:
+                return f"{name} is on {x.device}, qdata on {self.qdata.device}"
+        return None
+
+    def _require_fbgemm(self, what: str) -> None:
+        """Reading this layout needs fbgemm's kernels on CUDA; say so instead of failing
+        inside torch.ops (a file loaded with ``load_file(path)`` lands on the CPU)."""
+        if torch.compiler.is_compiling():  # keep compiled graphs free of this host check
+            return
+        if not self.qdata.is_cuda or not kernels.fbgemm.is_available():  # (self.is_cuda
+            # would go through __torch_function__ on every call)
+            where = "fbgemm-gpu-genai is not installed" if self.is_cuda else \
+                f"it is on {self.device.type}"
+            raise NotImplementedError(
+                f"{what} of an Int4PreshuffledTensor needs fbgemm-gpu-genai on a CUDA GPU "
+                f"({where}): load it onto the GPU (load_file(path, device='cuda')), or save "
+                "the portable Int4Tensor layout (to_int4_tensor()) where fbgemm runs")
 
     group_size = Int4Tensor.group_size
     is_transposed = Int4Tensor.is_transposed
@@ -139,6 +201,7 @@ class Int4PreshuffledTensor(Int4BaseTensor):
         if self.activation_dtype != "bf16":
             raise NotImplementedError("to_int4_tensor of an fp8-activation Int4PreshuffledTensor;"
                                       " dequantize() gives its dense value")
+        self._require_fbgemm("to_int4_tensor")
         if self.is_transposed:
             return self.mT.to_int4_tensor().mT
         from int4tensor.quant_primitives import pack_int4
@@ -154,6 +217,7 @@ class Int4PreshuffledTensor(Int4BaseTensor):
         or as the kernel's own product with an identity input (fp8 activations, bf16 exact
         to the kernel's rounding)."""
         dtype = dtype or self.dtype
+        self._require_fbgemm("dequantize")
         if self.activation_dtype == "bf16":
             return self.to_int4_tensor().dequantize(dtype)
         w = kernels.fbgemm.dequantize_fp8_weight(self)[..., : self.stored_n, :].to(dtype)
@@ -177,14 +241,16 @@ implements = Int4PreshuffledTensor.implements
 def _(func, args, kwargs):
     x, w = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    if w.ndim != 2 or w.is_transposed:
+    w._require_fbgemm("linear")
+    if w.qdata.ndim != 2 or w.is_transposed:  # (the inner shape: w.ndim costs a dispatch)
         return F.linear(x, w.dequantize(x.dtype), bias)
     return _linear(x, w, bias)
 
 
 def _linear(x: torch.Tensor, w: Int4PreshuffledTensor, bias) -> torch.Tensor:
-    if x.shape[-1] != w.shape[-1]:
-        raise ValueError(f"linear input's last dim must be K = {w.shape[-1]}, got input shape "
+    k = 2 * w.qdata.shape[-1]
+    if x.shape[-1] != k:
+        raise ValueError(f"linear input's last dim must be K = {k}, got input shape "
                          f"{list(x.shape)}")
     if x.dtype != torch.bfloat16:
         raise TypeError(f"Int4PreshuffledTensor takes bf16 activations, got {x.dtype}")
@@ -195,7 +261,7 @@ def _transposed(t: Int4PreshuffledTensor) -> Int4PreshuffledTensor:
     bs, shape = t.block_size, tuple(t.shape)
     return Int4PreshuffledTensor._build(
         t._tensors(), [(*bs[:-2], bs[-1], bs[-2]), (*shape[:-2], shape[-1], shape[-2]),
-                       t.activation_dtype])
+                       t.activation_dtype], validate=False)
 
 
 @implements([aten.t.default, aten.transpose.int])
@@ -234,6 +300,7 @@ def _(func, args, kwargs):
         fields = {name: x[start:end:step] for name, x in t._tensors().items()}
         shape = (fields["qdata"].shape[0], *t.shape[1:])
         return Int4PreshuffledTensor._build(fields, [t.block_size, shape, t.activation_dtype])
+    t._require_fbgemm("slicing along N or K")
     if t.activation_dtype == "bf16":
         plain = t.to_int4_tensor()
         return Int4PreshuffledTensor.from_int4_tensor(aten.slice.Tensor(plain, dim, start, end, step))
@@ -267,14 +334,18 @@ def _slice_fp8(t: Int4PreshuffledTensor, dim: int, start, end, step) -> Int4Pres
 
 
 @implements([aten.bmm.default, aten.mm.default, torch.matmul, torch.Tensor.matmul,
-             torch.Tensor.__matmul__])
+             torch.Tensor.__matmul__, torch.bmm, torch.mm, torch.Tensor.bmm, torch.Tensor.mm])
 def _(func, args, kwargs):
     """``x @ W`` for a transposed weight (``W`` logical ``[.., K, N]``) runs the kernels; any
     other product goes through the dense value."""
     a, b = args[0], args[1]
+    for x in (a, b):
+        if isinstance(x, Int4PreshuffledTensor):
+            x._require_fbgemm(str(getattr(func, "__name__", func)))
     if isinstance(b, Int4PreshuffledTensor) and b.is_transposed and \
             not isinstance(a, Int4BaseTensor) and a.dtype == torch.bfloat16:
-        stored = _transposed(b)
+        stored = b._dispatch_cached("stored", lambda: _transposed(b)) \
+            if kernels.is_eager(a) else _transposed(b)
         if b.ndim == 2:
             return _linear(a, stored, None)
         if a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0]:

@@ -59,15 +59,78 @@ class Int4Tensor(Int4BaseTensor):
     def __init__(self, qdata, scale, zero_point, block_size, shape, act_pre_scale=None,
                  activation_dtype="bf16"):
         activation_dtype = activation_dtype or "bf16"  # files written before the attribute
-        if activation_dtype not in ("bf16", "fp8"):
-            raise ValueError(f"activation_dtype must be 'bf16' or 'fp8', got {activation_dtype!r}")
         self.qdata = qdata
         self.scale = scale
         self.zero_point = zero_point
-        self.act_pre_scale = act_pre_scale
+        self.act_pre_scale = _full_pre_scale(act_pre_scale, shape, block_size, scale)
         self.activation_dtype = activation_dtype
-        self.block_size = tuple(int(b) for b in block_size)
+        self.block_size = tuple(int(b) for b in block_size) \
+            if isinstance(block_size, (tuple, list, torch.Size)) else block_size
         # ``shape`` is not stored: the wrapper already carries it (and pickles it).
+        self._validate()
+
+    __module__ = "int4tensor"  # the public path; int4tensor.tensors.int4_tensor still loads
+    _state_defaults = {"activation_dtype": "bf16"}
+
+    def _layout_problem(self) -> str | None:
+        """qdata int8 ``[..., N, K/2]``, scale and zero_point (one float dtype) ``[..., K/G, N]``,
+        act_pre_scale ``[..., K]``, all on one device, for the stored ``[..., N, K]``."""
+        shape = tuple(self.shape)
+        problem = _block_problem(self.block_size, shape)
+        if problem is not None:
+            return problem
+        *lead, n, k = (*shape[:-2], shape[-1], shape[-2]) if self.block_size[-2] != 1 else shape
+        g = max(self.block_size)
+        for name in ("qdata", "scale", "zero_point"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                return f"{name} is a {type(getattr(self, name)).__name__}, not a tensor"
+        want = {"qdata": [*lead, n, k // 2], "scale": [*lead, k // g, n],
+                "zero_point": [*lead, k // g, n]}
+        if self.act_pre_scale is not None:
+            if not isinstance(self.act_pre_scale, torch.Tensor):
+                return f"act_pre_scale is a {type(self.act_pre_scale).__name__}, not a tensor"
+            want["act_pre_scale"] = [*lead, k]
+        for name, shape in want.items():
+            inner = getattr(self, name)
+            if list(inner.shape) != shape:
+                return f"{name} has shape {list(inner.shape)}, expected {shape}"
+            if inner.device != self.qdata.device:
+                return f"{name} is on {inner.device}, qdata on {self.qdata.device}"
+        if self.qdata.dtype != torch.int8:
+            return f"qdata has dtype {self.qdata.dtype}, expected torch.int8"
+        if not self.scale.is_floating_point():
+            return f"scale has dtype {self.scale.dtype}, expected a floating dtype"
+        if self.zero_point.dtype != self.scale.dtype:
+            return f"zero_point has dtype {self.zero_point.dtype}, scale {self.scale.dtype}"
+        if self.act_pre_scale is not None and not self.act_pre_scale.is_floating_point():
+            return f"act_pre_scale has dtype {self.act_pre_scale.dtype}, expected floating"
+        if self.activation_dtype not in ("bf16", "fp8"):
+            return f"activation_dtype must be 'bf16' or 'fp8', got {self.activation_dtype!r}"
+        return None
+
+    @classmethod
+    def empty(cls, shape, block_size, *, dtype: torch.dtype = torch.bfloat16,
+              device: torch.device | str | None = None, activation_dtype: str = "bf16",
+              transposed: bool = False) -> "Int4Tensor":
+        """An Int4Tensor of logical ``shape`` whose fields are uninitialized memory
+        (``torch.empty``; ``device="meta"`` works): for loaders that create parameters first and ``copy_`` the
+        checkpoint over them (vLLM's ``weight_loader`` pattern: ``param.narrow(...).copy_(shard)``).
+        No value is read or validated, so uninitialized NaN/Inf bits cannot make it fail.
+
+        Args:
+            shape: ``[N, K]`` or ``[E, N, K]`` (``[..., K, N]`` with ``transposed=True``).
+            block_size: ``(1, G)`` / ``(1, 1, G)`` of the stored ``[..., N, K]``.
+            dtype: the scale/zero dtype (the tensor's dtype).
+        """
+        shape = tuple(int(d) for d in shape)
+        stored = (*shape[:-2], shape[-1], shape[-2]) if transposed and len(shape) >= 2 else shape
+        group_size = _check_block_size(torch.empty(stored, device="meta"), block_size)
+        *lead, n, k = stored
+        qdata = torch.empty(*lead, n, k // 2, dtype=torch.int8, device=device)
+        scale = torch.empty(*lead, k // group_size, n, dtype=dtype, device=device)
+        zero = torch.empty(*lead, k // group_size, n, dtype=dtype, device=device)
+        out = cls(qdata, scale, zero, tuple(block_size), stored, activation_dtype=activation_dtype)
+        return _transposed(out) if transposed else out
 
     @property
     def group_size(self) -> int:
@@ -101,10 +164,14 @@ class Int4Tensor(Int4BaseTensor):
             activation_dtype: ``"bf16"`` or ``"fp8"`` (activations quantized per row at run
                 time).
         """
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"Int4Tensor.from_hp quantizes a torch.Tensor, got "
+                            f"{type(weight).__name__}")
         group_size = _check_block_size(weight, block_size)
         _check_weight(weight, group_size)
         scale, minimum = choose_qparams(weight, group_size, algorithm, zero_point_domain)
         qdata, scale, zero_point = quantize_with_qparams(weight, scale, minimum, group_size)
+        _check_representable(weight, scale, zero_point)
         return cls(qdata, scale, zero_point, tuple(block_size), weight.shape,
                    activation_dtype=activation_dtype)
 
@@ -161,15 +228,98 @@ def _check_group_size(group_size, k: int) -> int:
     return group_size
 
 
+def check_weight_values(weight: torch.Tensor) -> None:
+    """Raise ``ValueError`` if ``weight`` holds NaN/Inf or a range too wide for its dtype
+    (``max - min`` must stay finite: that is the span one group's 15 steps cover). Reads the
+    values (skipped on the meta device)."""
+    if weight.device.type == "meta" or not weight.numel() or not weight.is_floating_point():
+        return
+    if not bool(torch.isfinite(weight).all()):
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise ValueError(f"weight has {bad} NaN/Inf value(s); cannot quantize it")
+    low, high = float(weight.min()), float(weight.max())
+    limit = torch.finfo(weight.dtype).max
+    if high - low > limit or max(abs(low), abs(high)) > limit / 2:
+        raise ValueError(f"weight values span [{low:.3g}, {high:.3g}], too wide to quantize "
+                         f"with {weight.dtype} scales (|w| must stay below {limit / 2:.3g})")
+
+
 def _check_weight(weight: torch.Tensor, group_size: int) -> None:
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise TypeError(f"Int4Tensor quantizes floating-point weights, got {got}")
     if weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"Int4Tensor quantizes bf16/fp16/fp32 weights, got {weight.dtype}")
-    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
-        bad = (~torch.isfinite(weight)).sum().item()
-        raise ValueError(f"weight has {bad} NaN/Inf value(s); cannot quantize it")
+    if weight.shape[-1] == 0:
+        raise ValueError(f"cannot quantize a weight with K = 0 (shape {list(weight.shape)})")
+    check_weight_values(weight)
+
+
+def _check_representable(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+    """Finite weights whose range overflows the scale dtype (|w| near 3e38 in fp32) would give
+    ``scale = inf`` and dequantize to NaN: refuse them. Checks ``|zero| + 8 |scale|``, the
+    largest magnitude a group can dequantize to."""
+    if scale.device.type == "meta" or scale.numel() == 0:
+        return
+    reach = zero.float().abs() + 8 * scale.float().abs()
+    limit = torch.finfo(scale.dtype).max
+    if not bool(torch.isfinite(reach).all()) or float(reach.max()) > limit:
+        amax = float(weight.abs().max())
+        raise ValueError(f"weight values up to {amax:.3g} in magnitude cannot be quantized to "
+                         f"int4 with {scale.dtype} scales: a group's scale or zero point "
+                         f"overflows (its range must stay below {limit:.3g})")
+
+
+def _stored_shape(t) -> list[int]:
+    """The logical shape of the stored (never transposed) weight ``[..., N, K]``."""
+    shape = list(t.shape)
+    if t.is_transposed:
+        shape[-2:] = shape[-1], shape[-2]
+    return shape
+
+
+def _block_problem(block, shape: tuple) -> str | None:
+    """``block_size`` and ``shape`` agree: ``(1, .., G)`` (``(.., G, 1)`` transposed) with
+    ``G`` supported and dividing K. Shared by every int4 layout; plain values in (no tensor
+    attribute lookups: this runs on every construction)."""
+    if not isinstance(block, tuple) or not all(isinstance(b, int) for b in block):
+        return f"block_size {block!r} is not a tuple of ints"
+    ndim = len(shape)
+    if ndim not in (2, 3):
+        return f"shape {list(shape)}: int4 weights are 2D [N, K] or 3D [E, N, K]"
+    transposed = len(block) >= 2 and block[-2] != 1
+    stored = (*block[:-2], block[-1], block[-2]) if transposed else block
+    if len(block) != ndim or any(b != 1 for b in stored[:-1]):
+        return f"block_size {block} does not fit shape {list(shape)}"
+    g = stored[-1]
+    if g not in SUPPORTED_GROUP_SIZES:
+        return f"group size {g} (block_size {block}) is not one of {SUPPORTED_GROUP_SIZES}"
+    k = shape[-2] if transposed else shape[-1]
+    if k % g:
+        return f"K = {k} of shape {list(shape)} is not a multiple of the group size {g}"
+    return None
+
+
+def _full_pre_scale(act_pre_scale, shape, block_size, scale):
+    """A number or one-element tensor given as ``act_pre_scale`` means the same factor for every
+    input channel: store it as the full ``[..., K]`` (what every op and the file format expect)."""
+    if act_pre_scale is None:
+        return None
+    try:
+        shape, block = [int(d) for d in shape], tuple(block_size)
+        k = shape[-2] if block[-2] != 1 else shape[-1]
+        full = [*shape[:-2], k]
+    except (TypeError, ValueError, IndexError):
+        return act_pre_scale  # the layout check names the problem
+    like = scale if isinstance(scale, torch.Tensor) else None
+    if isinstance(act_pre_scale, (int, float)) and not isinstance(act_pre_scale, bool):
+        return torch.full(full, float(act_pre_scale),
+                          dtype=like.dtype if like is not None else torch.float32,
+                          device=like.device if like is not None else None)
+    if isinstance(act_pre_scale, torch.Tensor) and act_pre_scale.numel() == 1 and \
+            list(act_pre_scale.shape) != full:
+        return act_pre_scale.reshape(()).expand(full).contiguous()
+    return act_pre_scale
 
 
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -211,7 +361,8 @@ def _field_dims(t: Int4Tensor, dim: int) -> dict[str, tuple[int, int]]:
 def _replace(t: Int4Tensor, shape, block_size=None, **tensors) -> Int4Tensor:
     fields = {**t._tensors(), **tensors}
     return Int4Tensor._build(
-        fields, [tuple(block_size or t.block_size), tuple(shape), t.activation_dtype])
+        fields, [tuple(block_size or t.block_size), tuple(shape), t.activation_dtype],
+        validate=False)  # derived from a checked tensor by the ops below
 
 
 def _transposed(t: Int4Tensor) -> Int4Tensor:
@@ -369,8 +520,15 @@ def _cat_mismatch(a: Int4Tensor, b: Int4Tensor, dim: int) -> str | None:
         return f"block_size {a.block_size} != {b.block_size}"
     if a.dtype != b.dtype:
         return f"dtype {a.dtype} != {b.dtype}"
+    if a.activation_dtype != b.activation_dtype:
+        return f"activation_dtype {a.activation_dtype!r} != {b.activation_dtype!r}"
+    if a.device != b.device:
+        return f"device {a.device} != {b.device}"
     if (a.act_pre_scale is None) != (b.act_pre_scale is None):
         return "only some have an act_pre_scale"
+    for name, x in a._tensors().items():
+        if x.dtype != getattr(b, name).dtype:
+            return f"{name} dtype {x.dtype} != {getattr(b, name).dtype}"
     return None
 
 
@@ -457,6 +615,18 @@ def _dense(t, dtype: torch.dtype):
     return t.dequantize(dtype) if isinstance(t, Int4Tensor) else t
 
 
+def _check_linear(x: torch.Tensor, weight: "Int4Tensor") -> None:
+    """What linear needs of its operands; eager calls check it once per activation signature
+    (the weight's layout cannot change between calls)."""
+    if weight.ndim != 2:
+        raise ValueError(f"linear needs a 2D weight, got Int4Tensor of shape {list(weight.shape)}"
+                         " (use torch.bmm for 3D expert weights)")
+    _check_activation(x, "linear")
+    if x.ndim == 0 or x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"linear input's last dim must be K = {weight.shape[-1]}, got input "
+                         f"shape {list(x.shape)} for weight shape {list(weight.shape)}")
+
+
 @Int4Tensor.implements([F.linear, aten.linear.default])
 def _(func, args, kwargs):
     """``F.linear(x [*, K], W [N, K], bias [N] | None) -> [*, N]``."""
@@ -465,16 +635,23 @@ def _(func, args, kwargs):
     if not isinstance(weight, Int4Tensor) or isinstance(x, Int4BaseTensor):
         raise NotImplementedError("Int4Tensor supports linear with the Int4Tensor as the weight "
                                   "(second argument) and a dense input")
-    if weight.ndim != 2:
-        raise ValueError(f"linear needs a 2D weight, got Int4Tensor of shape {list(weight.shape)}"
-                         " (use torch.bmm for 3D expert weights)")
-    _check_activation(x, "linear")
-    if x.ndim == 0 or x.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"linear input's last dim must be K = {weight.shape[-1]}, got input "
-                         f"shape {list(x.shape)} for weight shape {list(weight.shape)}")
-    if weight.is_transposed:  # contracts over the stored N: no int4 kernel for that
+    if weight.is_transposed or not x.numel() or not weight.qdata.numel():
+        # transposed: contracts over the stored N, no int4 kernel for that; empty: nothing to
+        # compute (dense semantics)
+        _check_linear(x, weight)
         return F.linear(x, weight.dequantize(x.dtype), bias)
-    return kernels.int4_linear(x, weight, bias)
+    # a slice's strided fields are refused by the kernels that need contiguous ones (see
+    # kernels.dispatch); the reference path computes it
+    return kernels.int4_linear(x, weight, bias, check=_check_linear)
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    """``t.shape``, read off the inner qdata for an Int4Tensor: a subclass's ``.shape`` goes
+    through ``__torch_function__`` (microseconds on every eager call)."""
+    if not isinstance(t, Int4Tensor):
+        return tuple(t.shape)
+    *lead, n, half_k = t.qdata.shape
+    return (*lead, half_k * 2, n) if t.is_transposed else (*lead, n, half_k * 2)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
@@ -483,16 +660,24 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
     The int4 kernels compute ``x @ W.T`` for a stored ``W [.., N, K]``, i.e. ``x @ b`` for a
     transposed Int4Tensor ``b [.., K, N]``; every other combination dequantizes.
     """
-    if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[-2 if b.ndim > 1 else -1]:
+    sa, sb = _shape(a), _shape(b)
+    if not sa or not sb or sa[-1] != sb[-2 if len(sb) > 1 else -1]:
         raise ValueError(f"{op}: shapes {list(a.shape)} and {list(b.shape)} cannot be "
                          "multiplied")
+    for x in (a, b):  # dense torch refuses an int operand too; never truncate the weight
+        if not isinstance(x, Int4BaseTensor) and not x.is_floating_point():
+            raise TypeError(f"{op} of an Int4Tensor with a {x.dtype} tensor: the other operand "
+                            "must be floating-point (bf16/fp16/fp32)")
     dense_a = not isinstance(a, Int4BaseTensor)
-    if dense_a and isinstance(b, Int4Tensor) and b.is_transposed:
+    if dense_a and isinstance(b, Int4Tensor) and b.is_transposed and a.numel() and b.numel():
         _check_activation(a, op)
-        if b.ndim == 2:
-            return kernels.int4_linear(a, _transposed(b), None)
-        if a.ndim == 3 and a.shape[0] == b.shape[0]:
-            return kernels.int4_bmm(a, _transposed(b))
+        # the stored weight, made once per tensor for eager calls (its dispatch plans live on it)
+        stored = b._dispatch_cached("stored", lambda: _transposed(b)) \
+            if kernels.is_eager(a) else _transposed(b)
+        if len(sb) == 2:
+            return kernels.int4_linear(a, stored, None)
+        if len(sa) == 3 and sa[0] == sb[0]:
+            return kernels.int4_bmm(a, stored)
     dtype = a.dtype if dense_a else (b.dtype if not isinstance(b, Int4BaseTensor) else a.dtype)
     return torch.matmul(_dense(a, dtype), _dense(b, dtype))
 
@@ -502,16 +687,18 @@ def _(func, args, kwargs):
     return _matmul(args[0], args[1], "matmul")
 
 
-@Int4Tensor.implements([aten.mm.default, aten.bmm.default])
+@Int4Tensor.implements([aten.mm.default, aten.bmm.default, torch.mm, torch.bmm, torch.Tensor.mm,
+                        torch.Tensor.bmm])
 def _(func, args, kwargs):
     a, b = args
-    want = 2 if func is aten.mm.default else 3
-    if a.ndim != want or b.ndim != want:
-        raise ValueError(f"{func}: expects {want}D operands, got {list(a.shape)} and "
-                         f"{list(b.shape)}")
-    if want == 3 and a.shape[0] != b.shape[0]:
-        raise ValueError(f"bmm: batch sizes differ, {list(a.shape)} and {list(b.shape)}")
-    return _matmul(a, b, str(func.overloadpacket.__name__))
+    want = 2 if func in (aten.mm.default, torch.mm, torch.Tensor.mm) else 3
+    name = "mm" if want == 2 else "bmm"
+    sa, sb = _shape(a), _shape(b)
+    if len(sa) != want or len(sb) != want:
+        raise ValueError(f"{name}: expects {want}D operands, got {list(sa)} and {list(sb)}")
+    if want == 3 and sa[0] != sb[0]:
+        raise ValueError(f"bmm: batch sizes differ, {list(sa)} and {list(sb)}")
+    return _matmul(a, b, name)
 
 
 @Int4Tensor.implements([aten.addmm.default])
@@ -520,3 +707,75 @@ def _(func, args, kwargs):
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     out = _matmul(a, b, "addmm")
     return (out if alpha == 1 else alpha * out) + (bias if beta == 1 else beta * bias)
+
+
+# ---- grouped matmul (MoE experts) ----------------------------------------------------------
+# transformers' default experts implementation calls ``F.grouped_mm(x, w.transpose(-2, -1),
+# offs=offs)`` (aten._grouped_mm). Here it has dense semantics on the dequantized weights: the
+# reference path for every device; a fused int4 grouped kernel is a separate piece of work.
+
+
+def _grouped_mm_padded(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``a [T, K]`` rows grouped by ``offs`` (cumulative ends, ``[E]``) times ``b [E, K, N]``,
+    as one batched matmul: rows are scattered into ``[E, M, K]`` (M: the largest group), one
+    ``bmm``, gathered back. Rows at or past ``offs[-1]`` belong to no group and come out 0."""
+    t, e = a.shape[0], b.shape[0]
+    ends = offs.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    rows = torch.arange(t, device=a.device)
+    group = torch.searchsorted(ends, rows, right=True)  # E for rows past the last end
+    valid = group < e
+    group = group.clamp(max=e - 1)
+    slot = torch.where(valid, rows - starts[group], 0)
+    m = int((ends - starts).clamp(min=0).max().item()) if e else 0
+    padded = a.new_zeros(e, max(m, 1), a.shape[1])
+    padded[group[valid], slot[valid]] = a[valid]
+    out = torch.bmm(padded, b)[group, slot]
+    return out * valid.unsqueeze(1).to(out.dtype)
+
+
+def _grouped_mm_dense(a, b, offs, out_dtype):
+    """``aten._grouped_mm`` on dense operands: torch's op where it takes this dtype, else the
+    padded batched formulation (2D x 3D with offs; 3D x 3D is a bmm)."""
+    if a.device.type == "cpu" or a.dtype == torch.bfloat16:
+        return aten._grouped_mm.default(a, b, offs, None, out_dtype)
+    if a.ndim == 3 and b.ndim == 3 and offs is None:
+        out = torch.bmm(a, b)
+    elif a.ndim == 2 and b.ndim == 3 and offs is not None:
+        out = _grouped_mm_padded(a, b, offs)
+    else:
+        return aten._grouped_mm.default(a, b, offs, None, out_dtype)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def _group_of_rows(offs: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.searchsorted(offs.to(torch.int64), torch.arange(rows, device=offs.device),
+                              right=True).clamp(max=offs.numel() - 1)
+
+
+# Registered on the base class: the preshuffled layout (after convert_model_to_packed_tensors_)
+# takes the same reference path through its own dequantize().
+@Int4BaseTensor.implements([aten._grouped_mm.default])
+def _(func, args, kwargs):
+    """``_grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None)`` with either operand
+    an int4 tensor (typically ``mat_b = w.transpose(-2, -1)``, ``w [E, N, K]``, so ``mat_b
+    [E, K, N]``; ``mat_a [T, K]`` bf16/fp16/fp32 sorted by expert, ``offs [E]`` int32 cumulative
+    row counts; empty experts have equal consecutive offsets). The Int4Tensor is dequantized to
+    the activation dtype, then the dense op runs. ``bias [E, N]`` is added per group."""
+    a, b, offs, bias, out_dtype = op_args(args, kwargs, ("mat_a", None), ("mat_b", None),
+                                          ("offs", None), ("bias", None), ("out_dtype", None))
+    dense = a if not isinstance(a, Int4BaseTensor) else b
+    if isinstance(dense, Int4BaseTensor):
+        dtype = a.dtype
+    else:
+        _check_activation(dense, "grouped_mm")
+        dtype = dense.dtype
+    a, b = (t.dequantize(dtype) if isinstance(t, Int4BaseTensor) else t for t in (a, b))
+    out = _grouped_mm_dense(a, b, offs, out_dtype)
+    if bias is not None:
+        if out.ndim == 2 and offs is not None:  # 2D x 3D: one bias row per group of rows
+            bias = bias[_group_of_rows(offs, out.shape[0])]
+        elif out.ndim == 3 and bias.ndim == 2:
+            bias = bias.unsqueeze(1)
+        out = out + bias.to(out.dtype)
+    return out

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from int4tensor import Int4Tensor, kernels, quant_primitives
-from int4tensor.kernels import cuda_dequant, cuda_fp8_rows, cuda_gemv, nvrtc
+from int4tensor.kernels import cuda_dequant, cuda_fp8_rows, cuda_gemv, dispatch, nvrtc
 
 
 @pytest.fixture
@@ -13,12 +13,13 @@ def broken_nvrtc(monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("nvrtc: simulated failure")
 
-    nvrtc.compile_kernel.cache_clear()
-    nvrtc.compiles.cache_clear()
+    caches = (nvrtc.compile_kernel, nvrtc.compiles, dispatch._cuda_features)  # probed once
+    for cache in caches:
+        cache.cache_clear()
     monkeypatch.setattr(torch.cuda, "_compile_kernel", fail, raising=False)
     yield
-    nvrtc.compile_kernel.cache_clear()
-    nvrtc.compiles.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
 
 
 def test_a_failing_compile_is_reported_not_raised(broken_nvrtc):

@@ -279,3 +279,14 @@ def test_unsupported_ops_name_op_and_type():
         t + 1
     with pytest.raises(NotImplementedError, match=r"Int4Tensor does not support the op aten\.mul"):
         t * 2
+
+
+class TestCatKeepsEveryAttribute:
+    @pytest.mark.parametrize("op", [lambda ts: torch.cat(ts, 0), lambda ts: torch.stack(ts)])
+    def test_activation_dtype_mismatch(self, op):
+        w = torch.randn(64, 256, dtype=torch.bfloat16)
+        bf16 = Int4Tensor.from_hp(w, (1, G))
+        fp8 = Int4Tensor.from_hp(w, (1, G), activation_dtype="fp8")
+        with pytest.raises(ValueError, match="activation_dtype 'bf16' != 'fp8'"):
+            op([bf16, fp8])
+        assert op([fp8, fp8]).activation_dtype == "fp8"

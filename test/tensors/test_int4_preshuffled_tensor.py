@@ -338,3 +338,52 @@ def test_compiled_bmm_experts():
     assert rel_error(torch.bmm(x, p), fn(x, p)) < 1e-2
     fn2 = torch.compile(lambda x, w: torch.bmm(x, w), fullgraph=True)
     assert rel_error(torch.bmm(x, t.mT), fn2(x, t.mT)) < 1e-2
+
+
+def _cpu_preshuffled(n=200, k=256, activation_dtype="bf16"):
+    """A correctly shaped Int4PreshuffledTensor on the CPU (what ``load_file`` returns there);
+    its values are arbitrary: only fbgemm could read them."""
+    np_ = -(-n // 16) * 16
+    q = torch.zeros(np_, k // 2, dtype=torch.int8)
+    if activation_dtype == "bf16":
+        s = torch.ones(k // 128, np_, dtype=torch.bfloat16)
+        return Int4PreshuffledTensor(q, s, (1, 128), (n, k), "bf16", group_zero=s.clone())
+    gs = torch.ones(k // 128, 8, np_).to(torch.float8_e4m3fn)
+    return Int4PreshuffledTensor(q, gs, (1, 128), (n, k), "fp8",
+                                 row_scale=torch.ones(np_))
+
+
+class TestOnTheCpu:
+    @pytest.mark.parametrize("activation_dtype", ["bf16", "fp8"])
+    def test_reading_it_says_fbgemm_on_cuda_is_needed(self, activation_dtype):
+        t = _cpu_preshuffled(activation_dtype=activation_dtype)
+        x = torch.randn(2, 256, dtype=torch.bfloat16)
+        for use in (t.dequantize, lambda: F.linear(x, t), lambda: x @ t.t(), lambda: t[:, :128]):
+            with pytest.raises(NotImplementedError, match="needs fbgemm-gpu-genai on a CUDA GPU"):
+                use()
+
+    def test_layout_is_checked(self):
+        t = _cpu_preshuffled()
+        with pytest.raises(ValueError, match=r"group_zero is .*expected bfloat16\[2, 208\]"):
+            Int4PreshuffledTensor(t.qdata, t.group_scale, (1, 128), (200, 256), "bf16",
+                                  group_zero=t.group_zero[:1])
+        with pytest.raises(ValueError, match="group_zero .*expected a tensor"):
+            Int4PreshuffledTensor(t.qdata, t.group_scale, (1, 128), (200, 256), "bf16")
+        with pytest.raises(ValueError, match="qdata is .*N padded to 16"):
+            Int4PreshuffledTensor(t.qdata, t.group_scale, (1, 128), (100, 256), "bf16",
+                                  group_zero=t.group_zero)
+
+    def test_is_pinned_and_public_path(self):
+        t = _cpu_preshuffled()
+        assert t.is_pinned() is False
+        assert Int4PreshuffledTensor.__module__ == "int4tensor"
+
+
+@needs_kernels
+class TestPinnedAndSliced:
+    def test_pin_memory_round_trip(self):
+        _, t = plain((256, 512))
+        p = Int4PreshuffledTensor.from_int4_tensor(t)
+        host = p.to_int4_tensor().cpu().pin_memory()
+        assert host.is_pinned()
+        assert torch.equal(host.to("cuda").dequantize(), t.dequantize())

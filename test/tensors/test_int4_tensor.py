@@ -266,3 +266,265 @@ class TestAutograd:
         _setup_context(ctx, (x, t.qdata, t.scale, t.zero_point, 128), None)
         grad = torch.randn(3, 256, dtype=torch.bfloat16)
         assert torch.equal(_backward(ctx, grad)[0], grad @ t.dequantize())
+
+
+def _pickled(obj) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _unpickle(data: bytes):
+    import io
+
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _tampered(t, **state) -> bytes:
+    """A torch.save file of ``t`` whose pickled state has ``state`` swapped in (what a
+    hand-edited or hostile file holds); built through the real pickling path."""
+    original = t.__reduce_ex__
+
+    def reduce_ex(proto):
+        func, (rebuild, cls, args, dict_state) = original(proto)
+        dict_state = {k: v for k, v in {**dict_state, **state}.items()
+                      if k not in ("__reduce_ex__", "__class__")}
+        if "__class__" in state:  # the class is one memoized global in the pickle: both change
+            cls, args = state["__class__"], (state["__class__"], *args[1:])
+        return func, (rebuild, cls, args, dict_state)
+
+    t.__reduce_ex__ = reduce_ex
+    try:
+        return _pickled(t)
+    finally:
+        del t.__reduce_ex__
+
+
+class TestEveryRebuildIsChecked:
+    """Unpickling, __tensor_unflatten__ and safetensors loading run the constructor's check."""
+
+    @pytest.mark.parametrize("state, match", [
+        ({"block_size": (1, 256)}, r"K = 128 .* not a multiple of the group size 256"),
+        ({"scale": torch.ones(2, 32, dtype=torch.bfloat16)}, r"scale has shape \[2, 32\], "
+                                                             r"expected \[1, 32\]"),
+        ({"activation_dtype": "int2"}, "activation_dtype must be 'bf16' or 'fp8', got 'int2'"),
+        ({"qdata": torch.zeros(32, 64, dtype=torch.int32)}, "qdata has dtype torch.int32"),
+        ({"block_size": (1, 1, 128)}, r"block_size \(1, 1, 128\) does not fit shape"),
+    ])
+    def test_tampered_pickle_is_refused(self, state, match):
+        _, t = make((32, 128))
+        with pytest.raises(ValueError, match=match):
+            _unpickle(_tampered(t, **state))
+
+    def test_pickle_of_another_class_is_refused(self):
+        from int4tensor import Int4PreshuffledTensor
+
+        _, t = make((32, 128))
+        with pytest.raises(ValueError, match="state lacks .*group_scale"):
+            _unpickle(_tampered(t, __class__=Int4PreshuffledTensor))
+
+    def test_unflatten_checks_outside_tracing(self):
+        _, t = make((32, 128))
+        names, attrs = t.__tensor_flatten__()
+        inner = {n: getattr(t, n) for n in names}
+        inner["zero_point"] = inner["zero_point"][:, :16]
+        with pytest.raises(ValueError, match=r"zero_point has shape \[1, 16\]"):
+            Int4Tensor.__tensor_unflatten__(inner, attrs, t.shape, t.stride())
+
+    def test_constructor_refuses_inconsistent_fields(self):
+        _, t = make((32, 128))
+        with pytest.raises(ValueError, match="zero_point has dtype torch.float32, scale "
+                                             "torch.bfloat16"):
+            Int4Tensor(t.qdata, t.scale, t.zero_point.float(), (1, 128), (32, 128))
+
+    def test_old_module_path_pickles_still_load(self):
+        """torch.save files written before the public path pickle
+        int4tensor.tensors.int4_tensor.Int4Tensor; they load (weights_only too)."""
+        _, t = make((32, 128))
+        Int4Tensor.__module__ = "int4tensor.tensors.int4_tensor"
+        try:
+            data = _pickled(t)
+        finally:
+            Int4Tensor.__module__ = "int4tensor"
+        assert b"int4tensor.tensors.int4_tensor\nInt4Tensor" in data or \
+            b"int4tensor.tensors.int4_tensor" in data
+        back = _unpickle(data)
+        assert type(back) is Int4Tensor and torch.equal(back.qdata, t.qdata)
+
+    def test_public_class_path(self):
+        import int4tensor
+
+        assert Int4Tensor.__module__ == "int4tensor" and int4tensor.Int4Tensor is Int4Tensor
+        assert int4tensor.Int4PreshuffledTensor.__module__ == "int4tensor"
+        data = _pickled(make((32, 128))[1])
+        assert b"int4tensor.tensors" not in data
+        assert type(_unpickle(data)) is Int4Tensor
+
+
+class TestGarbageIsRefused:
+    def test_huge_finite_weights(self):
+        w = torch.full((4, 128), 3e38)
+        w[:, ::2] = -3e38
+        with pytest.raises(ValueError, match="too wide to quantize with torch.float32 scales"):
+            Int4Tensor.from_hp(w, (1, 128))
+        w = torch.full((4, 128), 1.6e38)  # the largest range that still fits is quantized
+        w[:, ::2] = -1.6e38
+        t = Int4Tensor.from_hp(w, (1, 128))
+        assert torch.isfinite(t.scale).all() and torch.isfinite(t.dequantize()).all()
+
+    @pytest.mark.parametrize("op", [lambda w, x: w @ x, torch.mm, torch.matmul])
+    def test_integer_operand(self, op):
+        _, t = make((64, 128))
+        with pytest.raises(TypeError):
+            op(t, torch.ones(128, 3, dtype=torch.int64))
+
+    def test_from_hp_of_a_list(self):
+        with pytest.raises(TypeError, match="quantizes a torch.Tensor, got list"):
+            Int4Tensor.from_hp([[1.0] * 128], (1, 128))
+
+    def test_k_zero(self):
+        with pytest.raises(ValueError, match="K = 0"):
+            Int4Tensor.from_hp(torch.randn(8, 0), (1, 128))
+
+    def test_act_pre_scale_as_a_number(self):
+        _, t = make((32, 128))
+        s = Int4Tensor(t.qdata, t.scale, t.zero_point, (1, 128), (32, 128), act_pre_scale=2)
+        assert s.act_pre_scale.shape == (128,)
+        assert torch.equal(s.dequantize(), (t.dequantize().float() * 2).to(torch.bfloat16))
+        one = Int4Tensor(t.qdata, t.scale, t.zero_point, (1, 128), (32, 128),
+                         act_pre_scale=torch.tensor([2.0], dtype=torch.bfloat16))
+        assert one.act_pre_scale.shape == (128,) and torch.equal(one.dequantize(), s.dequantize())
+
+    def test_unsupported_composite_op_names_itself(self):
+        _, t = make((32, 128))
+        with pytest.raises(NotImplementedError, match="Int4Tensor does not support .*fft"):
+            torch.fft.fft(t)
+
+
+class TestEmptyOperands:
+    """Dense torch returns empty results for empty operands; so do we (no kernel crash)."""
+
+    def test_zero_experts_bmm(self):
+        t = Int4Tensor.from_hp(torch.randn(0, 16, 128), (1, 1, 128)).mT
+        out = torch.bmm(torch.randn(0, 3, 128), t)
+        assert out.shape == (0, 3, 16)
+
+    def test_k_slice_to_zero_linear(self):
+        _, t = make((16, 256))
+        empty = t[:, 0:0]
+        out = F.linear(torch.randn(3, 0, dtype=torch.bfloat16), empty)
+        assert out.shape == (3, 16) and bool((out == 0).all())
+
+    def test_zero_rows(self):
+        _, t = make((16, 256))
+        assert F.linear(torch.randn(3, 256, dtype=torch.bfloat16), t[0:0]).shape == (3, 0)
+
+
+class TestLoaderPattern:
+    def test_empty_constructor_never_reads_values(self):
+        t = Int4Tensor.empty((96, 256), (1, 128), dtype=torch.bfloat16)
+        assert t.shape == (96, 256) and t.dtype == torch.bfloat16
+        assert t.qdata.shape == (96, 128) and t.scale.shape == (2, 96)
+        meta = Int4Tensor.empty((4, 96, 256), (1, 1, 128), device="meta")
+        assert meta.is_meta and meta.scale.shape == (4, 2, 96)
+        tr = Int4Tensor.empty((4, 256, 96), (1, 1, 128), transposed=True)
+        assert tr.shape == (4, 256, 96) and tr.is_transposed
+        with pytest.raises(ValueError, match="not a multiple"):
+            Int4Tensor.empty((8, 100), (1, 128))
+
+    def test_vllm_style_create_narrow_copy_process(self):
+        """vLLM's pre-quantized path: parameters from uninitialized memory, then each shard of
+        the checkpoint copied into its slice (a fused qkv here), then
+        process_weights_after_loading (our layout conversion)."""
+        from int4tensor import convert_model_to_packed_tensors_
+
+        layer = torch.nn.Linear(256, 96, bias=False, dtype=torch.bfloat16)
+        full = torch.randn(96, 256, dtype=torch.bfloat16)
+        shards = {"q": full[:64], "k": full[64:80], "v": full[80:]}
+        param = torch.nn.Parameter(Int4Tensor.empty((96, 256), (1, 128)), requires_grad=False)
+        param.scale.fill_(float("nan"))  # garbage in the uninitialized memory is harmless
+        layer.weight = param
+        offset = 0
+        for name, shard in shards.items():
+            quantized_shard = Int4Tensor.from_hp(shard, (1, 128))  # what the checkpoint holds
+            layer.weight.data.narrow(0, offset, shard.shape[0]).copy_(quantized_shard)
+            offset += shard.shape[0]
+        convert_model_to_packed_tensors_(layer)
+        ref = Int4Tensor.from_hp(full, (1, 128))
+        assert torch.equal(layer.weight.dequantize(), ref.dequantize())
+        x = torch.randn(2, 256, dtype=torch.bfloat16)
+        assert torch.equal(layer(x), F.linear(x, ref))
+
+
+class TestParameterData:
+    def test_shallow_copy_compatibility(self):
+        _, t = make((32, 128))
+        _, same = make((32, 128))
+        assert torch._has_compatible_shallow_copy_type(t, same)
+        assert not torch._has_compatible_shallow_copy_type(t, t[:16])
+        assert not torch._has_compatible_shallow_copy_type(t, t.dequantize())
+        assert not torch._has_compatible_shallow_copy_type(t.dequantize(), t)
+        assert not torch._has_compatible_shallow_copy_type(t, t.to(torch.float16))
+
+    def test_assigning_data(self):
+        _, t = make((32, 128))
+        p = torch.nn.Parameter(t, requires_grad=False)
+        _, new = make((32, 128))
+        F.linear(torch.randn(2, 128, dtype=torch.bfloat16), p)  # may cache dispatch plans on p
+        p._dispatch_cached("probe", lambda: "made for the old fields")
+        p.data = new
+        assert torch.equal(p.qdata, new.qdata) and torch.equal(p.dequantize(), new.dequantize())
+        assert not [k for k in p.__dict__ if k.startswith("_dispatch_")]  # plans are remade
+        with pytest.raises(TypeError, match=r"shape \[16, 128\] != \[32, 128\]"):
+            p.data = new[:16]
+        with pytest.raises(TypeError, match="cannot become the data"):
+            p.data = new.dequantize()
+
+    def test_module_to_keeps_parameters_consistent(self):
+        layer = torch.nn.Linear(128, 32, bias=False)
+        _, t = make((32, 128))
+        layer.weight = torch.nn.Parameter(t, requires_grad=False)
+        layer.to(torch.float16)
+        assert layer.weight.dtype == torch.float16 and layer.weight.scale.dtype == torch.float16
+
+    def test_dense_copy_from_int4_dequantizes(self):
+        _, t = make((32, 128))
+        dense = torch.zeros(32, 128)
+        dense.copy_(t)
+        assert torch.equal(dense, t.dequantize(torch.float32))
+        model = torch.nn.Linear(128, 32, bias=False)
+        model.load_state_dict({"weight": t})
+        assert torch.equal(model.weight.detach(), t.dequantize(torch.float32))
+
+
+class TestContiguousAndPinning:
+    def test_contiguous_of_a_slice_makes_fields_contiguous(self):
+        _, t = make((64, 256))
+        s = t[8:24]
+        assert not s.scale.is_contiguous()
+        c = s.contiguous()
+        assert c is not s and all(x.is_contiguous() for x in c._tensors().values())
+        assert torch.equal(c.dequantize(), s.dequantize())
+        assert t.contiguous() is t
+
+    def test_is_pinned_on_cpu(self):
+        _, t = make((32, 128))
+        assert t.is_pinned() is False
+
+    @pytest.mark.gpu
+    def test_pin_memory(self):
+        _, t = make((32, 128))
+        p = t.pin_memory()
+        assert p.is_pinned() and all(x.is_pinned() for x in p._tensors().values())
+        assert torch.equal(p.dequantize(), t.dequantize())
+
+    @pytest.mark.gpu
+    def test_sliced_weight_linear_on_cuda(self):
+        w = torch.randn(512, 1024, dtype=torch.bfloat16, device="cuda") * 0.02
+        t = Int4Tensor.from_hp(w, (1, 128))
+        part = t[128:384]
+        x = torch.randn(4, 1024, dtype=torch.bfloat16, device="cuda")
+        ref = F.linear(x, part.dequantize())
+        assert sqnr(ref, F.linear(x, part)) > 30
