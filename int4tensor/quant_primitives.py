@@ -212,7 +212,8 @@ def _unpack_int4_as_int16_pairs(packed: torch.Tensor) -> torch.Tensor:
 def _dequantize_int4_cpu_eager(qdata, scale, zero_point, group_size, dtype):
     """:func:`dequantize_int4` in eager mode on a CPU, bit for bit: the same float32
     ``q * scale + zero_point`` (one multiply, one add, each rounded to float32), then the cast,
-    in few in-place passes over contiguous memory (~10x faster for a 4096² weight on 2 cores).
+    in few in-place passes over contiguous memory (35-55 ms for a 4096² weight on the
+    project's shared 2-core machine, against ~110 ms for the formula; benchmarks/bench_cpu.py).
     Few large ops rather than cache-sized chunks: on a shared machine every op's thread
     barrier can wait for a descheduled thread, which many small ops multiply. Under
     torch.compile the formula above runs instead (Inductor fuses it into one loop)."""

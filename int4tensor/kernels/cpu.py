@@ -5,7 +5,7 @@ torch ships ``aten._weight_int4pack_mm_for_cpu(x [M, K], packed, G, scale_and_ze
 computes ``x @ W.T`` with ``W[n, k] = (u[n, k] - 8) * scale[k // G, n] + zero[k // G, n]``,
 ``u`` in ``[0, 15]``, in float32 (the same dequantization as ours with ``q = u - 8`` and
 ``zero = zero_point``, so a plain weight converts exactly). It reads the weight once per 4
-activation rows: at M = 1 it is 2.5-5x faster than a bf16 ``F.linear`` on 2 cores, and at
+activation rows: at M = 1 it is 1.9-3.6x faster than a bf16 ``F.linear`` on 2 cores, and at
 prefill sizes it stays close to the bf16 GEMM (benchmarks/bench_cpu.py). Beyond
 :data:`INT4MM_MAX_M` rows the layer dequantizes the weight (vectorized, :func:`dequantize_t`)
 and runs the dense GEMM.
