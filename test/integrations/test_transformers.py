@@ -589,3 +589,31 @@ def test_prepared_model_generates_saves_and_reloads_the_same(llama_dir, tmp_path
         assert torch.equal(reloaded(ref).logits, ref_logits)
     names = [e.name for e in explain(model, prompt)]
     assert "model.layers.0.self_attn.q_proj.weight" in names and "lm_head.weight" not in names
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_compiled_static_cache_decode_step_has_no_graph_break_or_recompile(prepared):
+    """A transformers decode step over a static cache compiled with fullgraph=True (a graph
+    break raises) runs four steps without a recompile (error_on_recompile), our weights plain
+    or prepared for compile; aot_eager: dynamo and AOTAutograd as in inductor, no codegen."""
+    from transformers import StaticCache
+
+    from int4tensor import prepare_for_compile
+
+    config = LlamaConfig(**LLAMA, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    quantize_(model, CFG)
+    if prepared:
+        prepare_for_compile(model)
+    cache = StaticCache(config=config, max_cache_len=32)
+    ids = torch.randint(0, LLAMA["vocab_size"], (1, 4))
+    torch._dynamo.reset()
+    with torch.no_grad(), mock.patch.object(torch._dynamo.config, "error_on_recompile", True):
+        out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(4))
+        step = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+        for pos in range(4, 8):
+            token = out.logits[:, -1:].argmax(-1)
+            out = step(token, past_key_values=cache, use_cache=True,
+                       cache_position=torch.tensor([pos]))
+    assert torch.isfinite(out.logits).all()
