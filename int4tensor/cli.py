@@ -15,14 +15,14 @@ import sys
 
 import torch
 
+from int4tensor.version import __version__
+
 __all__ = ["main", "build_parser"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from int4tensor import __version__
-
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="int4tensor", description="Int4 weight-only quantization of safetensors checkpoints.",

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from int4tensor.quant_primitives import SUPPORTED_GROUP_SIZES
+from int4tensor.convert import preshuffle_supported
+from int4tensor.qparams import QPARAMS_ALGORITHMS
+from int4tensor.quant_primitives import SUPPORTED_GROUP_SIZES, ZERO_POINT_DOMAINS
+from int4tensor.tensors import Int4PreshuffledTensor, Int4Tensor
 
 __all__ = ["Float8DynamicActivationInt4WeightConfig", "Int4WeightOnlyConfig"]
 
@@ -25,7 +28,7 @@ class Int4WeightOnlyConfig:
             (:class:`~int4tensor.Int4PreshuffledTensor`, CUDA with fbgemm-gpu-genai only; the
             usual flow is to save "plain" and convert after loading).
         int4_choose_qparams_algorithm: how scale/zero are chosen, a name in
-            :data:`int4tensor.algorithms.QPARAMS_ALGORITHMS`: ``"minmax"`` (default, fbgemm's,
+            :data:`int4tensor.qparams.QPARAMS_ALGORITHMS`: ``"minmax"`` (default, fbgemm's,
             bit-identical), ``"mse"`` (clip-range search) or ``"hqq"`` (half-quadratic).
         zero_point_domain: ``"float"`` (fbgemm's, default), ``"int"`` (integer zero points,
             exportable losslessly to AWQ/GPTQ/compressed-tensors) or ``"none"`` (symmetric).
@@ -63,9 +66,6 @@ class Int4WeightOnlyConfig:
             )
         if self.k_dim not in (-1, -2):
             raise ValueError(f"Int4WeightOnlyConfig: k_dim must be -1 or -2, got {self.k_dim!r}")
-        from int4tensor.algorithms import QPARAMS_ALGORITHMS
-        from int4tensor.quant_primitives import ZERO_POINT_DOMAINS
-
         if self.int4_choose_qparams_algorithm not in QPARAMS_ALGORITHMS:
             raise ValueError(
                 "Int4WeightOnlyConfig: int4_choose_qparams_algorithm must be one of "
@@ -88,8 +88,6 @@ class Int4WeightOnlyConfig:
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The quantized tensor for a high-precision ``weight [..., N, K]``."""
-        from int4tensor.tensors import Int4Tensor
-
         stored = weight.transpose(-1, -2) if self.k_dim == -2 else weight
         block_size = (1,) * (weight.ndim - 1) + (self.group_size,)
         tensor = Int4Tensor.from_hp(
@@ -104,14 +102,11 @@ class Int4WeightOnlyConfig:
 
 
 def _preshuffled(tensor):
-    from int4tensor.convert import _preshuffle_supported
-    from int4tensor.tensors import Int4PreshuffledTensor
-
     if tensor.is_meta:
         raise ValueError('int4_packing_format="preshuffled" cannot be built on the meta device:'
                          ' quantize with "plain", load, then call '
                          "convert_model_to_packed_tensors_(model)")
-    if not _preshuffle_supported(tensor):
+    if not preshuffle_supported(tensor):
         raise ValueError('int4_packing_format="preshuffled" needs a CUDA sm90+ GPU, '
                          "fbgemm-gpu-genai, bf16 weights and group_size >= 64; use \"plain\" "
                          "(runs everywhere)")
@@ -153,8 +148,6 @@ class Float8DynamicActivationInt4WeightConfig:
         return None
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        from int4tensor.tensors import Int4PreshuffledTensor, Int4Tensor
-
         if self.int4_packing_format == "plain":
             block_size = (1,) * (weight.ndim - 1) + (self.group_size,)
             return Int4Tensor.from_hp(weight, block_size, activation_dtype="fp8")

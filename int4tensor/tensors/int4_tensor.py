@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from int4tensor import kernels
-from int4tensor.algorithms import choose_qparams
+from int4tensor.qparams import choose_qparams
 from int4tensor.quant_primitives import (
     SUPPORTED_GROUP_SIZES,
     dequantize_int4,
@@ -156,7 +156,7 @@ class Int4Tensor(Int4BaseTensor):
         Args:
             weight: bf16/fp16/fp32 ``[N, K]`` or ``[E, N, K]``, finite.
             block_size: ``(1, G)`` or ``(1, 1, G)`` with ``G`` in ``SUPPORTED_GROUP_SIZES``.
-            algorithm: how scale/zero are chosen (:data:`int4tensor.algorithms.QPARAMS_ALGORITHMS`);
+            algorithm: how scale/zero are chosen (:data:`int4tensor.qparams.QPARAMS_ALGORITHMS`);
                 the default ``"minmax"`` with ``zero_point_domain="float"`` is fbgemm's
                 ``int4_row_quantize_zp``, bit for bit.
             zero_point_domain: ``"float"``, ``"int"`` (integer zero points) or ``"none"``

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from int4tensor.quant_primitives import ZERO_POINT_DOMAINS, _grouped
+from int4tensor.quant_primitives import ZERO_POINT_DOMAINS, grouped
 
 #: Smallest scale any search may return (the same floor as min/max's ``clamp(1e-6) / 15``).
 MIN_SCALE = 1e-6 / 15
@@ -105,7 +105,7 @@ def by_row_chunks(
     if w.device.type == "meta" or flat.shape[0] == 0:
         empty = torch.empty(*lead, w.shape[-1] // group_size, device=w.device)
         return empty, empty.clone()
-    outs = [search(_grouped(flat[i:i + rows].to(torch.float32), group_size), zero_point_domain)
+    outs = [search(grouped(flat[i:i + rows].to(torch.float32), group_size), zero_point_domain)
             for i in range(0, flat.shape[0], rows)]
     scale = torch.cat([o[0] for o in outs]).reshape(*lead, -1)
     minimum = torch.cat([o[1] for o in outs]).reshape(*lead, -1)
