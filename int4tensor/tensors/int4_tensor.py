@@ -237,7 +237,7 @@ def check_weight_values(weight: torch.Tensor) -> None:
     if not bool(torch.isfinite(weight).all()):
         bad = (~torch.isfinite(weight)).sum().item()
         raise ValueError(f"weight has {bad} NaN/Inf value(s); cannot quantize it")
-    low, high = float(weight.min()), float(weight.max())
+    low, high = float(weight.detach().min()), float(weight.detach().max())
     limit = torch.finfo(weight.dtype).max
     if high - low > limit or max(abs(low), abs(high)) > limit / 2:
         raise ValueError(f"weight values span [{low:.3g}, {high:.3g}], too wide to quantize "

@@ -562,3 +562,58 @@ def test_cuda_moe_grouped_mm_and_packed_conversion(moe_dir):
     convert_model_to_packed_tensors_(model)
     with torch.no_grad():
         assert sqnr(dense(x).logits, model(x).logits) > 30
+
+
+# ---- prepare_for_compile on a transformers model ---------------------------------------------
+def test_prepared_model_generates_saves_and_reloads_the_same(llama_dir, tmp_path):
+    from int4tensor import explain, prepare_for_compile
+
+    model = _quantized_on_load(llama_dir)
+    prompt = torch.randint(0, LLAMA["vocab_size"], (1, 5))
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        ref = model.generate(prompt, **kwargs)
+        ref_logits = model(ref).logits
+    state = {k: v for k, v in model.state_dict().items()}
+    prepare_for_compile(model)
+    assert not any(isinstance(p, Int4Tensor) for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, **kwargs), ref)
+        assert torch.equal(model(ref).logits, ref_logits)
+    prepared_state = model.state_dict()
+    assert prepared_state.keys() == state.keys()
+    assert all(type(prepared_state[k]) is type(v) for k, v in state.items())
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ref).logits, ref_logits)
+    names = [e.name for e in explain(model, prompt)]
+    assert "model.layers.0.self_attn.q_proj.weight" in names and "lm_head.weight" not in names
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_compiled_static_cache_decode_step_has_no_graph_break_or_recompile(prepared):
+    """A transformers decode step over a static cache compiled with fullgraph=True (a graph
+    break raises) runs four steps without a recompile (error_on_recompile), our weights plain
+    or prepared for compile; aot_eager: dynamo and AOTAutograd as in inductor, no codegen."""
+    from transformers import StaticCache
+
+    from int4tensor import prepare_for_compile
+
+    config = LlamaConfig(**LLAMA, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    quantize_(model, CFG)
+    if prepared:
+        prepare_for_compile(model)
+    cache = StaticCache(config=config, max_cache_len=32)
+    ids = torch.randint(0, LLAMA["vocab_size"], (1, 4))
+    torch._dynamo.reset()
+    with torch.no_grad(), mock.patch.object(torch._dynamo.config, "error_on_recompile", True):
+        out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(4))
+        step = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+        for pos in range(4, 8):
+            token = out.logits[:, -1:].argmax(-1)
+            out = step(token, past_key_values=cache, use_cache=True,
+                       cache_position=torch.tensor([pos]))
+    assert torch.isfinite(out.logits).all()
