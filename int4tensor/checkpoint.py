@@ -430,7 +430,7 @@ def _write_dir_metadata(tmp: str, config: dict, weight_map: dict, total_size: in
 
 def _bytes(t: torch.Tensor) -> int:
     if isinstance(t, Int4BaseTensor):
-        return sum(v.numel() * v.element_size() for v in t._tensors().values())
+        return sum(v.numel() * v.element_size() for v in t.inner_tensors().values())
     return t.numel() * t.element_size()
 
 
@@ -627,7 +627,7 @@ def quantize_checkpoint(
             for key, v in out.items():
                 report.dst_bytes += _bytes(v)
                 if isinstance(v, Int4BaseTensor):  # the index lists what the file holds
-                    weight_map.update({f"{key}{_SEP}{f}": file for f in v._tensors()})
+                    weight_map.update({f"{key}{_SEP}{f}": file for f in v.inner_tensors()})
                 else:
                     weight_map[key] = file
             del out
@@ -676,8 +676,8 @@ def convert_checkpoint(
             save_file(out, os.path.join(tmp, file), field_separator=_SEP)
             for key, v in out.items():
                 report.dst_bytes += _bytes(v)
-                keys = [f"{key}{_SEP}{f}" for f in v._tensors()] if isinstance(v, Int4BaseTensor) \
-                    else [key]
+                keys = [f"{key}{_SEP}{f}" for f in v.inner_tensors()] \
+                    if isinstance(v, Int4BaseTensor) else [key]
                 weight_map.update(dict.fromkeys(keys, file))
         config = dict(ckpt.config)
         if legacy:  # int4tensor 0.1's CLI output: the same tensors, fields renamed

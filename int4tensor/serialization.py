@@ -141,9 +141,9 @@ def _describe(name: str, t: Int4BaseTensor, sep: str = _DEFAULT_SEPARATOR,
         raise TypeError(f"save_file: {name!r} is a {type_name}, which is not registered for "
                         f"serialization (registered: {serializable_types()}); call "
                         "int4tensor.serialization.register_serializable on its class")
-    inner = t._tensors()
+    inner = t.inner_tensors()
     attrs = {a: _encode(v, f"{name}.{a}")
-             for a, v in zip(t.tensor_attribute_names, t._attributes())}
+             for a, v in zip(t.tensor_attribute_names, t.attribute_values())}
     meta = {"type": type_name, "version": entry[1], "fields": list(inner), "attributes": attrs,
             "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
     return meta, {f"{name}{sep}{field}": v for field, v in inner.items()}
@@ -391,7 +391,7 @@ class Reader:
         unknown = sorted(set(attrs) - set(cls.tensor_attribute_names))
         # attributes added later (activation_dtype) have defaults for older files
         missing = [a for a in cls.tensor_attribute_names
-                   if a not in attrs and a not in cls._state_defaults]
+                   if a not in attrs and a not in cls.attribute_defaults]
         if unknown or missing:
             raise ValueError(f"{where}: 'attributes' {sorted(attrs)} must be "
                              f"{list(cls.tensor_attribute_names)}"
@@ -434,10 +434,10 @@ class Reader:
         if missing:
             raise ValueError(f"{self.path}: {m['type']} {name!r} lacks fields {missing}")
         attrs = [decode_attribute(m["attributes"][a]) if a in m["attributes"]
-                 else cls._state_defaults[a]
+                 else cls.attribute_defaults[a]
                  for a in cls.tensor_attribute_names]
         try:
-            t = cls._build(tensors, attrs)
+            t = cls.from_fields(tensors, attrs)
         except LayoutError as e:
             raise ValueError(f"{self.path}: {m['type']} {name!r} does not match its metadata: "
                              f"{e.problem}") from e

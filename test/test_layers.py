@@ -108,3 +108,15 @@ def test_no_import_cycle():
 
 def test_every_unit_has_a_layer():
     assert {unit(n) for n in MODULES} - SHIMS <= set(LAYERS)
+
+
+#: The base-class protocol's short names, for the ops inside tensors/ only; other units use
+#: ``inner_tensors()`` / ``attribute_values()`` / ``from_fields()`` / ``attribute_defaults``.
+PROTOCOL_SHORT_NAMES = {"_tensors", "_attributes", "_build", "_state_defaults"}
+
+
+def test_tensor_protocol_is_used_by_its_public_names_outside_tensors():
+    used = [f"{rel}:{node.lineno}: .{node.attr}" for name, (rel, tree) in MODULES.items()
+            if unit(name) != "tensors" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr in PROTOCOL_SHORT_NAMES]
+    assert not used, "\n".join(used)

@@ -296,10 +296,10 @@ class Int4TensorHfQuantizer(HfQuantizer):
             if meta:
                 raise ValueError(f"int4tensor: {label} was not loaded from the checkpoint "
                                  "(a shard is missing or incomplete)")
-            attrs = [decode_attribute(entry["attributes"].get(a))
-                     for a in cls.tensor_attribute_names]
+            attrs = [decode_attribute(entry["attributes"][a]) if a in entry["attributes"]
+                     else cls.attribute_defaults.get(a) for a in cls.tensor_attribute_names]
             try:
-                t = cls._build(tensors, attrs)
+                t = cls.from_fields(tensors, attrs)
             except Exception as e:
                 raise ValueError(f"int4tensor: cannot rebuild {entry['type']} {label}: {e}") from e
             problem = check_layout(t)
@@ -413,7 +413,7 @@ def memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
     tensors (qdata, scales, zero points), for the rest ``numel * element_size``."""
     def nbytes(t):
         if isinstance(t, Int4BaseTensor):
-            return sum(v.numel() * v.element_size() for v in t._tensors().values())
+            return sum(v.numel() * v.element_size() for v in t.inner_tensors().values())
         return t.numel() * t.element_size()
 
     total = sum(nbytes(p) for p in model.parameters())

@@ -58,7 +58,6 @@ class Int4Tensor(Int4BaseTensor):
 
     def __init__(self, qdata, scale, zero_point, block_size, shape, act_pre_scale=None,
                  activation_dtype="bf16"):
-        activation_dtype = activation_dtype or "bf16"  # files written before the attribute
         self.qdata = qdata
         self.scale = scale
         self.zero_point = zero_point
@@ -70,7 +69,7 @@ class Int4Tensor(Int4BaseTensor):
         self._validate()
 
     __module__ = "int4tensor"  # the public path; int4tensor.tensors.int4_tensor still loads
-    _state_defaults = {"activation_dtype": "bf16"}
+    attribute_defaults = {"activation_dtype": "bf16"}
 
     def _layout_problem(self) -> str | None:
         """qdata int8 ``[..., N, K/2]``, scale and zero_point (one float dtype) ``[..., K/G, N]``,
