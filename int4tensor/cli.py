@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from int4tensor.quant_primitives import SUPPORTED_GROUP_SIZES
 from int4tensor.version import __version__
 
 __all__ = ["main", "build_parser"]
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     q.add_argument("src", help="directory with config.json and *.safetensors shards")
     q.add_argument("dst", help="output directory (must not exist or be empty, see --overwrite)")
-    q.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256),
+    q.add_argument("--group-size", type=int, default=128, choices=SUPPORTED_GROUP_SIZES,
                    help="values per quantization group along K")
     q.add_argument("--format", default="native", choices=("native", "compressed-tensors"),
                    help="native: int4tensor safetensors; compressed-tensors: pack-quantized "

@@ -7,13 +7,24 @@ from dataclasses import dataclass
 import torch
 
 from int4tensor.convert import preshuffle_supported
-from int4tensor.qparams import QPARAMS_ALGORITHMS
-from int4tensor.quant_primitives import SUPPORTED_GROUP_SIZES, ZERO_POINT_DOMAINS
+from int4tensor.qparams import check_qparams_algorithm
+from int4tensor.quant_primitives import check_group_size, check_zero_point_domain
 from int4tensor.tensors import Int4PreshuffledTensor, Int4Tensor
 
-__all__ = ["Float8DynamicActivationInt4WeightConfig", "Int4WeightOnlyConfig"]
+__all__ = ["Float8DynamicActivationInt4WeightConfig", "Int4WeightOnlyConfig", "PACKING_FORMATS",
+           "K_DIMS", "check_packing_format"]
 
-_PACKING_FORMATS = ("plain", "preshuffled")
+#: ``int4_packing_format`` values: "plain" is Int4Tensor, "preshuffled" Int4PreshuffledTensor.
+PACKING_FORMATS = ("plain", "preshuffled")
+#: ``k_dim`` values: which dim of a weight is K (reduced over).
+K_DIMS = (-1, -2)
+
+
+def check_packing_format(value: str, where: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of :data:`PACKING_FORMATS`."""
+    if value not in PACKING_FORMATS:
+        raise ValueError(f"{where}: int4_packing_format must be one of {PACKING_FORMATS}, "
+                         f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -54,28 +65,13 @@ class Int4WeightOnlyConfig:
             )
         if self.version != 2:
             raise ValueError(f"Int4WeightOnlyConfig: unknown version {self.version!r}; use 2")
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(
-                f"Int4WeightOnlyConfig: group_size must be one of {SUPPORTED_GROUP_SIZES}, "
-                f"got {self.group_size!r}"
-            )
-        if self.int4_packing_format not in _PACKING_FORMATS:
-            raise ValueError(
-                f"Int4WeightOnlyConfig: int4_packing_format must be one of {_PACKING_FORMATS}, "
-                f"got {self.int4_packing_format!r}"
-            )
-        if self.k_dim not in (-1, -2):
+        check_group_size(self.group_size, "Int4WeightOnlyConfig: group_size")
+        check_packing_format(self.int4_packing_format, "Int4WeightOnlyConfig")
+        if self.k_dim not in K_DIMS:
             raise ValueError(f"Int4WeightOnlyConfig: k_dim must be -1 or -2, got {self.k_dim!r}")
-        if self.int4_choose_qparams_algorithm not in QPARAMS_ALGORITHMS:
-            raise ValueError(
-                "Int4WeightOnlyConfig: int4_choose_qparams_algorithm must be one of "
-                f"{sorted(QPARAMS_ALGORITHMS)}, got {self.int4_choose_qparams_algorithm!r}"
-            )
-        if self.zero_point_domain not in ZERO_POINT_DOMAINS:
-            raise ValueError(
-                f"Int4WeightOnlyConfig: zero_point_domain must be one of {ZERO_POINT_DOMAINS}, "
-                f"got {self.zero_point_domain!r}"
-            )
+        check_qparams_algorithm(self.int4_choose_qparams_algorithm,
+                                "Int4WeightOnlyConfig: int4_choose_qparams_algorithm")
+        check_zero_point_domain(self.zero_point_domain, "Int4WeightOnlyConfig: zero_point_domain")
 
     def can_quantize(self, weight: torch.Tensor) -> str | None:
         """None if ``weight`` can be quantized with this config, else the reason it cannot."""
@@ -136,9 +132,7 @@ class Float8DynamicActivationInt4WeightConfig:
         if self.group_size != 128:
             raise ValueError("Float8DynamicActivationInt4WeightConfig: the fp8 x int4 kernels "
                              f"take group_size 128 only, got {self.group_size!r}")
-        if self.int4_packing_format not in ("plain", "preshuffled"):
-            raise ValueError("Float8DynamicActivationInt4WeightConfig: int4_packing_format must "
-                             f'be "plain" or "preshuffled", got {self.int4_packing_format!r}')
+        check_packing_format(self.int4_packing_format, "Float8DynamicActivationInt4WeightConfig")
 
     def can_quantize(self, weight: torch.Tensor) -> str | None:
         if weight.ndim not in (2, 3):

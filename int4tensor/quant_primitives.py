@@ -127,8 +127,8 @@ def choose_qparams_minmax(
     if zero_point_domain == "none":
         scale = torch.maximum(-min_val / 8, max_val / 7).clamp(min=1e-6)
         return scale, -8 * scale
-    raise ValueError(f"zero_point_domain must be one of {ZERO_POINT_DOMAINS}, "
-                     f"got {zero_point_domain!r}")
+    check_zero_point_domain(zero_point_domain)
+    raise AssertionError("unreachable: every domain is handled above")
 
 
 def quantize_int4(

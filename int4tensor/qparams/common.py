@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from int4tensor.quant_primitives import ZERO_POINT_DOMAINS, grouped
+from int4tensor.quant_primitives import check_zero_point_domain, grouped
 
 #: Smallest scale any search may return (the same floor as min/max's ``clamp(1e-6) / 15``).
 MIN_SCALE = 1e-6 / 15
@@ -67,8 +67,7 @@ def least_squares_qparams(
     elif zero_point_domain == "none":
         zero = torch.full_like(scale, 8.0)
     else:
-        raise ValueError(f"zero_point_domain must be one of {ZERO_POINT_DOMAINS}, "
-                         f"got {zero_point_domain!r}")
+        check_zero_point_domain(zero_point_domain)
     c = u - zero.unsqueeze(-1)
     denom = c.square().sum(-1)
     new_scale = (c * target).sum(-1) / denom.clamp(min=1e-12)
@@ -94,9 +93,7 @@ def by_row_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``search(g [rows, K/G, G] float32, domain) -> (scale, minimum) [rows, K/G]`` over
     ``w [..., N, K]`` a block of rows at a time; returns float32 ``[..., N, K/G]``."""
-    if zero_point_domain not in ZERO_POINT_DOMAINS:
-        raise ValueError(f"zero_point_domain must be one of {ZERO_POINT_DOMAINS}, "
-                         f"got {zero_point_domain!r}")
+    check_zero_point_domain(zero_point_domain)
     if w.shape[-1] % group_size:
         raise ValueError(f"K = {w.shape[-1]} is not a multiple of the group size {group_size}")
     lead = w.shape[:-1]

@@ -17,13 +17,13 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from int4tensor import kernels
 from int4tensor.tensors.base import Int4BaseTensor, op_args
 from int4tensor.quant_primitives import pack_int4
-from int4tensor.tensors.int4_tensor import Int4Tensor, _block_problem, _stored_shape
+from int4tensor.tensors.int4_tensor import ACTIVATION_DTYPES, Int4Tensor, _block_problem, \
+    _stored_shape
 
 aten = torch.ops.aten
 
 __all__ = ["Int4PreshuffledTensor"]
 
-ACTIVATION_DTYPES = ("bf16", "fp8")
 
 
 class Int4PreshuffledTensor(Int4BaseTensor):

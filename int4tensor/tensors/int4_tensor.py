@@ -19,7 +19,11 @@ from int4tensor.tensors.base import Int4BaseTensor, op_args
 
 aten = torch.ops.aten
 
-__all__ = ["Int4Tensor"]
+__all__ = ["ACTIVATION_DTYPES", "Int4Tensor"]
+
+#: ``activation_dtype`` values: "bf16" (activations as they come) or "fp8" (each row rounded to
+#: float8 e4m3 at run time); Int4PreshuffledTensor takes the same.
+ACTIVATION_DTYPES = ("bf16", "fp8")
 
 
 class Int4Tensor(Int4BaseTensor):
@@ -103,8 +107,9 @@ class Int4Tensor(Int4BaseTensor):
             return f"zero_point has dtype {self.zero_point.dtype}, scale {self.scale.dtype}"
         if self.act_pre_scale is not None and not self.act_pre_scale.is_floating_point():
             return f"act_pre_scale has dtype {self.act_pre_scale.dtype}, expected floating"
-        if self.activation_dtype not in ("bf16", "fp8"):
-            return f"activation_dtype must be 'bf16' or 'fp8', got {self.activation_dtype!r}"
+        if self.activation_dtype not in ACTIVATION_DTYPES:
+            return (f"activation_dtype must be {' or '.join(map(repr, ACTIVATION_DTYPES))}, "
+                    f"got {self.activation_dtype!r}")
         return None
 
     @classmethod
@@ -321,7 +326,7 @@ def _full_pre_scale(act_pre_scale, shape, block_size, scale):
     return act_pre_scale
 
 
-_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 # ---- logical dims -> inner tensor dims -----------------------------------------------------
@@ -605,7 +610,7 @@ def _(func, args, kwargs):
 
 # ---- compute ops ---------------------------------------------------------------------------
 def _check_activation(x: torch.Tensor, op: str) -> None:
-    if x.dtype not in _ACTIVATION_DTYPES:
+    if x.dtype not in _INPUT_DTYPES:
         raise TypeError(f"{op} with an Int4Tensor takes bf16/fp16/fp32 activations, "
                         f"got {x.dtype}")
 
