@@ -1,4 +1,4 @@
-"""An experiment kept for the record (not shipped: slower; benchmarks/results/
+"""An experiment kept for the record (not shipped: slower; scripts/results/
 probe_gemv_pipelined.txt): the decode GEMV's per-chunk math (cuda_gemv._CHUNK_MATH) fed by a
 bulk-copy pipeline instead of register loads. Correctness against the reference path (shapes,
 M, G = 128 / 256, K not a multiple of the stage), then a config sweep (TILES x CH x STAGES)
