@@ -40,8 +40,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from int4tensor import Int4WeightOnlyConfig, quantize_  # noqa: E402
-from int4tensor.algorithms.awq import awq_quantize_  # noqa: E402
-from int4tensor.algorithms.gptq import gptq_quantize_  # noqa: E402
+from int4tensor.calibration import awq_quantize_  # noqa: E402
+from int4tensor.calibration import gptq_quantize_  # noqa: E402
 
 #: "awq+mse"/"gptq+mse": the calibration method with the "mse" clip search for each group.
 METHODS = ("minmax", "mse", "hqq", "awq", "awq+mse", "gptq", "gptq-act", "gptq+mse")

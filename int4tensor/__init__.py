@@ -6,7 +6,7 @@
 
 import torch
 
-from int4tensor.algorithms import awq_quantize_, gptq_quantize_
+from int4tensor.calibration import awq_quantize_, gptq_quantize_
 from int4tensor.compile_support import prepare_for_compile
 from int4tensor.config import Float8DynamicActivationInt4WeightConfig, Int4WeightOnlyConfig
 from int4tensor.convert import (
@@ -17,8 +17,7 @@ from int4tensor.explain import explain
 from int4tensor.quantize import quantize_
 from int4tensor.serialization import load_file, save_file
 from int4tensor.tensors import Int4CPUTensor, Int4PreshuffledTensor, Int4Tensor
-
-__version__ = "0.1.0"
+from int4tensor.version import __version__
 
 __all__ = [
     "Float8DynamicActivationInt4WeightConfig",

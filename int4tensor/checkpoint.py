@@ -28,14 +28,15 @@ from tqdm import tqdm
 from int4tensor.formats import compressed_tensors as ct
 from int4tensor.formats import format_module
 from int4tensor.serialization import (
-    _Reader,
-    _umask,
+    Reader,
+    current_umask,
     atomic_write_path,
     check_layout,
     save_file,
 )
 from int4tensor.config import Int4WeightOnlyConfig
 from int4tensor import native_format
+from int4tensor.quant_primitives import check_group_size
 from int4tensor.tensors import Int4BaseTensor
 
 __all__ = [
@@ -94,7 +95,7 @@ class Checkpoint:
                 self.format_config = self.format.parse_config(self.quantization_config)
             except ValueError as e:
                 raise ValueError(f"{os.path.join(self.dir, CONFIG_NAME)}: {e}") from e
-        self._readers: dict[str, _Reader] = {}
+        self._readers: dict[str, Reader] = {}
         self._location: dict[str, str] = {}  # stored (logical for native) name -> file
         for f in self.files:
             for key in self.reader(f).keys():
@@ -128,9 +129,9 @@ class Checkpoint:
                 raise ValueError(f"{os.path.join(self.dir, file)}: {prefix!r} has {suffix!r} but "
                                  f"no {self.format.MARKER!r}: its quantized weight is missing")
 
-    def reader(self, file: str) -> _Reader:
+    def reader(self, file: str) -> Reader:
         if file not in self._readers:
-            self._readers[file] = _Reader(os.path.join(self.dir, file),
+            self._readers[file] = Reader(os.path.join(self.dir, file),
                                           resolve_raw=self._raw_from_any_shard)
         return self._readers[file]
 
@@ -329,7 +330,7 @@ class _OutputDir:
     def __enter__(self) -> str:
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.dst)}.", suffix=".tmp",
                                     dir=os.path.dirname(self.dst))
-        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        os.chmod(self.tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
         with open(os.path.join(self.tmp, _PARTIAL_MARKER), "w") as f:
             f.write(f"{socket.gethostname()} {os.getpid()}\n")
         return self.tmp
@@ -429,7 +430,7 @@ def _write_dir_metadata(tmp: str, config: dict, weight_map: dict, total_size: in
 
 def _bytes(t: torch.Tensor) -> int:
     if isinstance(t, Int4BaseTensor):
-        return sum(v.numel() * v.element_size() for v in t._tensors().values())
+        return sum(v.numel() * v.element_size() for v in t.inner_tensors().values())
     return t.numel() * t.element_size()
 
 
@@ -559,10 +560,7 @@ def quantize_checkpoint(
     """
     if format not in ("native", "compressed-tensors"):
         raise ValueError(f"format must be 'native' or 'compressed-tensors', got {format!r}")
-    from int4tensor.quant_primitives import SUPPORTED_GROUP_SIZES
-
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    check_group_size(group_size, "group size")
     device = _device(device)
     patterns = []
     for p in ignore:
@@ -600,7 +598,7 @@ def quantize_checkpoint(
                 # A fresh memory map per tensor: the pages read through it leave this process's
                 # resident set with it (only kept tensors hold theirs), instead of the whole
                 # shard staying mapped and resident until the shard is done.
-                with _Reader(os.path.join(ckpt.dir, file)) as once:
+                with Reader(os.path.join(ckpt.dir, file)) as once:
                     t = once.get(name)
                 report.src_bytes += _bytes(t)
                 k_dim = configs[t.ndim].k_dim if t.ndim in configs else -1
@@ -629,7 +627,7 @@ def quantize_checkpoint(
             for key, v in out.items():
                 report.dst_bytes += _bytes(v)
                 if isinstance(v, Int4BaseTensor):  # the index lists what the file holds
-                    weight_map.update({f"{key}{_SEP}{f}": file for f in v._tensors()})
+                    weight_map.update({f"{key}{_SEP}{f}": file for f in v.inner_tensors()})
                 else:
                     weight_map[key] = file
             del out
@@ -678,8 +676,8 @@ def convert_checkpoint(
             save_file(out, os.path.join(tmp, file), field_separator=_SEP)
             for key, v in out.items():
                 report.dst_bytes += _bytes(v)
-                keys = [f"{key}{_SEP}{f}" for f in v._tensors()] if isinstance(v, Int4BaseTensor) \
-                    else [key]
+                keys = [f"{key}{_SEP}{f}" for f in v.inner_tensors()] \
+                    if isinstance(v, Int4BaseTensor) else [key]
                 weight_map.update(dict.fromkeys(keys, file))
         config = dict(ckpt.config)
         if legacy:  # int4tensor 0.1's CLI output: the same tensors, fields renamed

@@ -15,14 +15,15 @@ import sys
 
 import torch
 
+from int4tensor.quant_primitives import SUPPORTED_GROUP_SIZES
+from int4tensor.version import __version__
+
 __all__ = ["main", "build_parser"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from int4tensor import __version__
-
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="int4tensor", description="Int4 weight-only quantization of safetensors checkpoints.",
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     q.add_argument("src", help="directory with config.json and *.safetensors shards")
     q.add_argument("dst", help="output directory (must not exist or be empty, see --overwrite)")
-    q.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256),
+    q.add_argument("--group-size", type=int, default=128, choices=SUPPORTED_GROUP_SIZES,
                    help="values per quantization group along K")
     q.add_argument("--format", default="native", choices=("native", "compressed-tensors"),
                    help="native: int4tensor safetensors; compressed-tensors: pack-quantized "

@@ -40,23 +40,24 @@ class _Rebuild(nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> Int4BaseTensor:
         if torch.compiler.is_compiling():  # traced: the graph takes the plain tensors
-            return self._build(tensors)
+            return self.rebuild(tensors)
         try:
             # .to()/.cuda() swap a parameter's data in place: the pointer tells
             key = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
         except RuntimeError:  # inference tensors keep no version counter: no cache
-            return self._build(tensors)
+            return self.rebuild(tensors)
         if key != self._cached_key:
-            self._cached, self._cached_key = self._build(tensors), key
+            self._cached, self._cached_key = self.rebuild(tensors), key
         return self._cached
 
-    def _build(self, tensors) -> Int4BaseTensor:
+    def rebuild(self, tensors) -> Int4BaseTensor:
         # the parts of a checked tensor (load_state_dict keeps their shapes): skip the
         # consistency check that unflatten runs, ~10 us per weight per eager call
         if torch.compiler.is_compiling():
             return self.cls.__tensor_unflatten__(dict(zip(self.names, tensors)),
                                                  self.attributes, None, None)
-        return self.cls._build(dict(zip(self.names, tensors)), self.attributes, validate=False)
+        return self.cls.from_fields(dict(zip(self.names, tensors)), self.attributes,
+                                    validate=False)
 
     def right_inverse(self, value: Int4BaseTensor) -> tuple[torch.Tensor, ...]:
         names, attributes = value.__tensor_flatten__() if isinstance(value, Int4BaseTensor) \
@@ -83,7 +84,7 @@ def _state_dict_hook(module, state_dict, prefix, local_metadata):
         if not all(k in state_dict for k in keys):
             continue
         tensors = [state_dict.pop(k) for k in keys]
-        state_dict[prefix + name] = module.parametrizations[name][0]._build(tensors)
+        state_dict[prefix + name] = module.parametrizations[name][0].rebuild(tensors)
     return state_dict
 
 

@@ -6,11 +6,25 @@ from dataclasses import dataclass
 
 import torch
 
-from int4tensor.quant_primitives import SUPPORTED_GROUP_SIZES
+from int4tensor.convert import preshuffle_supported
+from int4tensor.qparams import check_qparams_algorithm
+from int4tensor.quant_primitives import check_group_size, check_zero_point_domain
+from int4tensor.tensors import Int4PreshuffledTensor, Int4Tensor
 
-__all__ = ["Float8DynamicActivationInt4WeightConfig", "Int4WeightOnlyConfig"]
+__all__ = ["Float8DynamicActivationInt4WeightConfig", "Int4WeightOnlyConfig", "PACKING_FORMATS",
+           "K_DIMS", "check_packing_format"]
 
-_PACKING_FORMATS = ("plain", "preshuffled")
+#: ``int4_packing_format`` values: "plain" is Int4Tensor, "preshuffled" Int4PreshuffledTensor.
+PACKING_FORMATS = ("plain", "preshuffled")
+#: ``k_dim`` values: which dim of a weight is K (reduced over).
+K_DIMS = (-1, -2)
+
+
+def check_packing_format(value: str, where: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of :data:`PACKING_FORMATS`."""
+    if value not in PACKING_FORMATS:
+        raise ValueError(f"{where}: int4_packing_format must be one of {PACKING_FORMATS}, "
+                         f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -25,7 +39,7 @@ class Int4WeightOnlyConfig:
             (:class:`~int4tensor.Int4PreshuffledTensor`, CUDA with fbgemm-gpu-genai only; the
             usual flow is to save "plain" and convert after loading).
         int4_choose_qparams_algorithm: how scale/zero are chosen, a name in
-            :data:`int4tensor.algorithms.QPARAMS_ALGORITHMS`: ``"minmax"`` (default, fbgemm's,
+            :data:`int4tensor.qparams.QPARAMS_ALGORITHMS`: ``"minmax"`` (default, fbgemm's,
             bit-identical), ``"mse"`` (clip-range search) or ``"hqq"`` (half-quadratic).
         zero_point_domain: ``"float"`` (fbgemm's, default), ``"int"`` (integer zero points,
             exportable losslessly to AWQ/GPTQ/compressed-tensors) or ``"none"`` (symmetric).
@@ -51,31 +65,13 @@ class Int4WeightOnlyConfig:
             )
         if self.version != 2:
             raise ValueError(f"Int4WeightOnlyConfig: unknown version {self.version!r}; use 2")
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(
-                f"Int4WeightOnlyConfig: group_size must be one of {SUPPORTED_GROUP_SIZES}, "
-                f"got {self.group_size!r}"
-            )
-        if self.int4_packing_format not in _PACKING_FORMATS:
-            raise ValueError(
-                f"Int4WeightOnlyConfig: int4_packing_format must be one of {_PACKING_FORMATS}, "
-                f"got {self.int4_packing_format!r}"
-            )
-        if self.k_dim not in (-1, -2):
+        check_group_size(self.group_size, "Int4WeightOnlyConfig: group_size")
+        check_packing_format(self.int4_packing_format, "Int4WeightOnlyConfig")
+        if self.k_dim not in K_DIMS:
             raise ValueError(f"Int4WeightOnlyConfig: k_dim must be -1 or -2, got {self.k_dim!r}")
-        from int4tensor.algorithms import QPARAMS_ALGORITHMS
-        from int4tensor.quant_primitives import ZERO_POINT_DOMAINS
-
-        if self.int4_choose_qparams_algorithm not in QPARAMS_ALGORITHMS:
-            raise ValueError(
-                "Int4WeightOnlyConfig: int4_choose_qparams_algorithm must be one of "
-                f"{sorted(QPARAMS_ALGORITHMS)}, got {self.int4_choose_qparams_algorithm!r}"
-            )
-        if self.zero_point_domain not in ZERO_POINT_DOMAINS:
-            raise ValueError(
-                f"Int4WeightOnlyConfig: zero_point_domain must be one of {ZERO_POINT_DOMAINS}, "
-                f"got {self.zero_point_domain!r}"
-            )
+        check_qparams_algorithm(self.int4_choose_qparams_algorithm,
+                                "Int4WeightOnlyConfig: int4_choose_qparams_algorithm")
+        check_zero_point_domain(self.zero_point_domain, "Int4WeightOnlyConfig: zero_point_domain")
 
     def can_quantize(self, weight: torch.Tensor) -> str | None:
         """None if ``weight`` can be quantized with this config, else the reason it cannot."""
@@ -88,8 +84,6 @@ class Int4WeightOnlyConfig:
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The quantized tensor for a high-precision ``weight [..., N, K]``."""
-        from int4tensor.tensors import Int4Tensor
-
         stored = weight.transpose(-1, -2) if self.k_dim == -2 else weight
         block_size = (1,) * (weight.ndim - 1) + (self.group_size,)
         tensor = Int4Tensor.from_hp(
@@ -104,14 +98,11 @@ class Int4WeightOnlyConfig:
 
 
 def _preshuffled(tensor):
-    from int4tensor.convert import _preshuffle_supported
-    from int4tensor.tensors import Int4PreshuffledTensor
-
     if tensor.is_meta:
         raise ValueError('int4_packing_format="preshuffled" cannot be built on the meta device:'
                          ' quantize with "plain", load, then call '
                          "convert_model_to_packed_tensors_(model)")
-    if not _preshuffle_supported(tensor):
+    if not preshuffle_supported(tensor):
         raise ValueError('int4_packing_format="preshuffled" needs a CUDA sm90+ GPU, '
                          "fbgemm-gpu-genai, bf16 weights and group_size >= 64; use \"plain\" "
                          "(runs everywhere)")
@@ -141,9 +132,7 @@ class Float8DynamicActivationInt4WeightConfig:
         if self.group_size != 128:
             raise ValueError("Float8DynamicActivationInt4WeightConfig: the fp8 x int4 kernels "
                              f"take group_size 128 only, got {self.group_size!r}")
-        if self.int4_packing_format not in ("plain", "preshuffled"):
-            raise ValueError("Float8DynamicActivationInt4WeightConfig: int4_packing_format must "
-                             f'be "plain" or "preshuffled", got {self.int4_packing_format!r}')
+        check_packing_format(self.int4_packing_format, "Float8DynamicActivationInt4WeightConfig")
 
     def can_quantize(self, weight: torch.Tensor) -> str | None:
         if weight.ndim not in (2, 3):
@@ -153,8 +142,6 @@ class Float8DynamicActivationInt4WeightConfig:
         return None
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        from int4tensor.tensors import Int4PreshuffledTensor, Int4Tensor
-
         if self.int4_packing_format == "plain":
             block_size = (1,) * (weight.ndim - 1) + (self.group_size,)
             return Int4Tensor.from_hp(weight, block_size, activation_dtype="fp8")

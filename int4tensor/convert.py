@@ -8,16 +8,19 @@ import torch
 from torch import nn
 
 from int4tensor import kernels
-from int4tensor.quantize import replace_parameter
+from int4tensor.model_surgery import replace_parameter
 from int4tensor.tensors import Int4CPUTensor, Int4PreshuffledTensor, Int4Tensor
 
 __all__ = [
     "convert_to_packed_tensor_based_on_current_hardware",
     "convert_model_to_packed_tensors_",
+    "preshuffle_supported",
 ]
 
 
-def _preshuffle_supported(t: Int4Tensor) -> bool:
+def preshuffle_supported(t: Int4Tensor) -> bool:
+    """Whether ``t`` converts exactly to an Int4PreshuffledTensor on its device (Hopper,
+    fbgemm-gpu-genai, bf16 scales, G >= 64, no pre-scale, bf16 activations)."""
     return (
         t.is_cuda
         and torch.cuda.get_device_capability(t.device) >= (9, 0)
@@ -55,7 +58,7 @@ def convert_to_packed_tensor_based_on_current_hardware(tensor: torch.Tensor) -> 
     """
     if not isinstance(tensor, Int4Tensor):
         return tensor
-    if _preshuffle_supported(tensor):
+    if preshuffle_supported(tensor):
         target = Int4PreshuffledTensor
     elif tensor.device.type == "cpu" and Int4CPUTensor.why_not(tensor) is None:
         target = Int4CPUTensor

@@ -29,7 +29,7 @@ import os
 from safetensors import SafetensorError, safe_open
 
 from int4tensor.config import Float8DynamicActivationInt4WeightConfig, Int4WeightOnlyConfig
-from int4tensor.serialization import METADATA_KEY
+from int4tensor.serialization import METADATA_KEY, TENSOR_TYPES
 
 __all__ = [
     "QUANT_METHOD",
@@ -107,8 +107,6 @@ def read_layouts(files: list[str], config=None) -> dict[str, tuple[str, dict, di
     name)`` in the file. Raises ``ValueError`` naming the file and tensor for a legacy file, a
     field missing from the shard, or (given ``config``) a group size that contradicts it.
     """
-    from int4tensor.serialization import _REGISTRY
-
     entries: dict[str, tuple[str, dict]] = {}  # name -> (first file that describes it, entry)
     located: dict[str, tuple[str, list, str]] = {}  # key -> (file, shape, dtype)
     for path in files:
@@ -137,7 +135,7 @@ def read_layouts(files: list[str], config=None) -> dict[str, tuple[str, dict, di
         if missing:
             raise ValueError(f"{path}: quantized tensor {name!r} lacks fields {missing} in every "
                              "shard (a shard is missing or was written incompletely)")
-        known = _REGISTRY.get(entry.get("type"))
+        known = TENSOR_TYPES.get(entry.get("type"))
         if known is None:
             raise ValueError(f"{path}: tensor {name!r} has type {entry.get('type')!r}, unknown "
                              "to this int4tensor")

@@ -20,6 +20,9 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "ZERO_POINT_DOMAINS",
+    "check_group_size",
+    "check_zero_point_domain",
+    "grouped",
     "choose_qparams_minmax",
     "quantize_int4",
     "quantize_with_qparams",
@@ -66,12 +69,27 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return ((packed.unsqueeze(-1) << shifts) >> 4).flatten(-2)
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[..., N, K]`` -> ``[..., N, K/G, G]`` (a view)."""
     return w.unflatten(-1, (w.shape[-1] // group_size, group_size))
 
 
+_grouped = grouped  # the name this module's own functions use
+
+
 ZERO_POINT_DOMAINS = ("float", "int", "none")
+
+
+def check_zero_point_domain(domain: str, where: str = "zero_point_domain") -> None:
+    """Raise ``ValueError`` unless ``domain`` is one of :data:`ZERO_POINT_DOMAINS`."""
+    if domain not in ZERO_POINT_DOMAINS:
+        raise ValueError(f"{where} must be one of {ZERO_POINT_DOMAINS}, got {domain!r}")
+
+
+def check_group_size(group_size: int, where: str = "group_size") -> None:
+    """Raise ``ValueError`` unless ``group_size`` is one of :data:`SUPPORTED_GROUP_SIZES`."""
+    if not isinstance(group_size, int) or group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"{where} must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
 
 
 def choose_qparams_minmax(
@@ -109,8 +127,8 @@ def choose_qparams_minmax(
     if zero_point_domain == "none":
         scale = torch.maximum(-min_val / 8, max_val / 7).clamp(min=1e-6)
         return scale, -8 * scale
-    raise ValueError(f"zero_point_domain must be one of {ZERO_POINT_DOMAINS}, "
-                     f"got {zero_point_domain!r}")
+    check_zero_point_domain(zero_point_domain)
+    raise AssertionError("unreachable: every domain is handled above")
 
 
 def quantize_int4(

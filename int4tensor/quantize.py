@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import sys
-import warnings
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from int4tensor.tensors import Int4BaseTensor
+from int4tensor.model_surgery import replace_parameter, select_weights
 from int4tensor.tensors.int4_tensor import check_weight_values
 
 __all__ = ["quantize_", "replace_parameter"]
-
-
-def _is_linear(module: nn.Module, fqn: str) -> bool:
-    return isinstance(module, nn.Linear)
 
 
 def quantize_(
@@ -50,34 +44,18 @@ def quantize_(
     the model is left unchanged then.
     """
     if isinstance(config, Mapping):
-        if filter_fn is not None:
-            raise ValueError("quantize_: filter_fn cannot be combined with a name -> config map")
         for key, cfg in config.items():
             if cfg is not None:
                 _check_config(cfg, f"the config for {key!r}")
-        targets = _targets_by_name(model, config)
     else:
         _check_config(config, "config")
-        filter_fn = filter_fn or _is_linear
-        targets = [
-            (fqn, module, "weight", config)
-            for fqn, module in model.named_modules()
-            if isinstance(getattr(module, "weight", None), torch.Tensor) and filter_fn(module, fqn)
-        ]
+    targets = select_weights(model, config, filter_fn, who="quantize_", stacklevel=2)
     # Check every target before replacing any, so a bad weight (NaN, overflowing range) leaves
     # the model as it was instead of half quantized.
     chosen = []
-    for fqn, module, name, cfg in targets:
-        param = getattr(module, name)
-        if isinstance(param, Int4BaseTensor):
-            continue  # already quantized
-        label = f"{fqn}.{name}" if fqn else name
-        reason = cfg.can_quantize(param)
-        if reason is not None:
-            warnings.warn(f"quantize_: left {label} in {param.dtype}: {reason}", stacklevel=2)
-            continue
+    for label, module, name, cfg in targets:
         try:
-            check_weight_values(param)
+            check_weight_values(getattr(module, name))
         except (ValueError, TypeError) as e:
             raise type(e)(f"quantize_: cannot quantize {label}: {e}") from e
         chosen.append((label, module, name, cfg))
@@ -108,43 +86,3 @@ def _tell_integrations(model: nn.Module, config) -> None:
     integration = sys.modules.get("int4tensor.integrations.transformers")
     if integration is not None:
         integration.attach_quantizer_(model, config)
-
-
-def _targets_by_name(model: nn.Module, config_map: Mapping):
-    patterns = [
-        (re.compile(key[3:]) if key.startswith("re:") else None, key, cfg)
-        for key, cfg in config_map.items()
-    ]
-    matched = set()
-    targets = []
-    for fqn, module in model.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            full = f"{fqn}.{name}" if fqn else name
-            for regex, key, cfg in patterns:
-                if (regex.fullmatch(full) if regex else key == full):
-                    matched.add(key)
-                    if cfg is not None:
-                        targets.append((fqn, module, name, cfg))
-                    break
-    unmatched = [key for _, key, _ in patterns if key not in matched]
-    if unmatched:
-        raise ValueError(f"quantize_: no parameter matches {unmatched}")
-    return targets
-
-
-def replace_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> nn.Parameter:
-    """Set ``module.<name>`` to ``nn.Parameter(tensor, requires_grad=False)``, keeping the
-    Python attributes of the Parameter it replaces."""
-    old = getattr(module, name)
-    new = nn.Parameter(tensor, requires_grad=False)
-    # the old tensor's own state (an Int4 tensor's fields, its cached dispatch plans) is not a
-    # Parameter attribute: carried over, the plans would keep running the old layout's kernels
-    own = {"_dispatch_plans"}
-    if isinstance(old, Int4BaseTensor):
-        own.update(old.tensor_data_names, old.optional_tensor_data_names,
-                   old.tensor_attribute_names)
-    for key, value in vars(old).items():
-        if key not in vars(new) and key not in own:
-            setattr(new, key, value)
-    setattr(module, name, new)
-    return new

@@ -42,6 +42,10 @@ __all__ = [
     "open_file",
     "check_layout",
     "atomic_write_path",
+    "current_umask",
+    "decode_attribute",
+    "Reader",
+    "TENSOR_TYPES",
 ]
 
 #: Version of the metadata layout written by :func:`save_file` (file level): 1 names a field
@@ -56,7 +60,7 @@ METADATA_KEY = "int4tensor"
 _ENTRY_KEYS = ("type", "version", "fields", "attributes", "shape", "dtype")
 
 # class name -> (class, per-class version, layout checker or None)
-_REGISTRY: dict[str, tuple[type, int, Callable[[Any], str | None] | None]] = {}
+TENSOR_TYPES: dict[str, tuple[type, int, Callable[[Any], str | None] | None]] = {}
 
 
 def register_serializable(
@@ -74,13 +78,13 @@ def register_serializable(
     """
     if not (isinstance(cls, type) and issubclass(cls, Int4BaseTensor)):
         raise TypeError(f"register_serializable expects an Int4BaseTensor subclass, got {cls!r}")
-    _REGISTRY[cls.__name__] = (cls, version, check)
+    TENSOR_TYPES[cls.__name__] = (cls, version, check)
     return cls
 
 
 def serializable_types() -> list[str]:
     """Names of the registered tensor classes."""
-    return sorted(_REGISTRY)
+    return sorted(TENSOR_TYPES)
 
 
 register_serializable(Int4Tensor, version=1)
@@ -93,7 +97,7 @@ def check_layout(t: Int4BaseTensor) -> str | None:
     """The class's own consistency check (the one every constructor runs), then the registered
     extra checker's verdict on ``t`` (None: consistent)."""
     problem = t._layout_problem()
-    entry = _REGISTRY.get(type(t).__name__)
+    entry = TENSOR_TYPES.get(type(t).__name__)
     return problem or (entry[2](t) if entry and entry[2] else None)
 
 
@@ -110,10 +114,12 @@ def _encode(value: Any, where: str) -> Any:
                     "safetensors metadata (supported: None, bool, int, float, str, tuple, dtype)")
 
 
-def _decode(value: Any) -> Any:
+def decode_attribute(value: Any) -> Any:
+    """A tensor attribute as the metadata JSON holds it -> its Python value (the inverse of
+    what ``save_file`` writes: lists -> tuples, ``{"dtype": "bfloat16"}`` -> torch.bfloat16)."""
     # Lists come back as tuples: tensor attributes are immutable (block_size, shape).
     if isinstance(value, list):
-        return tuple(_decode(v) for v in value)
+        return tuple(decode_attribute(v) for v in value)
     if isinstance(value, dict) and set(value) == {"dtype"}:
         return _dtype(value["dtype"])
     return value
@@ -130,14 +136,14 @@ def _dtype(name: str) -> torch.dtype:
 def _describe(name: str, t: Int4BaseTensor, sep: str = _DEFAULT_SEPARATOR,
               ) -> tuple[dict, dict[str, torch.Tensor]]:
     type_name = type(t).__name__
-    entry = _REGISTRY.get(type_name)
+    entry = TENSOR_TYPES.get(type_name)
     if entry is None or entry[0] is not type(t):
         raise TypeError(f"save_file: {name!r} is a {type_name}, which is not registered for "
                         f"serialization (registered: {serializable_types()}); call "
                         "int4tensor.serialization.register_serializable on its class")
-    inner = t._tensors()
+    inner = t.inner_tensors()
     attrs = {a: _encode(v, f"{name}.{a}")
-             for a, v in zip(t.tensor_attribute_names, t._attributes())}
+             for a, v in zip(t.tensor_attribute_names, t.attribute_values())}
     meta = {"type": type_name, "version": entry[1], "fields": list(inner), "attributes": attrs,
             "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
     return meta, {f"{name}{sep}{field}": v for field, v in inner.items()}
@@ -208,7 +214,8 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: str,
                 del flat
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -233,7 +240,8 @@ class atomic_write_path:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+            # mkstemp makes 0600; give what open() would
+            os.chmod(self.tmp, 0o666 & ~current_umask())
             os.replace(self.tmp, self.path)
         elif os.path.exists(self.tmp):
             os.remove(self.tmp)
@@ -277,7 +285,7 @@ def metadata_json(described: dict[str, dict], field_separator: str = _DEFAULT_SE
 
 
 # ---- load -------------------------------------------------------------------------------------
-class _Reader:
+class Reader:
     """A lazily read safetensors file: logical names -> plain tensors or rebuilt subclasses."""
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -359,7 +367,7 @@ class _Reader:
         if unknown:  # e.g. a layout claim (nibble order) this version would silently ignore
             raise ValueError(f"{where}: its metadata entry has unknown keys {unknown}; this "
                              "int4tensor cannot tell what they mean (written by a newer one?)")
-        entry = _REGISTRY.get(m["type"]) if isinstance(m["type"], str) else None
+        entry = TENSOR_TYPES.get(m["type"]) if isinstance(m["type"], str) else None
         if entry is None:
             raise ValueError(f"{where} has type {m['type']!r}, unknown to this int4tensor "
                              f"(known: {serializable_types()})")
@@ -385,7 +393,7 @@ class _Reader:
         unknown = sorted(set(attrs) - set(cls.tensor_attribute_names))
         # attributes added later (activation_dtype) have defaults for older files
         missing = [a for a in cls.tensor_attribute_names
-                   if a not in attrs and a not in cls._state_defaults]
+                   if a not in attrs and a not in cls.attribute_defaults]
         if unknown or missing:
             raise ValueError(f"{where}: 'attributes' {sorted(attrs)} must be "
                              f"{list(cls.tensor_attribute_names)}"
@@ -419,7 +427,7 @@ class _Reader:
                 raise KeyError(f"{self.path} has no tensor {name!r}")
             return self.get_raw(name)
         m = self.described[name]
-        cls = _REGISTRY[m["type"]][0]
+        cls = TENSOR_TYPES[m["type"]][0]
         keys = {f: f"{name}{self.field_separator}{f}" for f in m["fields"]}
         raw = set(self._raw_keys)
         tensors = {f: self.get_raw(k) if k in raw else self._resolve_raw(k)
@@ -427,10 +435,11 @@ class _Reader:
         missing = [f for f in cls.tensor_data_names if f not in tensors]
         if missing:
             raise ValueError(f"{self.path}: {m['type']} {name!r} lacks fields {missing}")
-        attrs = [_decode(m["attributes"][a]) if a in m["attributes"] else cls._state_defaults[a]
+        attrs = [decode_attribute(m["attributes"][a]) if a in m["attributes"]
+                 else cls.attribute_defaults[a]
                  for a in cls.tensor_attribute_names]
         try:
-            t = cls._build(tensors, attrs)
+            t = cls.from_fields(tensors, attrs)
         except LayoutError as e:
             raise ValueError(f"{self.path}: {m['type']} {name!r} does not match its metadata: "
                              f"{e.problem}") from e
@@ -452,7 +461,7 @@ class _Reader:
     def close(self) -> None:
         self._f = None
 
-    def __enter__(self) -> "_Reader":
+    def __enter__(self) -> "Reader":
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -460,9 +469,9 @@ class _Reader:
         return False
 
 
-def open_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> _Reader:
+def open_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> Reader:
     """Open a file for lazy reading: ``with open_file(p) as f: f.keys(); f.get(name)``."""
-    return _Reader(path, device)
+    return Reader(path, device)
 
 
 def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ command, ``int4tensor.cli.main``, once through ``quantize_checkpoint``), and sam
 process's ``/proc/self/status`` every 2 ms: ``RssAnon`` (heap: what the bound is about) and
 ``RssFile`` (pages of the memory-mapped source shard, which the kernel can drop at will).
 
-    python scripts/measure_quantize_memory.py [--mib 938] [--dir /tmp/qmem]
+    python -m scripts.measure_quantize_memory [--mib 938] [--dir /tmp/qmem]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ against the reference path, then a launch-config sweep timed in CUDA graphs over
 weights, next to bf16 and fbgemm's kernel for the same layout on the same weights
 (bf16i4bf16_shuffled; with --plain the GEMM reads the plain layout, against bf16i4bf16_rowwise).
 
-    python scripts/probe_cuda_gemm.py [--plain] [--csv PATH] [--shapes NxK,...] [--ms 17,32,64]
+    python -m scripts.probe_cuda_gemm [--plain] [--csv PATH] [--shapes NxK,...] [--ms 17,32,64]
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, ".")
 from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error, write_csv  # noqa: E402
 from int4tensor import Int4PreshuffledTensor, Int4Tensor  # noqa: E402
 from int4tensor.kernels import cuda_gemm, custom_ops, reference  # noqa: E402

@@ -1,7 +1,7 @@
 """Device probe for the tensor-core GEMV (int4tensor/kernels/cuda_gemv.py): correctness against the
 reference path over shapes, M, group sizes and unaligned N/K, then a config sweep timed inside
 CUDA graphs next to bf16 and the Triton kernels.
-Usage: python scripts/probe_cuda_gemv.py [--quick] [--csv PATH (every config's time)]
+Usage: python -m scripts.probe_cuda_gemv [--quick] [--csv PATH (every config's time)]
     [--shuffled (sweep the GEMV on fbgemm's bf16 preshuffled layout; needs fbgemm)]
     [--shapes NxK,NxK,...] [--ms 1,8] [--blocks 1,2 (MIN_BLOCKS values swept)] [--no-check]"""
 
@@ -13,7 +13,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, ".")
 from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error, write_csv  # noqa: E402
 from int4tensor import Int4Tensor  # noqa: E402
 from int4tensor.kernels import cuda_gemv, reference, triton_int4  # noqa: E402

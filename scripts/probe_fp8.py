@@ -7,7 +7,6 @@
 3. Where the time of the fp8 path goes (activation quantization vs the GEMM), inside CUDA
    graphs, next to bf16 and the bf16-activation kernels.
 """
-import sys
 import traceback
 
 import torch
@@ -15,7 +14,6 @@ import torch
 import fbgemm_gpu.experimental.gen_ai  # noqa: F401
 from fbgemm_gpu.experimental.gen_ai import quantize as fq
 
-sys.path.insert(0, ".")
 from benchmarks.common import graph_time_us  # noqa: E402
 from int4tensor import Int4Tensor  # noqa: E402
 from int4tensor.quant_primitives import quantize_fp8_rows  # noqa: E402

@@ -4,11 +4,9 @@ activation sums, no activation loads, no tensor-core math, no scale/zero loads, 
 but the weight loads removed. Timed in CUDA graphs over rotating weights. (Its first run, on
 the kernel that summed activations in a per-block prologue, is what moved the sums onto the
 tensor cores.)"""
-import sys
 
 import torch
 
-sys.path.insert(0, ".")
 from benchmarks.common import copy_bandwidth_gbs, graph_time_us  # noqa: E402
 from int4tensor import Int4Tensor  # noqa: E402
 from int4tensor.kernels import cuda_gemv, nvrtc  # noqa: E402

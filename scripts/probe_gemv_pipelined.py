@@ -1,9 +1,9 @@
-"""An experiment kept for the record (not shipped: slower; benchmarks/results/
+"""An experiment kept for the record (not shipped: slower; scripts/results/
 probe_gemv_pipelined.txt): the decode GEMV's per-chunk math (cuda_gemv._CHUNK_MATH) fed by a
 bulk-copy pipeline instead of register loads. Correctness against the reference path (shapes,
 M, G = 128 / 256, K not a multiple of the stage), then a config sweep (TILES x CH x STAGES)
 timed in CUDA graphs next to bf16 and the shipped kernel, and its 'weights only' ablation (the
-chunk math removed). Usage: python scripts/probe_gemv_pipelined.py [--quick]"""
+chunk math removed). Usage: python -m scripts.probe_gemv_pipelined [--quick]"""
 import functools
 import sys
 import time
@@ -11,7 +11,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, ".")
 from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error  # noqa: E402
 from int4tensor import Int4Tensor  # noqa: E402
 from int4tensor.kernels import cuda_gemv, nvrtc, reference  # noqa: E402

@@ -3,13 +3,11 @@ int4tensor/kernels/cuda_gemv.py with its weight loads (read once, never reused) 
 ``ld.global.nc`` with L1 no-allocate and/or an L2 prefetch size, timed in CUDA graphs over
 rotating weights at the default launch config, on both layouts.
 
-    python scripts/probe_load_hints.py
+    python -m scripts.probe_load_hints
 """
-import sys
 
 import torch
 
-sys.path.insert(0, ".")
 from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error  # noqa: E402
 from int4tensor import Int4PreshuffledTensor, Int4Tensor  # noqa: E402
 from int4tensor.kernels import cuda_gemv  # noqa: E402

@@ -4,11 +4,9 @@ copies): a grid-stride read with 1-8 loads in flight per thread at every occupan
 decode GEMV's pattern (a warp reads 16 rows x 64 bytes per 128-wide K chunk, U chunks in
 flight) with K split over S warps (strided or contiguous chunks) and W warps per block. Tells
 whether the GEMV's gap to the read ceiling is its pattern or its parallelism."""
-import sys
 
 import torch
 
-sys.path.insert(0, ".")
 from benchmarks.common import copy_bandwidth_gbs, graph_time_us  # noqa: E402
 from int4tensor.kernels import nvrtc  # noqa: E402
 

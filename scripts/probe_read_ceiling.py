@@ -2,11 +2,9 @@
 kernel (grid-stride 16-byte loads, 4 in flight per thread, nothing computed) over buffers the
 size of int4 weights (+ scales and zeros), timed like bench_linear (CUDA graph, rotating
 copies so every call reads HBM): the ceiling any decode kernel of that size can reach."""
-import sys
 
 import torch
 
-sys.path.insert(0, ".")
 from benchmarks.common import copy_bandwidth_gbs, graph_time_us  # noqa: E402
 from int4tensor.kernels import nvrtc  # noqa: E402
 

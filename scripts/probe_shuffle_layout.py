@@ -3,13 +3,11 @@ activation layouts). Each weight's position ``n * K + k`` is written 3 bits at a
 int4 values of several weights, preshuffled, and read back from every stored nibble, giving the
 map stored nibble -> (n, k). Saves the maps to $OUT/shuffle_maps.pt and prints their start."""
 import os
-import sys
 
 import torch
 
 import fbgemm_gpu.experimental.gen_ai  # noqa: F401
 
-sys.path.insert(0, ".")
 from int4tensor.quant_primitives import pack_int4  # noqa: E402
 
 dev = "cuda"

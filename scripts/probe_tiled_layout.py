@@ -4,17 +4,14 @@ chunk, 64 bytes from each of 16 rows; the fastest one-kernel read of the same by
 64 bytes) as 1 KB contiguous, in the order the lanes load it, edits the kernel of
 int4tensor/kernels/cuda_gemv.py to read that layout (nothing else changes), checks it against
 the plain kernel, and times both, with everything and with only the weight loads."""
-import sys
 
 import torch
 
-sys.path.insert(0, ".")
 from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error  # noqa: E402
 from int4tensor import Int4Tensor  # noqa: E402
 from int4tensor.kernels import cuda_gemv  # noqa: E402
 
-sys.path.insert(0, "scripts")
-from probe_gemv_ablation import EDITS, kernel_for  # noqa: E402
+from scripts.probe_gemv_ablation import EDITS, kernel_for  # noqa: E402
 
 TILED = [  # with one 16-row tile per warp (R = 1)
     ("  const uint4* qa = q + (size_t)ra[0] * row_len + t;  // tile r's rows: + (ra[r] - ra[0]) rows\n"

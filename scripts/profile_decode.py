@@ -1,6 +1,6 @@
 """Where a decode step of the bench_decode model spends its GPU time (kernel totals, eager).
 
-    python scripts/profile_decode.py [--layers 32] [--batch 1 32] [--compile]
+    python -m scripts.profile_decode [--layers 32] [--batch 1 32] [--compile]
 
 Profiles a few eager (or compiled) decode steps with torch.profiler, in bf16 and after
 quantize_ + convert (preshuffled), and prints per-kernel GPU time per step, split into the
@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_decode import LLAMA3_8B, Decoder  # noqa: E402
 from int4tensor import Int4WeightOnlyConfig, convert_model_to_packed_tensors_, quantize_  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Where the host time of transformers ``generate()`` goes with int4 weights (a diagnosis).
 
-    python scripts/profile_generate.py [--layers 2] [--mode int4|int4-prepared|bf16]
+    python -m scripts.profile_generate [--layers 2] [--mode int4|int4-prepared|bf16]
         [--cache dynamic|static]
 
 Builds the Llama-3-8B-shaped model of benchmarks/bench_generate.py with few layers, runs
@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_generate import build_model, generate  # noqa: E402
 from int4tensor import Int4WeightOnlyConfig, prepare_for_compile, quantize_  # noqa: E402
 

@@ -1,6 +1,5 @@
 """Time the int4 -> bf16 dequantization: the CUDA kernel vs the torch ops (CUDA graphs)."""
 import sys, torch
-sys.path.insert(0, ".")
 from benchmarks.common import graph_time_us, copy_bandwidth_gbs
 from int4tensor import Int4Tensor, kernels, quant_primitives
 bw = copy_bandwidth_gbs()

@@ -1,11 +1,9 @@
 """Time the per-row fp8 activation quantization: the CUDA kernel (quantize and round modes)
 vs the torch ops, and the plain fp8 linear's parts at decode sizes (CUDA graphs)."""
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, ".")
 from benchmarks.common import graph_time_us  # noqa: E402
 from int4tensor import Int4Tensor, kernels, quant_primitives  # noqa: E402
 

@@ -38,8 +38,8 @@ from int4tensor import native_format
 from int4tensor.config import Float8DynamicActivationInt4WeightConfig, Int4WeightOnlyConfig
 from int4tensor.serialization import (
     METADATA_KEY,
-    _decode,
-    _REGISTRY,
+    decode_attribute,
+    TENSOR_TYPES,
     check_layout,
     flatten_state_dict,
     metadata_json,
@@ -289,16 +289,17 @@ class Int4TensorHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for module, module_name, pname, entry in self._pending:
-            cls = _REGISTRY[entry["type"]][0]
+            cls = TENSOR_TYPES[entry["type"]][0]
             tensors = {f: module._buffers.pop(f"{pname}{_SEP}{f}") for f in entry["fields"]}
             label = f"{module_name}.{pname}"
             meta = [t for t in tensors.values() if t.is_meta]
             if meta:
                 raise ValueError(f"int4tensor: {label} was not loaded from the checkpoint "
                                  "(a shard is missing or incomplete)")
-            attrs = [_decode(entry["attributes"].get(a)) for a in cls.tensor_attribute_names]
+            attrs = [decode_attribute(entry["attributes"][a]) if a in entry["attributes"]
+                     else cls.attribute_defaults.get(a) for a in cls.tensor_attribute_names]
             try:
-                t = cls._build(tensors, attrs)
+                t = cls.from_fields(tensors, attrs)
             except Exception as e:
                 raise ValueError(f"int4tensor: cannot rebuild {entry['type']} {label}: {e}") from e
             problem = check_layout(t)
@@ -412,7 +413,7 @@ def memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
     tensors (qdata, scales, zero points), for the rest ``numel * element_size``."""
     def nbytes(t):
         if isinstance(t, Int4BaseTensor):
-            return sum(v.numel() * v.element_size() for v in t._tensors().values())
+            return sum(v.numel() * v.element_size() for v in t.inner_tensors().values())
         return t.numel() * t.element_size()
 
     total = sum(nbytes(p) for p in model.parameters())

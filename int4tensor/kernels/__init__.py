@@ -470,14 +470,7 @@ def preshuffled_backend(x: torch.Tensor, weight) -> str:
 
 
 # ---- helpers the tensor classes use ---------------------------------------------------------
-def dequantize_int4(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                    group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """``q * scale + zero_point`` in ``dtype``, ``[..., N, K]``: one CUDA kernel where it can
-    run (bf16), torch ops elsewhere (the same bits; see
-    :func:`int4tensor.quant_primitives.dequantize_int4`)."""
-    if cuda_dequant.can_run(qdata, scale, zero_point, dtype):
-        return custom_ops.dequantize_int4_cuda(qdata, scale, zero_point, group_size)
-    return quant_primitives.dequantize_int4(qdata, scale, zero_point, group_size, dtype)
+dequantize_int4 = reference.dequantize_int4  # one CUDA kernel where it runs, torch ops elsewhere
 
 
 def quantize_fp8_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

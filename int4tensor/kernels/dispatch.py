@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 
+from int4tensor.kernels import cuda_gemv, fbgemm
+
 __all__ = ["Call", "Candidate", "Decision", "describe", "decide", "device_features",
            "eager_plan", "is_eager", "register", "tables"]
 
@@ -110,8 +112,6 @@ def tables() -> dict[tuple[str, str, str], list[str]]:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_features(device_index: int) -> frozenset[str]:
-    from int4tensor.kernels import cuda_gemv, fbgemm
-
     found = set()
     if cuda_gemv.is_available() and cuda_gemv.can_compile(device_index):
         found.add("nvrtc")

@@ -11,6 +11,7 @@ import functools
 import torch
 
 from int4tensor.kernels import custom_ops
+from int4tensor.quant_primitives import pack_int4
 
 
 @functools.cache
@@ -106,8 +107,6 @@ def preshuffle_fp8(q: torch.Tensor, group_scale: torch.Tensor) -> tuple[torch.Te
     """Symmetric int4 ``q [N, K]`` (int8) with fp8 group scales ``[K/G, N]`` -> fbgemm's
     preshuffled ``(qdata [N, K/2], packed group scales fp8 [K/G, 8, N])`` for
     ``f8i4bf16_shuffled``; 2D only."""
-    from int4tensor.quant_primitives import pack_int4
-
     import fbgemm_gpu.experimental.gen_ai  # noqa: F401
 
     return torch.ops.fbgemm.preshuffle_i4(pack_int4(q), group_scale.contiguous())

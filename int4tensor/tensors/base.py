@@ -137,16 +137,19 @@ class Int4BaseTensor(torch.Tensor):
     # ---- fields ----------------------------------------------------------------------------
     # Constructors take ``cls(*tensor_data, **attributes, **optional_tensor_data)``, with
     # parameters named as the declared fields.
-    def _tensors(self) -> dict[str, torch.Tensor]:
+    # The protocol serialization, checkpoints and torch.compile use: ``inner_tensors`` /
+    # ``attribute_values`` take a tensor apart, ``from_fields`` puts it back together.
+    def inner_tensors(self) -> dict[str, torch.Tensor]:
         """Inner tensors by name, required first, absent optional ones left out."""
         names = self.tensor_data_names + self.optional_tensor_data_names
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    def _attributes(self) -> list[Any]:
+    def attribute_values(self) -> list[Any]:
+        """The values of :attr:`tensor_attribute_names`, in that order."""
         return [getattr(self, name) for name in self.tensor_attribute_names]
 
     @classmethod
-    def _build(cls, tensors: dict[str, torch.Tensor], attributes: list[Any],
+    def from_fields(cls, tensors: dict[str, torch.Tensor], attributes: list[Any],
                validate: bool = True) -> "Int4BaseTensor":
         """``cls(...)`` from fields by name. ``validate=False`` is for the ops that derive a
         tensor from checked ones by construction (views, transposes, ``.to``, cat): they skip
@@ -161,6 +164,15 @@ class Int4BaseTensor(torch.Tensor):
             return cls(*args, **named, **optional)
         finally:
             _derived.active = False
+
+    # The short names the ops inside tensors/ use.
+    _tensors = inner_tensors
+    _attributes = attribute_values
+
+    @classmethod
+    def _build(cls, tensors: dict[str, torch.Tensor], attributes: list[Any],
+               validate: bool = True) -> "Int4BaseTensor":
+        return cls.from_fields(tensors, attributes, validate)
 
     def _with_data(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Int4BaseTensor":
         """A new tensor of the same class and metadata with ``fn`` applied to each inner tensor
@@ -190,7 +202,9 @@ class Int4BaseTensor(torch.Tensor):
 
     # ---- consistency ---------------------------------------------------------------------
     #: Values for fields absent from states pickled by older versions.
-    _state_defaults: ClassVar[dict[str, Any]] = {}
+    #: (torchao's optional tensor attributes): files and pickles written before an attribute
+    #: existed load with this value; the constructor's default is the same.
+    attribute_defaults: ClassVar[dict[str, Any]] = {}
 
     def _layout_problem(self) -> str | None:
         """Hook: the first inconsistency between the inner tensors and the attributes (shapes,
@@ -219,7 +233,7 @@ class Int4BaseTensor(torch.Tensor):
             raise ValueError(f"cannot unpickle {type(self).__name__}: its state is a "
                              f"{type(dict_state).__name__}, not a dict of fields")
         torch._utils._set_obj_state(self, state)
-        for name, default in self._state_defaults.items():
+        for name, default in self.attribute_defaults.items():
             if not hasattr(self, name):
                 setattr(self, name, default)
         for name in self.optional_tensor_data_names:

@@ -3,7 +3,9 @@
 Checkpoints stay in the plain :class:`~int4tensor.Int4Tensor` layout; after loading,
 :func:`int4tensor.convert_to_packed_tensor_based_on_current_hardware` turns weights into this
 layout on a Hopper GPU with fbgemm-gpu-genai. It only exists on CUDA: the layout is fbgemm's
-and only fbgemm's kernels read it. :meth:`Int4PreshuffledTensor.to_int4_tensor` goes back.
+and only fbgemm's kernels read it, which is why this class calls fbgemm's layout transforms
+(:mod:`int4tensor.kernels.fbgemm`: shuffle, unshuffle) directly rather than through the
+dispatch table. :meth:`Int4PreshuffledTensor.to_int4_tensor` goes back.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from int4tensor import kernels
 from int4tensor.tensors.base import Int4BaseTensor, op_args
-from int4tensor.tensors.int4_tensor import Int4Tensor
+from int4tensor.quant_primitives import pack_int4
+from int4tensor.tensors.int4_tensor import ACTIVATION_DTYPES, Int4Tensor, _block_problem, \
+    _stored_shape
 
 aten = torch.ops.aten
 
 __all__ = ["Int4PreshuffledTensor"]
 
-ACTIVATION_DTYPES = ("bf16", "fp8")
 
 
 class Int4PreshuffledTensor(Int4BaseTensor):
@@ -67,8 +70,6 @@ class Int4PreshuffledTensor(Int4BaseTensor):
     def _layout_problem(self) -> str | None:
         """Shapes only (the values are fbgemm's): qdata int8 ``[..., Np, K/2]`` with ``Np`` N
         rounded up to the kernels' alignment, the scales of ``activation_dtype``'s layout."""
-        from int4tensor.tensors.int4_tensor import _block_problem, _stored_shape
-
         if self.activation_dtype not in ACTIVATION_DTYPES:
             return (f"activation_dtype must be one of {ACTIVATION_DTYPES}, "
                     f"got {self.activation_dtype!r}")
@@ -204,8 +205,6 @@ class Int4PreshuffledTensor(Int4BaseTensor):
         self._require_fbgemm("to_int4_tensor")
         if self.is_transposed:
             return self.mT.to_int4_tensor().mT
-        from int4tensor.quant_primitives import pack_int4
-
         n = self.stored_n
         q = kernels.fbgemm.unshuffle_int4(self)[..., :n, :]
         scale = self.group_scale[..., :n].contiguous()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from int4tensor import kernels
-from int4tensor.algorithms import choose_qparams
+from int4tensor.qparams import choose_qparams
 from int4tensor.quant_primitives import (
     SUPPORTED_GROUP_SIZES,
     dequantize_int4,
@@ -19,7 +19,11 @@ from int4tensor.tensors.base import Int4BaseTensor, op_args
 
 aten = torch.ops.aten
 
-__all__ = ["Int4Tensor"]
+__all__ = ["ACTIVATION_DTYPES", "Int4Tensor"]
+
+#: ``activation_dtype`` values: "bf16" (activations as they come) or "fp8" (each row rounded to
+#: float8 e4m3 at run time); Int4PreshuffledTensor takes the same.
+ACTIVATION_DTYPES = ("bf16", "fp8")
 
 
 class Int4Tensor(Int4BaseTensor):
@@ -58,7 +62,6 @@ class Int4Tensor(Int4BaseTensor):
 
     def __init__(self, qdata, scale, zero_point, block_size, shape, act_pre_scale=None,
                  activation_dtype="bf16"):
-        activation_dtype = activation_dtype or "bf16"  # files written before the attribute
         self.qdata = qdata
         self.scale = scale
         self.zero_point = zero_point
@@ -70,7 +73,7 @@ class Int4Tensor(Int4BaseTensor):
         self._validate()
 
     __module__ = "int4tensor"  # the public path; int4tensor.tensors.int4_tensor still loads
-    _state_defaults = {"activation_dtype": "bf16"}
+    attribute_defaults = {"activation_dtype": "bf16"}
 
     def _layout_problem(self) -> str | None:
         """qdata int8 ``[..., N, K/2]``, scale and zero_point (one float dtype) ``[..., K/G, N]``,
@@ -104,8 +107,9 @@ class Int4Tensor(Int4BaseTensor):
             return f"zero_point has dtype {self.zero_point.dtype}, scale {self.scale.dtype}"
         if self.act_pre_scale is not None and not self.act_pre_scale.is_floating_point():
             return f"act_pre_scale has dtype {self.act_pre_scale.dtype}, expected floating"
-        if self.activation_dtype not in ("bf16", "fp8"):
-            return f"activation_dtype must be 'bf16' or 'fp8', got {self.activation_dtype!r}"
+        if self.activation_dtype not in ACTIVATION_DTYPES:
+            return (f"activation_dtype must be {' or '.join(map(repr, ACTIVATION_DTYPES))}, "
+                    f"got {self.activation_dtype!r}")
         return None
 
     @classmethod
@@ -156,7 +160,7 @@ class Int4Tensor(Int4BaseTensor):
         Args:
             weight: bf16/fp16/fp32 ``[N, K]`` or ``[E, N, K]``, finite.
             block_size: ``(1, G)`` or ``(1, 1, G)`` with ``G`` in ``SUPPORTED_GROUP_SIZES``.
-            algorithm: how scale/zero are chosen (:data:`int4tensor.algorithms.QPARAMS_ALGORITHMS`);
+            algorithm: how scale/zero are chosen (:data:`int4tensor.qparams.QPARAMS_ALGORITHMS`);
                 the default ``"minmax"`` with ``zero_point_domain="float"`` is fbgemm's
                 ``int4_row_quantize_zp``, bit for bit.
             zero_point_domain: ``"float"``, ``"int"`` (integer zero points) or ``"none"``
@@ -322,7 +326,7 @@ def _full_pre_scale(act_pre_scale, shape, block_size, scale):
     return act_pre_scale
 
 
-_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 # ---- logical dims -> inner tensor dims -----------------------------------------------------
@@ -606,7 +610,7 @@ def _(func, args, kwargs):
 
 # ---- compute ops ---------------------------------------------------------------------------
 def _check_activation(x: torch.Tensor, op: str) -> None:
-    if x.dtype not in _ACTIVATION_DTYPES:
+    if x.dtype not in _INPUT_DTYPES:
         raise TypeError(f"{op} with an Int4Tensor takes bf16/fp16/fp32 activations, "
                         f"got {x.dtype}")
 

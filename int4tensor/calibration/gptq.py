@@ -19,9 +19,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from int4tensor.algorithms import choose_qparams
-from int4tensor.algorithms._calibration import check_calibration_batches, check_config, \
+from int4tensor.calibration.capture import check_calibration_batches, check_config, \
     feed_layer_inputs, progress, snap_qparams, target_linears
+from int4tensor.model_surgery import replace_parameter
+from int4tensor.qparams import choose_qparams
+from int4tensor.quant_primitives import quantize_with_qparams
+from int4tensor.tensors import Int4Tensor
 
 __all__ = ["gptq_quantize_", "gptq_quantize_weight"]
 
@@ -119,13 +122,9 @@ def gptq_quantize_(
 
     Memory: one ``[K, K]`` float32 Hessian at a time. Returns ``model``.
     """
-    from int4tensor.quant_primitives import quantize_with_qparams
-    from int4tensor.quantize import replace_parameter
-    from int4tensor.tensors import Int4Tensor
-
     check_config(config)
     batches = check_calibration_batches(calibration_batches)
-    layers = target_linears(model, config, filter_fn)
+    layers = target_linears(model, config, filter_fn, "GPTQ")
     G = config.group_size
     for fqn, layer in progress(layers, "GPTQ", progress_bar):
         weight = layer.weight

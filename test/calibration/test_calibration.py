@@ -6,9 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from int4tensor import Int4Tensor, Int4WeightOnlyConfig, quantize_
-from int4tensor.algorithms import awq_quantize_
-from int4tensor.algorithms import gptq_quantize_
-from int4tensor.algorithms.gptq import gptq_quantize_weight
+from int4tensor.calibration import awq_quantize_, gptq_quantize_
+from int4tensor.calibration.gptq import gptq_quantize_weight
 from test.helpers import sqnr
 
 
@@ -115,8 +114,8 @@ def test_gptq_weight_reduces_layer_error():
     k, n = 256, 64
     x = torch.randn(2048, k) @ (torch.eye(k) + torch.randn(k, k) / k ** 0.5)
     w = torch.randn(n, k)
-    from int4tensor.algorithms import choose_qparams
-    from int4tensor.algorithms.awq import _fake_quant
+    from int4tensor.calibration.awq import _fake_quant
+    from int4tensor.qparams import choose_qparams
 
     rtn, _, _ = _fake_quant(w, 64, "minmax", "float", torch.float32)
     w_q, scale, minimum = gptq_quantize_weight(w, x.T @ x / x.shape[0], 64)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from int4tensor.quant_primitives import ZERO_POINT_DOMAINS, _grouped
+from int4tensor.quant_primitives import check_zero_point_domain, grouped
 
 #: Smallest scale any search may return (the same floor as min/max's ``clamp(1e-6) / 15``).
 MIN_SCALE = 1e-6 / 15
@@ -67,8 +67,7 @@ def least_squares_qparams(
     elif zero_point_domain == "none":
         zero = torch.full_like(scale, 8.0)
     else:
-        raise ValueError(f"zero_point_domain must be one of {ZERO_POINT_DOMAINS}, "
-                         f"got {zero_point_domain!r}")
+        check_zero_point_domain(zero_point_domain)
     c = u - zero.unsqueeze(-1)
     denom = c.square().sum(-1)
     new_scale = (c * target).sum(-1) / denom.clamp(min=1e-12)
@@ -94,9 +93,7 @@ def by_row_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``search(g [rows, K/G, G] float32, domain) -> (scale, minimum) [rows, K/G]`` over
     ``w [..., N, K]`` a block of rows at a time; returns float32 ``[..., N, K/G]``."""
-    if zero_point_domain not in ZERO_POINT_DOMAINS:
-        raise ValueError(f"zero_point_domain must be one of {ZERO_POINT_DOMAINS}, "
-                         f"got {zero_point_domain!r}")
+    check_zero_point_domain(zero_point_domain)
     if w.shape[-1] % group_size:
         raise ValueError(f"K = {w.shape[-1]} is not a multiple of the group size {group_size}")
     lead = w.shape[:-1]
@@ -105,7 +102,7 @@ def by_row_chunks(
     if w.device.type == "meta" or flat.shape[0] == 0:
         empty = torch.empty(*lead, w.shape[-1] // group_size, device=w.device)
         return empty, empty.clone()
-    outs = [search(_grouped(flat[i:i + rows].to(torch.float32), group_size), zero_point_domain)
+    outs = [search(grouped(flat[i:i + rows].to(torch.float32), group_size), zero_point_domain)
             for i in range(0, flat.shape[0], rows)]
     scale = torch.cat([o[0] for o in outs]).reshape(*lead, -1)
     minimum = torch.cat([o[1] for o in outs]).reshape(*lead, -1)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from int4tensor.algorithms._common import MIN_SCALE, by_row_chunks, group_sq_error, \
+from int4tensor.qparams.common import MIN_SCALE, by_row_chunks, group_sq_error, \
     keep_better, refine
 
 __all__ = ["choose_qparams_mse", "CLIP_RATIOS", "SYMMETRIC_RATIOS"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from int4tensor.algorithms._common import MIN_SCALE, by_row_chunks, codes, group_sq_error, \
+from int4tensor.qparams.common import MIN_SCALE, by_row_chunks, codes, group_sq_error, \
     keep_better, least_squares_qparams
 from int4tensor.quant_primitives import choose_qparams_minmax
 

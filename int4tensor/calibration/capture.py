@@ -9,11 +9,14 @@ being captured (its pre-hook raises), so capturing layer ``i`` costs ``i``'s pre
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from int4tensor.config import Int4WeightOnlyConfig
+from int4tensor.model_surgery import is_linear, select_weights
 
 
 class _StopForward(Exception):
@@ -39,29 +42,18 @@ def check_calibration_batches(batches: Iterable[Any]) -> list:
 
 
 def check_config(config) -> None:
-    from int4tensor.config import Int4WeightOnlyConfig
-
     if not isinstance(config, Int4WeightOnlyConfig):
         raise TypeError(f"config must be an Int4WeightOnlyConfig, got {type(config).__name__}")
 
 
-def target_linears(model: nn.Module, config, filter_fn) -> list[tuple[str, nn.Linear]]:
-    """``(fqn, module)`` of the Linears to quantize, in model order. Layers the config cannot
-    take stay in high precision with a warning (as in ``quantize_``)."""
-    from int4tensor.tensors import Int4BaseTensor
-
-    filter_fn = filter_fn or (lambda m, fqn: isinstance(m, nn.Linear))
-    out = []
-    for fqn, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not filter_fn(module, fqn):
-            continue
-        if isinstance(module.weight, Int4BaseTensor):
-            continue
-        reason = config.can_quantize(module.weight)
-        if reason is not None:
-            warnings.warn(f"left {fqn}.weight in {module.weight.dtype}: {reason}", stacklevel=3)
-            continue
-        out.append((fqn, module))
+def target_linears(model: nn.Module, config, filter_fn, who: str) -> list[tuple[str, nn.Linear]]:
+    """``(fqn, module)`` of the Linears to quantize, in model order: ``quantize_``'s walk
+    (:func:`int4tensor.model_surgery.select_weights`, same skips and warning) restricted to
+    ``nn.Linear`` weights."""
+    chosen_by = filter_fn or is_linear
+    targets = select_weights(model, config, lambda m, fqn: isinstance(m, nn.Linear)
+                             and chosen_by(m, fqn), who=who, stacklevel=3)
+    out = [(label[: -len(".weight")], module) for label, module, _, _ in targets]
     if not out:
         raise ValueError("no nn.Linear layer to quantize (check filter_fn and the group size)")
     return out
@@ -102,8 +94,6 @@ def progress(items, desc: str, enabled: bool):
     """``tqdm`` over ``items`` (a plain iterator when ``enabled`` is False)."""
     if not enabled:
         return items
-    from tqdm.auto import tqdm
-
     return tqdm(items, desc=desc, unit="layer")
 
 

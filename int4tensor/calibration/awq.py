@@ -23,10 +23,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from int4tensor.algorithms import choose_qparams
-from int4tensor.algorithms._calibration import check_calibration_batches, check_config, \
+from int4tensor.calibration.capture import check_calibration_batches, check_config, \
     feed_layer_inputs, progress, snap_qparams, target_linears
-from int4tensor.quant_primitives import _grouped, quantize_int4
+from int4tensor.model_surgery import replace_parameter
+from int4tensor.qparams import choose_qparams
+from int4tensor.tensors import Int4Tensor
+from int4tensor.quant_primitives import grouped, quantize_int4, quantize_with_qparams
 
 __all__ = ["awq_quantize_", "awq_search_scale"]
 
@@ -40,7 +42,7 @@ def _fake_quant(w: torch.Tensor, group_size: int, algorithm: str, domain: str,
     qparams as they will be stored in ``dtype``."""
     scale, minimum = snap_qparams(*choose_qparams(w, group_size, algorithm, domain), dtype)
     u = quantize_int4(w, scale, minimum, group_size).float() + 8
-    w_q = (_grouped(u, group_size) * scale.unsqueeze(-1) + minimum.unsqueeze(-1)).flatten(-2)
+    w_q = (grouped(u, group_size) * scale.unsqueeze(-1) + minimum.unsqueeze(-1)).flatten(-2)
     return w_q, scale, minimum
 
 
@@ -97,15 +99,11 @@ def awq_quantize_(
 
     Memory: ``max_rows x K`` activations of one layer at a time. Returns ``model``.
     """
-    from int4tensor.quant_primitives import quantize_with_qparams
-    from int4tensor.quantize import replace_parameter
-    from int4tensor.tensors import Int4Tensor
-
     check_config(config)
     batches = check_calibration_batches(calibration_batches)
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    layers = target_linears(model, config, filter_fn)
+    layers = target_linears(model, config, filter_fn, "AWQ")
     G, algo, domain = config.group_size, config.int4_choose_qparams_algorithm, \
         config.zero_point_domain
     per_batch = max(1, max_rows // len(batches))

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from int4tensor import Int4Tensor, Int4WeightOnlyConfig, quantize_
-from int4tensor.algorithms import QPARAMS_ALGORITHMS, choose_qparams
-from int4tensor.quant_primitives import _grouped, quantize_int4
+from int4tensor.qparams import QPARAMS_ALGORITHMS, choose_qparams
+from int4tensor.quant_primitives import grouped, quantize_int4
 from test.helpers import sqnr
 
 SEARCHES = ("mse", "hqq")
@@ -24,11 +24,11 @@ def outlier_weight(n=128, k=1024, frac=0.01, factor=10.0, dtype=torch.float32):
 
 def fake_quant(w, scale, minimum, g):
     u = quantize_int4(w, scale, minimum, g).float() + 8
-    return (_grouped(u, g) * scale.unsqueeze(-1) + minimum.unsqueeze(-1)).flatten(-2)
+    return (grouped(u, g) * scale.unsqueeze(-1) + minimum.unsqueeze(-1)).flatten(-2)
 
 
 def group_errors(w, scale, minimum, g):
-    return _grouped(w.float() - fake_quant(w, scale, minimum, g), g).square().sum(-1)
+    return grouped(w.float() - fake_quant(w, scale, minimum, g), g).square().sum(-1)
 
 
 def test_registered():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from int4tensor import Int4Tensor, Int4WeightOnlyConfig, quantize_
-from int4tensor.algorithms.gptq import gptq_quantize_
+from int4tensor.calibration.gptq import gptq_quantize_
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
