@@ -1,5 +1,6 @@
 """Shared test utilities."""
 
+import pytest
 import torch
 
 
@@ -41,3 +42,13 @@ def check_compiled_decode_mlp(custom_op) -> None:
     assert rel_error(eager, out) < 1e-2
     w = model[0].weight
     assert torch.library.opcheck(custom_op, (x, w.qdata, w.scale, w.zero_point, 128)) is not None
+
+
+@pytest.fixture
+def one_thread():
+    """One OpenMP thread for tests of many small elementwise ops: on a shared 2-core CPU, two
+    threads contend with other processes and make each op ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

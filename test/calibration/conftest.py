@@ -1,12 +1,8 @@
 import pytest
-import torch
+
+from test.helpers import one_thread  # noqa: F401  (the fixture, shared)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many small elementwise ops; on a shared 2-core CPU, two OpenMP threads
-    contend with other processes and make each op ~20x slower, so use one thread here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
