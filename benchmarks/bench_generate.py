@@ -37,22 +37,42 @@ from int4tensor import (  # noqa: E402
 PROMPT = 128
 
 
-def build_model(layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_model(layers: int, model: str = "llama3-8b"):
+    """``llama3-8b``: a Llama-3-8B-shaped LlamaForCausalLM; ``qwen3-30b-a3b``: a
+    Qwen3-30B-A3B-shaped Qwen3MoeForCausalLM (128 experts of 768, top 8, transformers'
+    default ``grouped_mm`` experts); random weights, ``layers`` decoder layers."""
+    import transformers
 
-    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
-                         max_position_embeddings=8192, rope_theta=500000.0,
-                         tie_word_embeddings=False)
+    if model == "llama3-8b":
+        cls = transformers.LlamaForCausalLM
+        config = transformers.LlamaConfig(
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+            num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+            max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+    else:
+        cls = transformers.Qwen3MoeForCausalLM
+        config = transformers.Qwen3MoeConfig(
+            vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+            moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+            num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4,
+            head_dim=128, max_position_embeddings=8192, tie_word_embeddings=False)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            model = LlamaForCausalLM(config)
+            built = cls(config)
     finally:
         torch.set_default_dtype(default)
-    return model.eval()
+    return built.eval()
+
+
+def quantize_model(model) -> None:
+    """Every nn.Linear (lm_head included) and every MoE expert stack, G = 128."""
+    config = Int4WeightOnlyConfig(group_size=128)
+    quantize_(model, config)
+    if any("experts.gate_up_proj" in name for name, _ in model.named_parameters()):
+        quantize_(model, {"re:.*experts\\.(gate_up_proj|down_proj)": config})
 
 
 def generate(model, batch: int, new_tokens: int, cache: str):
@@ -105,9 +125,10 @@ def per_token(model, batch: int, cache: str, n: int, profile_gpu: bool) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--model", default="llama3-8b", choices=["llama3-8b", "qwen3-30b-a3b"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--cache", nargs="+", default=["dynamic", "static"],
-                        choices=["dynamic", "static"])
+                        choices=["dynamic", "static", "user-compile"])
     parser.add_argument("--modes", nargs="+",
                         default=["bf16", "int4", "int4-prepared", "preshuffled-prepared"])
     parser.add_argument("--user-compile", action="store_true")
@@ -115,12 +136,12 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    caches = list(args.cache) + (["user-compile"] if args.user_compile else [])
+    caches = list(dict.fromkeys(list(args.cache) + (["user-compile"] if args.user_compile else [])))
     rows, bf16 = [], {}
     for mode in args.modes:
-        model = build_model(args.layers)  # the same weights for every mode (seeded)
+        model = build_model(args.layers, args.model)  # the same weights for every mode (seeded)
         if mode != "bf16":
-            quantize_(model, Int4WeightOnlyConfig(group_size=128))
+            quantize_model(model)
         if mode.startswith("preshuffled"):
             convert_model_to_packed_tensors_(model)
         if mode.endswith("prepared"):
@@ -130,7 +151,11 @@ def main() -> None:
                 continue  # eager: nothing to prepare for
             for batch in args.batch:
                 torch._dynamo.reset()
+                if cache == "user-compile":  # transformers' own compile is disabled for it
+                    model.forward = torch.compile(type(model).forward.__get__(model),
+                                                  mode="reduce-overhead", fullgraph=True)
                 wall, gpu = per_token(model, batch, cache, args.tokens, not args.no_profile)
+                model.__dict__.pop("forward", None)
                 key = (cache, batch)
                 if mode == "bf16":
                     bf16[key] = wall
@@ -148,7 +173,7 @@ def main() -> None:
     import transformers
 
     comment = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
-               f"{transformers.__version__}, Llama-3-8B shape with {args.layers} layers, "
+               f"{transformers.__version__}, {args.model} shape with {args.layers} layers, "
                f"prompt {PROMPT}, {args.tokens} new tokens, {datetime.date.today()}")
     write_csv(os.path.join(args.out, "bench_generate.csv"), comment, rows)
 

@@ -185,8 +185,12 @@ class Int4TensorHfQuantizer(HfQuantizer):
     def update_dtype(self, dtype):
         return dtype
 
-    @property
-    def quantized_element_size(self) -> float:
+    def param_element_size(self, model, param_name: str, param) -> float:
+        """Bytes per element once loaded. transformers pre-allocates this much on the device
+        (``caching_allocator_warmup``) before loading; the bf16 size there made the peak of a
+        quantize-on-load as large as a bf16 load's."""
+        if self.pre_quantized or self._config_for(model, param_name, param) is None:
+            return param.element_size()
         group = getattr(self.quantization_config.config, "group_size", 128)
         return 0.5 + 4.0 / group  # packed int4 + a 2-byte scale and zero per group
 

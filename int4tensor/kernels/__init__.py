@@ -38,8 +38,12 @@ TRITON_ALWAYS_MAX_M = 1
 TRITON_MAX_M = 16
 DENSE_MIN_M = 4096
 FP8_ROWWISE_MIN_M = 64
+#: grouped GEMV up to this many rows per active expert (T / min(E, T): the host never reads
+#: offs); each 16 rows of an expert read its weights once more
+GROUPED_GEMV_MAX_ROWS = 32
 
-__all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_linear", "is_eager",
+__all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_grouped_mm",
+           "int4_linear", "is_eager",
            "linear_backend", "preshuffled_backend", "preshuffled_bmm", "preshuffled_linear",
            "quantize_fp8_rows", "round_fp8_rows"]
 
@@ -306,7 +310,41 @@ PRESHUFFLED_BMM = [_GEMV_SHUFFLED, _GEMM_SHUFFLED,
 PRESHUFFLED_BMM_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not,
                                  _fbgemm_f8_shuffled_batched)]
 
+def _grouped_gemv_why_not(call: Call) -> str | None:
+    problem = _not_cuda(call, (8, 0), "nvrtc")
+    if problem:
+        return problem
+    w = call.weight
+    rows = cuda_gemv.rows_per_expert(call.x.shape[0], w.qdata.shape[0])
+    if rows > GROUPED_GEMV_MAX_ROWS:
+        return (f"{call.x.shape[0]} rows over {w.qdata.shape[0]} experts: ~{rows} per active "
+                f"expert, it takes up to {GROUPED_GEMV_MAX_ROWS}")
+    return cuda_gemv.grouped_operands_problem(call.x, w.qdata, w.scale, w.zero_point,
+                                              w.group_size)
+
+
+def _grouped_gemv(x, w, offs):
+    return custom_ops.int4_grouped_gemv_cuda(x, w.qdata, w.scale, w.zero_point, offs,
+                                             w.group_size)
+
+
+def _grouped_gemv_eager(x, w, offs):
+    return cuda_gemv.int4_grouped_gemv(x, w.qdata, w.scale, w.zero_point, offs, w.group_size)
+
+
+def _bind_grouped(x, w):
+    return cuda_gemv.bind_grouped(x, w.qdata, w.scale, w.zero_point, w.group_size)
+
+
+#: aten._grouped_mm, x [T, K] sorted by expert, stored W [E, N, K], offs [E]
+PLAIN_GROUPED_MM = [
+    Candidate("cuda", _grouped_gemv_why_not, _grouped_gemv, _grouped_gemv_eager,
+              bind=_bind_grouped),
+    Candidate("reference", _always, reference.grouped_mm),
+]
+
 register("linear", "plain", "bf16", PLAIN_LINEAR)
+register("grouped_mm", "plain", "bf16", PLAIN_GROUPED_MM)
 register("linear", "plain", "fp8", PLAIN_LINEAR_FP8 + PLAIN_LINEAR)
 register("bmm", "plain", "bf16", PLAIN_BMM)
 register("bmm", "plain", "fp8", PLAIN_BMM)
@@ -409,6 +447,23 @@ def int4_bmm(x: torch.Tensor, weight) -> torch.Tensor:
     if is_eager(x):
         return eager_plan("bmm", x, weight, lambda: _plan("bmm", x, weight, "plain"))(x, None)
     return _traced("bmm", x, weight, "plain", None)
+
+
+def int4_grouped_mm(x: torch.Tensor, weight, offs: torch.Tensor) -> torch.Tensor:
+    """``out[t] = x[t] @ W[e].T -> [T, N]`` for the rows ``t`` of expert ``e``: bf16 ``x [T,
+    K]`` sorted by expert, a stored plain ``W [E, N, K]``, ``offs`` int32 ``[E]`` cumulative
+    row counts (``aten._grouped_mm(x, W.transpose(-2, -1), offs)``). The choice depends on T
+    and E only: offs stays on the device (CUDA graphs, torch.compile)."""
+    if is_eager(x):
+        def build():
+            decision = decide(describe("grouped_mm", x, weight), "plain")
+            candidate = decision.candidate
+            if candidate.bind is not None:
+                return decision, candidate.bind(x, weight)
+            return decision, lambda x, offs: candidate(x, weight, True, offs)
+        return eager_plan("grouped_mm", x, weight, build)(x, offs)
+    decision = decide(describe("grouped_mm", x, weight), "plain")
+    return decision.candidate(x, weight, False, offs)
 
 
 def preshuffled_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:

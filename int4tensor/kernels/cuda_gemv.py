@@ -181,6 +181,7 @@ _SOURCE = _CHUNK_MATH + r"""
 #define WARPS_N %(warps_n)d
 #define MAX_WARPS %(max_warps)d
 #define MIN_BLOCKS %(min_blocks)d
+#define GROUPED %(grouped)d  // 1: rows grouped by expert through offs (aten._grouped_mm)
 
 // Chunk c of the warp's rows ra[r], rb[r]: weights, and scales / zero points still in bf16
 // (sz = scale a, scale b, zero a, zero b), all issued before any is used.
@@ -216,18 +217,11 @@ __device__ __forceinline__ void accumulate_loaded(
   accumulate_chunk(acc, wa, wb, sa, sb, za, zb, x, M, ldx, c, g, t);
 }
 
-extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS, MIN_BLOCKS)
-%(name)s(const bf16_t* __restrict__ x, const uint4* __restrict__ q,
-         const bf16_t* __restrict__ scale, const bf16_t* __restrict__ zero,
-         bf16_t* __restrict__ out, int M, int N, int K, int ldx, int lds, int ldo,
-         int group_shift, int x_batch, int q_batch, int s_batch, int o_batch) {
-  // block (32, WARPS_N, SLICES): lane, R 16-row tiles, K slice; grid (row tiles, batch)
-  extern __shared__ float partial[];  // K-slice partial sums (SLICES > 1)
-  {  // this block's batch entry (3D weights, bmm): strides in elements (q: uint4)
-    const size_t b = blockIdx.y;
-    x += b * x_batch; q += b * q_batch; scale += b * s_batch; zero += b * s_batch;
-    out += b * o_batch;
-  }
+// Rows [0, M) (M <= 8 M_TILES) of x times this block's weight rows, written to out.
+__device__ __forceinline__ void gemv_rows(
+    const bf16_t* __restrict__ x, const uint4* __restrict__ q, const bf16_t* __restrict__ scale,
+    const bf16_t* __restrict__ zero, bf16_t* __restrict__ out, float* partial, int M, int N,
+    int K, int ldx, int lds, int ldo, int group_shift) {
   const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
   const int slice = threadIdx.z, slices = blockDim.z;
   const int chunks = K >> 7;
@@ -294,26 +288,64 @@ extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS, MIN_BLOCKS)
 #pragma unroll
         for (int i = 0; i < 4; ++i) partial[me * vals + (r * M_TILES + mt) * 4 + i] = acc[r][mt][i];
     __syncthreads();
-    if (slice != 0) return;
-    for (int z = 1; z < slices; ++z) {
-      const int other = (z * WARPS_N + threadIdx.y) * 32 + lane;
+    if (slice == 0)
+      for (int z = 1; z < slices; ++z) {
+        const int other = (z * WARPS_N + threadIdx.y) * 32 + lane;
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+        for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt)
+          for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc[r][mt][i] += partial[other * vals + (r * M_TILES + mt) * 4 + i];
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int m = 8 * mt + 2 * t + (i & 1), n = r0 + 16 * r + g + 8 * (i >> 1);
-        if (m < M && n < N) out[(size_t)m * ldo + n] = f_to_bf16(acc[r][mt][i]);
+            for (int i = 0; i < 4; ++i) acc[r][mt][i] += partial[other * vals + (r * M_TILES + mt) * 4 + i];
       }
+  }
+  if (slice == 0)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int m = 8 * mt + 2 * t + (i & 1), n = r0 + 16 * r + g + 8 * (i >> 1);
+          if (m < M && n < N) out[(size_t)m * ldo + n] = f_to_bf16(acc[r][mt][i]);
+        }
+  if (slices > 1) __syncthreads();  // partial is written again by the next call (grouped)
+}
+
+extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS, MIN_BLOCKS)
+%(name)s(const bf16_t* __restrict__ x, const uint4* __restrict__ q,
+         const bf16_t* __restrict__ scale, const bf16_t* __restrict__ zero,
+         bf16_t* __restrict__ out,
+#if GROUPED
+         const int* __restrict__ offs,
+#endif
+         int M, int N, int K, int ldx, int lds, int ldo,
+         int group_shift, int x_batch, int q_batch, int s_batch, int o_batch) {
+  // block (32, WARPS_N, SLICES): lane, R 16-row tiles, K slice; grid (row tiles, batch entry
+  // or expert); strides in elements (q: uint4)
+  extern __shared__ float partial[];  // K-slice partial sums (SLICES > 1)
+  const int b = blockIdx.y;
+  q += (size_t)b * q_batch; scale += (size_t)b * s_batch; zero += (size_t)b * s_batch;
+#if GROUPED
+  // Expert b owns rows [offs[b - 1], offs[b]) of x and out (M: all rows), read here on the
+  // device; an empty expert's blocks return without touching its weights. Rows from
+  // offs[E - 1] on belong to no expert: the last expert's blocks write them as zeros.
+  const int row_end = min(max(offs[b], 0), M);
+  const int row_begin = b ? min(max(offs[b - 1], 0), row_end) : 0;
+  if (b == gridDim.y - 1 && row_end < M) {
+    const int n0 = blockIdx.x * WARPS_N * 16 * R, width = min(WARPS_N * 16 * R, N - n0);
+    const int tid = (threadIdx.z * blockDim.y + threadIdx.y) * 32 + threadIdx.x;
+    const int threads = 32 * blockDim.y * blockDim.z;
+    for (int i = tid; i < (M - row_end) * width; i += threads)
+      out[(size_t)(row_end + i / width) * ldo + n0 + i %% width] = 0;
+  }
+  for (int m0 = row_begin; m0 < row_end; m0 += 8 * M_TILES)
+    gemv_rows(x + (size_t)m0 * ldx, q, scale, zero, out + (size_t)m0 * ldo, partial,
+              min(8 * M_TILES, row_end - m0), N, K, ldx, lds, ldo, group_shift);
+#else
+  gemv_rows(x + (size_t)b * x_batch, q, scale, zero, out + (size_t)b * o_batch, partial, M, N,
+            K, ldx, lds, ldo, group_shift);
+#endif
 }
 """
 
@@ -328,25 +360,27 @@ is_available = nvrtc.is_available
 
 @functools.lru_cache(maxsize=None)  # dispatch asks can_compile on every call
 def _kernel_source(m_tiles: int, warps_n: int, u: int, min_blocks: int, r: int,
-                   shuffled: bool = False) -> tuple[str, str]:
+                   shuffled: bool = False, grouped: bool = False) -> tuple[str, str]:
     """(source, name) of the kernel for ``8 * m_tiles`` activation rows, ``warps_n`` warps of
     ``r`` 16-row tiles per block, ``u`` chunks in flight per warp and at least ``min_blocks``
     blocks per multiprocessor (a register cap), reading the plain layout or (``shuffled``)
-    fbgemm's bf16 preshuffled one."""
-    name = f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}_b{min_blocks}_r{r}{'_shuffled' if shuffled else ''}"
+    fbgemm's bf16 preshuffled one; ``grouped``: rows grouped by expert (``offs``), any number
+    per expert, ``8 * m_tiles`` at a time."""
+    name = (f"int4_tc_gemv_m{m_tiles}_w{warps_n}_u{u}_b{min_blocks}_r{r}"
+            f"{'_shuffled' if shuffled else ''}{'_grouped' if grouped else ''}")
     return _SOURCE % dict(m_tiles=m_tiles, u=u, warps_n=warps_n, max_warps=MAX_WARPS, name=name,
                           bf16_helpers=nvrtc.BF16_HELPERS, mma_helpers=nvrtc.MMA_HELPERS,
-                          min_blocks=min_blocks, r=r,
-                          shuffled=int(shuffled)), name
+                          min_blocks=min_blocks, r=r, shuffled=int(shuffled),
+                          grouped=int(grouped)), name
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(m_tiles: int, warps_n: int, u: int, capability: tuple[int, int],
-              min_blocks: int = 1, r: int = 1, shuffled: bool = False):
+              min_blocks: int = 1, r: int = 1, shuffled: bool = False, grouped: bool = False):
     """The kernel of :func:`_kernel_source` for one GPU architecture (NVRTC, ~1 s, once per
     process)."""
-    return nvrtc.compile_kernel(*_kernel_source(m_tiles, warps_n, u, min_blocks, r, shuffled),
-                                capability)
+    return nvrtc.compile_kernel(
+        *_kernel_source(m_tiles, warps_n, u, min_blocks, r, shuffled, grouped), capability)
 
 
 def can_compile(device_index: int) -> bool:
@@ -541,3 +575,84 @@ def _with_launcher(device_index: int, **fields) -> _LaunchPlan:
     launch = nvrtc.Launcher(fields["kernel"], fields["grid"], fields["block"],
                             fields["shared_mem"], 5, fields["ints"], device_index)
     return _LaunchPlan(launch=launch, **fields)
+
+
+# ---- grouped (MoE experts, aten._grouped_mm) ------------------------------------------------
+def grouped_operands_problem(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                             zero_point: torch.Tensor, group_size: int) -> str | None:
+    """Why ``x [T, K]`` and a stored ``[E, N, K]`` weight do not fit the grouped GEMV, or None
+    (what :func:`operands_problem` asks of each expert, and E < 2^16)."""
+    if x.ndim != 2 or qdata.ndim != 3:
+        return f"x {x.ndim}D with a {qdata.ndim}D weight: it takes x [T, K], W [E, N, K]"
+    if qdata.shape[0] >= 2**16 or max(qdata.stride(0), scale.stride(0)) >= 2**31 \
+            or x.shape[0] * max(x.stride(0), qdata.shape[-2]) >= 2**31:
+        return "too many experts or rows for the kernel's 32-bit arguments"
+    return operands_problem(x, qdata[0], scale[0], zero_point[0], group_size)
+
+
+def rows_per_expert(tokens: int, experts: int) -> int:
+    """Rows an active expert gets on average when ``tokens`` rows are routed over ``experts``
+    (the host never reads the offsets): what the launch is configured for."""
+    return -(-tokens // max(1, min(experts, tokens)))
+
+
+def int4_grouped_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                      zero_point: torch.Tensor, offs: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``out[t] = x[t] @ W[e].T`` for the rows ``t`` of expert ``e``: ``x [T, K]`` sorted by
+    expert, ``offs`` int32 ``[E]`` cumulative row counts (expert ``e`` owns rows
+    ``offs[e-1] .. offs[e]``; equal neighbours: an empty expert), read on the GPU only. Rows
+    from ``offs[E-1]`` on belong to no expert and come out 0.
+
+    Args:
+        x: bf16 ``[T, K]``, rows 16-byte aligned.
+        qdata: int8 ``[E, N, K/2]`` contiguous (the plain layout), ``W[e] = q * scale[e] +
+            zero_point[e]``.
+        scale, zero_point: bf16 ``[E, K/G, N]``, last dim contiguous; G = 128 or 256.
+        offs: int32 ``[E]`` on x's device.
+
+    Returns:
+        bf16 ``[T, N]``.
+
+    Each expert's blocks read its weights once per ``8 * m_tiles`` of its rows (16 at most),
+    so the weight bytes read are those of the active experts; launched for
+    :func:`rows_per_expert` rows.
+    """
+    return bind_grouped(x, qdata, scale, zero_point, group_size)(x, offs)
+
+
+def bind_grouped(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                 zero_point: torch.Tensor, group_size: int):
+    """``f(x, offs) -> int4_grouped_gemv(x, qdata, scale, zero_point, offs, group_size)`` for
+    activations of ``x``'s shape, strides and device, planned once."""
+    plan = _grouped_launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
+                                scale.stride(), x.device.index, group_size)
+    shape, launch, device = plan.out_shape, plan.launch, x.device
+
+    def grouped_gemv(x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        launch(x, qdata, scale, zero_point, out, offs)
+        return out
+    return grouped_gemv
+
+
+@functools.lru_cache(maxsize=1024)
+def _grouped_launch_plan(x_shape: tuple, x_stride: tuple, q_shape: tuple, q_expert_stride: int,
+                         s_stride: tuple, device_index: int, group_size: int) -> _LaunchPlan:
+    tokens, k = x_shape
+    experts, n = q_shape[0], q_shape[1]
+    rows = rows_per_expert(tokens, experts)
+    props = torch.cuda.get_device_properties(device_index)
+    # the active experts' row tiles share the multiprocessors
+    active = max(1, min(experts, tokens))
+    cfg = pick_config(min(rows, MAX_M), active * n, k, props.multi_processor_count)
+    m_tiles = 1 if rows <= 8 else 2
+    kernel = _compiled(m_tiles, cfg["WARPS_N"], cfg["U"], (props.major, props.minor),
+                       cfg["MIN_BLOCKS"], cfg["R"], False, True)
+    grid = (-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), experts, 1)
+    block = (32, cfg["WARPS_N"], cfg["SLICES"])
+    shared = _smem_bytes(m_tiles, cfg["WARPS_N"], cfg["SLICES"], cfg["R"])
+    ints = (tokens, n, k, x_stride[0], s_stride[-2], n, group_size.bit_length() - 1,
+            0, q_expert_stride // 16, s_stride[0], 0)
+    launch = nvrtc.Launcher(kernel, grid, block, shared, 6, ints, device_index)
+    return _LaunchPlan(launch=launch, kernel=kernel, grid=grid, block=block, shared_mem=shared,
+                       ints=ints, out_shape=(tokens, n))

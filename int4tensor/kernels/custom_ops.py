@@ -205,6 +205,40 @@ def _(xq, qdata, x_scale, row_scale, group_scale):
     return xq.new_empty(xq.shape[0], xq.shape[1], qdata.shape[-2], dtype=torch.bfloat16)
 
 
+@torch.library.custom_op("int4tensor::int4_grouped_gemv_cuda", mutates_args=())
+def int4_grouped_gemv_cuda(
+    x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+    offs: torch.Tensor, group_size: int,
+) -> torch.Tensor:
+    """``x [T, K]`` sorted by expert, ``offs [E]`` int32 cumulative rows: ``out[t] = x[t] @
+    W[e].T -> [T, N]`` for a plain ``[E, N, K]`` weight's fields (see
+    cuda_gemv.int4_grouped_gemv)."""
+    return cuda_gemv.int4_grouped_gemv(x, qdata, scale, zero_point, offs, group_size)
+
+
+@int4_grouped_gemv_cuda.register_fake
+def _(x, qdata, scale, zero_point, offs, group_size):
+    return x.new_empty(x.shape[0], qdata.shape[-2])
+
+
+def _grouped_setup_context(ctx, inputs, output):
+    x, qdata, scale, zero_point, offs, group_size = inputs
+    ctx.save_for_backward(qdata, scale, zero_point, offs)
+    ctx.group_size = group_size
+    ctx.x_dtype = x.dtype
+
+
+def _grouped_backward(ctx, grad_out):
+    # d(x[t] @ W[e].T)/dx[t] = grad_out[t] @ W[e]: the same grouping over W [E, N, K]
+    qdata, scale, zero_point, offs = ctx.saved_tensors
+    weight = dequantize_int4(qdata, scale, zero_point, ctx.group_size, ctx.x_dtype)
+    grad_x = torch.ops.aten._grouped_mm.default(grad_out.contiguous(), weight, offs)
+    return grad_x, None, None, None, None, None
+
+
+int4_grouped_gemv_cuda.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
+
+
 def _fake(x, qdata, scale, zero_point, group_size):  # x [M, K] or [B, M, K]
     return x.new_empty(*x.shape[:-1], qdata.shape[-2])
 

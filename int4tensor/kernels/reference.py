@@ -38,3 +38,43 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
 def bmm(x: torch.Tensor, weight) -> torch.Tensor:
     """``x [B, M, K] @ W[b].T`` per batch for a stored ``W [B, N, K]`` -> ``[B, M, N]``."""
     return torch.bmm(x, _stored_weight(weight, x.dtype).transpose(-1, -2))
+
+
+# ---- grouped matmul (MoE experts) ----------------------------------------------------------
+def grouped_mm_padded(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``a [T, K]`` rows grouped by ``offs`` (cumulative ends, ``[E]``) times ``b [E, K, N]``,
+    as one batched matmul: rows are scattered into ``[E, M, K]`` (M: the largest group), one
+    ``bmm``, gathered back. Rows at or past ``offs[-1]`` belong to no group and come out 0."""
+    t, e = a.shape[0], b.shape[0]
+    ends = offs.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    rows = torch.arange(t, device=a.device)
+    group = torch.searchsorted(ends, rows, right=True)  # E for rows past the last end
+    valid = group < e
+    group = group.clamp(max=e - 1)
+    slot = torch.where(valid, rows - starts[group], 0)
+    m = int((ends - starts).clamp(min=0).max().item()) if e else 0
+    padded = a.new_zeros(e, max(m, 1), a.shape[1])
+    padded[group[valid], slot[valid]] = a[valid]
+    out = torch.bmm(padded, b)[group, slot]
+    return out * valid.unsqueeze(1).to(out.dtype)
+
+
+def grouped_mm_dense(a, b, offs, out_dtype):
+    """``aten._grouped_mm`` on dense operands: torch's op where it takes this dtype, else the
+    padded batched formulation (2D x 3D with offs; 3D x 3D is a bmm)."""
+    if a.device.type == "cpu" or a.dtype == torch.bfloat16:
+        return torch.ops.aten._grouped_mm.default(a, b, offs, None, out_dtype)
+    if a.ndim == 3 and b.ndim == 3 and offs is None:
+        out = torch.bmm(a, b)
+    elif a.ndim == 2 and b.ndim == 3 and offs is not None:
+        out = grouped_mm_padded(a, b, offs)
+    else:
+        return torch.ops.aten._grouped_mm.default(a, b, offs, None, out_dtype)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def grouped_mm(x: torch.Tensor, weight, offs: torch.Tensor) -> torch.Tensor:
+    """``out[t] = x[t] @ W[e].T`` for the rows of expert ``e`` (``offs`` cumulative ends) for a
+    stored ``W [E, N, K]``: the weight dequantized to ``x.dtype``, then the dense op."""
+    return grouped_mm_dense(x, _stored_weight(weight, x.dtype).transpose(-2, -1), offs, None)

@@ -565,7 +565,10 @@ def _(func, args, kwargs):
     if dims is None or set(dims) != {nd - 2, nd - 1}:
         raise NotImplementedError(f"Int4Tensor supports transposing only its last two dims "
                                   f"({func} on shape {list(t.shape)})")
-    return _view_op(func, args, kwargs, _transposed(t))
+    out = _transposed(t)
+    if not t.is_transposed:  # a view of the stored weight: eager calls use t's plans (_stored)
+        out.__dict__["_dispatch_transposed_of"] = t
+    return _view_op(func, args, kwargs, out)
 
 
 @Int4Tensor.implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
@@ -658,6 +661,14 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return (*lead, half_k * 2, n) if t.is_transposed else (*lead, n, half_k * 2)
 
 
+def _stored(b: "Int4Tensor") -> "Int4Tensor":
+    """The stored (untransposed) weight of a transposed view ``b``, where eager dispatch plans
+    live: the tensor ``b`` was transposed from (``w.transpose(-2, -1)`` on every forward finds
+    the parameter's plans), else one made once and kept on ``b``."""
+    source = b.__dict__.get("_dispatch_transposed_of")
+    return source if source is not None else b._dispatch_cached("stored", lambda: _transposed(b))
+
+
 def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
     """Dense-semantics ``a @ b`` where either operand may be an Int4Tensor.
 
@@ -675,9 +686,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
     dense_a = not isinstance(a, Int4BaseTensor)
     if dense_a and isinstance(b, Int4Tensor) and b.is_transposed and a.numel() and b.numel():
         _check_activation(a, op)
-        # the stored weight, made once per tensor for eager calls (its dispatch plans live on it)
-        stored = b._dispatch_cached("stored", lambda: _transposed(b)) \
-            if kernels.is_eager(a) else _transposed(b)
+        stored = _stored(b) if kernels.is_eager(a) else _transposed(b)
         if len(sb) == 2:
             return kernels.int4_linear(a, stored, None)
         if len(sa) == 3 and sa[0] == sb[0]:
@@ -715,41 +724,22 @@ def _(func, args, kwargs):
 
 # ---- grouped matmul (MoE experts) ----------------------------------------------------------
 # transformers' default experts implementation calls ``F.grouped_mm(x, w.transpose(-2, -1),
-# offs=offs)`` (aten._grouped_mm). Here it has dense semantics on the dequantized weights: the
-# reference path for every device; a fused int4 grouped kernel is a separate piece of work.
+# offs=offs)`` (aten._grouped_mm). bf16 activations on a plain bf16-activation weight go to
+# kernels.int4_grouped_mm (our grouped GEMV on CUDA for decode-sized groups, else the
+# reference); every other combination has dense semantics on the dequantized weights.
 
 
-def _grouped_mm_padded(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``a [T, K]`` rows grouped by ``offs`` (cumulative ends, ``[E]``) times ``b [E, K, N]``,
-    as one batched matmul: rows are scattered into ``[E, M, K]`` (M: the largest group), one
-    ``bmm``, gathered back. Rows at or past ``offs[-1]`` belong to no group and come out 0."""
-    t, e = a.shape[0], b.shape[0]
-    ends = offs.to(torch.int64)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    rows = torch.arange(t, device=a.device)
-    group = torch.searchsorted(ends, rows, right=True)  # E for rows past the last end
-    valid = group < e
-    group = group.clamp(max=e - 1)
-    slot = torch.where(valid, rows - starts[group], 0)
-    m = int((ends - starts).clamp(min=0).max().item()) if e else 0
-    padded = a.new_zeros(e, max(m, 1), a.shape[1])
-    padded[group[valid], slot[valid]] = a[valid]
-    out = torch.bmm(padded, b)[group, slot]
-    return out * valid.unsqueeze(1).to(out.dtype)
-
-
-def _grouped_mm_dense(a, b, offs, out_dtype):
-    """``aten._grouped_mm`` on dense operands: torch's op where it takes this dtype, else the
-    padded batched formulation (2D x 3D with offs; 3D x 3D is a bmm)."""
-    if a.device.type == "cpu" or a.dtype == torch.bfloat16:
-        return aten._grouped_mm.default(a, b, offs, None, out_dtype)
-    if a.ndim == 3 and b.ndim == 3 and offs is None:
-        out = torch.bmm(a, b)
-    elif a.ndim == 2 and b.ndim == 3 and offs is not None:
-        out = _grouped_mm_padded(a, b, offs)
-    else:
-        return aten._grouped_mm.default(a, b, offs, None, out_dtype)
-    return out if out_dtype is None else out.to(out_dtype)
+def _check_grouped(x: torch.Tensor, b: "Int4Tensor", offs: torch.Tensor) -> None:
+    """What ``_grouped_mm(x [T, K], b [E, K, N], offs [E])`` needs (the dense op's own errors,
+    raised before a kernel reads ``offs``)."""
+    e, k = b.qdata.shape[0], 2 * b.qdata.shape[-1]
+    if x.shape[-1] != k:
+        raise ValueError(f"grouped_mm: activation {list(x.shape)} has K = {x.shape[-1]}, the "
+                         f"expert weights {list(_shape(b))} K = {k}")
+    if offs.dtype != torch.int32 or offs.ndim != 1 or offs.numel() != e \
+            or offs.device != x.device:
+        raise ValueError(f"grouped_mm: offs must be int32 [{e}] on {x.device} (cumulative rows "
+                         f"per expert), got {offs.dtype} {list(offs.shape)} on {offs.device}")
 
 
 def _group_of_rows(offs: torch.Tensor, rows: int) -> torch.Tensor:
@@ -764,10 +754,19 @@ def _(func, args, kwargs):
     """``_grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None)`` with either operand
     an int4 tensor (typically ``mat_b = w.transpose(-2, -1)``, ``w [E, N, K]``, so ``mat_b
     [E, K, N]``; ``mat_a [T, K]`` bf16/fp16/fp32 sorted by expert, ``offs [E]`` int32 cumulative
-    row counts; empty experts have equal consecutive offsets). The Int4Tensor is dequantized to
-    the activation dtype, then the dense op runs. ``bias [E, N]`` is added per group."""
+    row counts; empty experts have equal consecutive offsets; rows from ``offs[-1]`` on belong
+    to no expert and come out 0). ``bias [E, N]`` is added per group. The MoE case (bf16
+    ``mat_a [T, K]``, ``mat_b`` a transposed plain Int4Tensor with bf16 activations, offs, no
+    bias) runs :func:`kernels.int4_grouped_mm`; every other one dequantizes the Int4Tensor to
+    the activation dtype and runs the dense op."""
     a, b, offs, bias, out_dtype = op_args(args, kwargs, ("mat_a", None), ("mat_b", None),
                                           ("offs", None), ("bias", None), ("out_dtype", None))
+    if (isinstance(b, Int4Tensor) and not isinstance(a, Int4BaseTensor) and b.is_transposed
+            and b.activation_dtype == "bf16" and a.dtype == torch.bfloat16 and a.ndim == 2
+            and len(_shape(b)) == 3 and offs is not None and bias is None
+            and out_dtype in (None, torch.bfloat16) and a.numel() and b.qdata.numel()):
+        _check_grouped(a, b, offs)
+        return kernels.int4_grouped_mm(a, _stored(b), offs)
     dense = a if not isinstance(a, Int4BaseTensor) else b
     if isinstance(dense, Int4BaseTensor):
         dtype = a.dtype
@@ -775,7 +774,7 @@ def _(func, args, kwargs):
         _check_activation(dense, "grouped_mm")
         dtype = dense.dtype
     a, b = (t.dequantize(dtype) if isinstance(t, Int4BaseTensor) else t for t in (a, b))
-    out = _grouped_mm_dense(a, b, offs, out_dtype)
+    out = kernels.reference.grouped_mm_dense(a, b, offs, out_dtype)
     if bias is not None:
         if out.ndim == 2 and offs is not None:  # 2D x 3D: one bias row per group of rows
             bias = bias[_group_of_rows(offs, out.shape[0])]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from int4tensor import Int4WeightOnlyConfig
-from int4tensor.tensors.int4_tensor import _grouped_mm_padded
+from int4tensor.kernels.reference import grouped_mm_padded as _grouped_mm_padded
 
 E, N, K, T = 4, 48, 64, 12
 OFFS = {

@@ -1,0 +1,134 @@
+"""MoE experts as serving engines run them: one grouped matmul over the tokens sorted by expert
+(``torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)``, transformers' default experts
+implementation), bf16 vs int4, side by side in one run.
+
+    python benchmarks/bench_moe.py [--tokens 1 4 16 64 256 2048] [--shapes mixtral ...] [--out DIR]
+
+For the expert stacks ``[E, N, K]`` of published MoE models and T tokens, each routed to its
+top-k experts drawn uniformly (k of the model), the columns are: bf16 ``torch._grouped_mm``
+(the floor to beat), ``F.grouped_mm`` on the Int4Tensor stack (what dispatch picks: our grouped
+GEMV or the reference path, named in ``int4_backend``), our grouped GEMV called directly at
+every T (to show where it stops paying), and today's ``torch.bmm`` path with the rows spread
+evenly over all experts where that fits (M <= 64 rows per expert). Times are medians inside
+CUDA graphs, rotating over 8 routings (different experts and inputs per call, so the active
+experts' weights come from HBM; the stacks are larger than L2). ``%copy`` counts only the
+active experts' int4 bytes (weights, scales, zero points) against the copy bandwidth measured
+in the same run. Writes bench_moe.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error, write_csv  # noqa: E402
+from int4tensor import Int4WeightOnlyConfig, kernels  # noqa: E402
+from int4tensor.kernels import cuda_gemv, reference  # noqa: E402
+
+#: name -> (model, E, N, K, top_k): the experts' fused gate/up and down projections
+SHAPES = {
+    "mixtral-gate_up": ("Mixtral-8x7B gate_up", 8, 28672, 4096, 2),
+    "mixtral-down": ("Mixtral-8x7B down", 8, 4096, 14336, 2),
+    "qwen3-gate_up": ("Qwen3-30B-A3B gate_up", 128, 1536, 2048, 8),
+    "qwen3-down": ("Qwen3-30B-A3B down", 128, 2048, 768, 8),
+    "deepseek-gate_up": ("DeepSeek-V3 gate_up", 256, 4096, 7168, 8),
+    "deepseek-down": ("DeepSeek-V3 down", 256, 7168, 2048, 8),
+    "gpt-oss-gate_up": ("gpt-oss-20b-like gate_up", 32, 5760, 2880, 4),
+    "gpt-oss-down": ("gpt-oss-20b-like down", 32, 2880, 2880, 4),
+}
+ROUTINGS = 8
+
+
+def group_size_for(k: int) -> int:
+    """G = 128 where it divides K; gpt-oss's K = 2880 takes G = 64 (the reference path)."""
+    return 128 if k % 128 == 0 else 64
+
+
+def quantized_stack(w: torch.Tensor, g: int):
+    """The Int4Tensor of ``w [E, N, K]``, quantized a few experts at a time (bounded memory)."""
+    cfg = Int4WeightOnlyConfig(group_size=g)
+    return torch.cat([cfg.quantize_weight(chunk) for chunk in w.split(16)], dim=0)
+
+
+def routing(tokens: int, e: int, top_k: int, gen: torch.Generator) -> torch.Tensor:
+    choice = torch.rand(tokens, e, generator=gen).argsort(dim=1)[:, :top_k]
+    counts = torch.bincount(choice.flatten(), minlength=e)
+    return torch.cumsum(counts, 0).to(torch.int32).cuda()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 2048])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    copy_bw = copy_bandwidth_gbs()
+    print(f"copy bandwidth {copy_bw:.0f} GB/s")
+    rows = []
+    for key in args.shapes:
+        model, e, n, k, top_k = SHAPES[key]
+        g = group_size_for(k)
+        torch.manual_seed(0)
+        w = torch.randn(e, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+        t = quantized_stack(w, g)
+        wt, tt = w.transpose(-2, -1), t.transpose(-2, -1)
+        expert_bytes = n * k // 2 + 2 * 2 * n * (k // g)
+        gen = torch.Generator().manual_seed(1)
+        for tokens in args.tokens:
+            offs = [routing(tokens, e, top_k, gen) for _ in range(ROUTINGS)]
+            xs = [torch.randn(tokens * top_k, k, dtype=torch.bfloat16, device="cuda")
+                  for _ in range(ROUTINGS)]
+            active = sum(int((torch.diff(o, prepend=o.new_zeros(1)) > 0).sum()) for o in offs)
+            active_bytes = active / ROUTINGS * expert_bytes
+            backend = kernels.explain_call("grouped_mm", xs[0], t).backend
+            ref = torch._grouped_mm(xs[0], wt, offs=offs[0])
+            dq = reference.grouped_mm(xs[0], t, offs[0])
+            out = F.grouped_mm(xs[0], tt, offs=offs[0])
+            bf16_us = graph_time_us([lambda x=x, o=o: torch._grouped_mm(x, wt, offs=o)
+                                     for x, o in zip(xs, offs)])
+            int4_us = graph_time_us([lambda x=x, o=o: F.grouped_mm(x, tt, offs=o)
+                                     for x, o in zip(xs, offs)])
+            gemv_us = float("nan")
+            if cuda_gemv.grouped_operands_problem(xs[0], t.qdata, t.scale, t.zero_point,
+                                                  g) is None:
+                gemv = cuda_gemv.bind_grouped(xs[0], t.qdata, t.scale, t.zero_point, g)
+                assert rel_error(dq, gemv(xs[0], offs[0])) < 1e-2
+                gemv_us = graph_time_us([lambda x=x, o=o: gemv(x, o) for x, o in zip(xs, offs)])
+            bmm_us = float("nan")
+            per_expert = -(-tokens * top_k // e)
+            if per_expert <= 64:
+                xb = torch.randn(e, per_expert, k, dtype=torch.bfloat16, device="cuda")
+                bmm_us = graph_time_us([lambda: torch.bmm(xb, tt)])
+            row = dict(model=model, E=e, N=n, K=k, G=g, top_k=top_k, tokens=tokens,
+                       rows=tokens * top_k, active_experts=round(active / ROUTINGS, 1),
+                       bf16_grouped_mm_us=round(bf16_us, 1), int4_us=round(int4_us, 1),
+                       int4_backend=backend, speedup=round(bf16_us / int4_us, 2),
+                       int4_pct_copy=round(100 * active_bytes / (int4_us * 1e-6) / 1e9 / copy_bw, 1),
+                       grouped_gemv_us=round(gemv_us, 1),
+                       gemv_speedup=round(bf16_us / gemv_us, 2),
+                       bmm_all_experts_us=round(bmm_us, 1),
+                       int4_rel_err_vs_reference=round(rel_error(dq, out), 5),
+                       int4_rel_err_vs_bf16=round(rel_error(ref, out), 4))
+            rows.append(row)
+            print(f"{model:26s} T={tokens:5d} rows={tokens * top_k:6d} active={active / ROUTINGS:6.1f}"
+                  f"  bf16 {bf16_us:8.1f} us  int4[{backend}] {int4_us:8.1f} us "
+                  f"({bf16_us / int4_us:5.2f}x, {row['int4_pct_copy']:5.1f}% copy)"
+                  f"  gemv {gemv_us:8.1f}  bmm {bmm_us:8.1f}"
+                  f"  err {row['int4_rel_err_vs_reference']:.1e}", flush=True)
+            del xs, offs
+        del w, t, wt, tt
+        torch.cuda.empty_cache()
+        os.makedirs(args.out, exist_ok=True)  # written after each shape: a cut run keeps its rows
+        write_csv(os.path.join(args.out, "bench_moe.csv"),
+                  f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth "
+                  f"{copy_bw:.0f} GB/s, {datetime.date.today()}", rows)
+
+
+if __name__ == "__main__":
+    main()

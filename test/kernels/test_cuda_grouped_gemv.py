@@ -1,0 +1,196 @@
+"""The grouped int4 GEMV (``aten._grouped_mm`` on MoE expert stacks,
+int4tensor/kernels/cuda_gemv.py) against the reference path on random routings; its dispatch
+(CPU, device passed in) and its use under CUDA graphs and torch.compile (CUDA)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from int4tensor import Int4Tensor, Int4WeightOnlyConfig, kernels
+from int4tensor.kernels import cuda_gemv, custom_ops, reference
+from int4tensor.kernels.dispatch import decide, describe
+from test.helpers import rel_error
+
+gpu = pytest.mark.gpu
+H100 = dict(device_type="cuda", capability=(9, 0), features=frozenset({"nvrtc"}))
+
+
+def experts(e, n, k, g=128, device="cuda"):
+    w = torch.randn(e, n, k, dtype=torch.bfloat16, device=device) * 0.02
+    return w, Int4WeightOnlyConfig(group_size=g).quantize_weight(w)
+
+
+def routing(tokens, e, top_k, generator=None, device="cuda"):
+    """``offs`` of ``tokens`` tokens each routed to ``top_k`` distinct experts drawn uniformly."""
+    choice = torch.rand(tokens, e, generator=generator).argsort(dim=1)[:, :top_k]
+    counts = torch.bincount(choice.flatten(), minlength=e)
+    return torch.cumsum(counts, 0).to(torch.int32).to(device)
+
+
+def counts_to_offs(counts, device="cuda"):
+    return torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+
+
+def check(x, t, offs, tol=1e-2):
+    out = F.grouped_mm(x, t.transpose(-2, -1), offs=offs)
+    ref = reference.grouped_mm_padded(x.float(), t.dequantize(torch.float32).transpose(-2, -1),
+                                      offs)
+    used = int(offs[-1])
+    assert out.shape == (x.shape[0], t.shape[1]) and out.dtype == torch.bfloat16
+    err = rel_error(ref[:used], out[:used]) if used else 0.0
+    assert err < tol, err
+    assert not out[used:].any()  # rows of no expert
+    return out
+
+
+# ---- dispatch (CPU) ---------------------------------------------------------------------------
+def _call(tokens, e=8, n=256, k=512, g=128):
+    _, t = experts(e, n, k, g, device="cpu")
+    x = torch.randn(tokens, k, dtype=torch.bfloat16)
+    return decide(describe("grouped_mm", x, t, **H100), "plain")
+
+
+def test_decode_sized_groups_take_the_grouped_gemv():
+    for tokens in (1, 2, 16, 64, 256):  # up to 32 rows per active expert of 8
+        assert _call(tokens).backend == "cuda", tokens
+
+
+def test_large_groups_and_unsupported_group_sizes_take_the_reference_with_a_reason():
+    d = _call(8 * 33)
+    assert d.backend == "reference" and "33 per active expert" in dict(d.refused)["cuda"]
+    d = _call(4, g=64)
+    assert d.backend == "reference" and "G = 64" in dict(d.refused)["cuda"]
+    d = decide(describe("grouped_mm", torch.randn(4, 512, dtype=torch.bfloat16),
+                        experts(8, 256, 512, device="cpu")[1]), "plain")
+    assert d.backend == "reference" and "not CUDA" in dict(d.refused)["cuda"]
+
+
+def test_rows_per_expert_assumes_tokens_spread_over_the_experts():
+    assert cuda_gemv.rows_per_expert(1, 128) == 1
+    assert cuda_gemv.rows_per_expert(16, 8) == 2
+    assert cuda_gemv.rows_per_expert(17, 8) == 3
+
+
+def test_transposed_view_finds_the_stored_weights_plans():
+    from int4tensor.tensors.int4_tensor import _stored
+
+    _, t = experts(4, 64, 256, device="cpu")
+    assert _stored(t.transpose(-2, -1)) is t  # plans cached on t serve every forward's view
+    view = t.transpose(-2, -1).transpose(-2, -1).transpose(-2, -1)
+    assert torch.equal(_stored(view).qdata, t.qdata) and not _stored(view).is_transposed
+
+
+def test_cpu_bf16_grouped_mm_equals_the_dense_op_on_dequantized_weights():
+    _, t = experts(4, 64, 256, device="cpu")
+    x = torch.randn(10, 256, dtype=torch.bfloat16)
+    offs = counts_to_offs([3, 0, 5, 2], "cpu")
+    out = F.grouped_mm(x, t.transpose(-2, -1), offs=offs)
+    assert torch.equal(out, torch._grouped_mm(x, t.dequantize().transpose(-2, -1), offs=offs))
+
+
+@pytest.mark.parametrize("offs, match", [
+    (torch.tensor([1, 2, 3, 4], dtype=torch.int64), "offs must be int32"),
+    (torch.tensor([1, 2, 4], dtype=torch.int32), r"offs must be int32 \[4\]"),
+])
+def test_bad_offs_are_refused_by_name(offs, match):
+    _, t = experts(4, 64, 256, device="cpu")
+    with pytest.raises(ValueError, match=match):
+        F.grouped_mm(torch.randn(4, 256, dtype=torch.bfloat16), t.transpose(-2, -1), offs=offs)
+
+
+def test_wrong_k_is_refused_by_name():
+    _, t = experts(4, 64, 256, device="cpu")
+    with pytest.raises(ValueError, match="K = 128"):
+        F.grouped_mm(torch.randn(4, 128, dtype=torch.bfloat16), t.transpose(-2, -1),
+                     offs=counts_to_offs([1, 1, 1, 1], "cpu"))
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("e, n, k, g", [(8, 1024, 512, 128), (16, 200, 384, 128),
+                                        (4, 96, 1024, 256), (128, 1536, 256, 128)])
+@pytest.mark.parametrize("tokens, top_k", [(1, 2), (3, 2), (16, 4), (37, 2)])
+def test_random_routings_match_reference(e, n, k, g, tokens, top_k):
+    gen = torch.Generator().manual_seed(tokens * 1000 + e)
+    _, t = experts(e, n, k, g)
+    offs = routing(tokens, e, min(top_k, e), gen)
+    x = torch.randn(int(offs[-1]), k, dtype=torch.bfloat16, device="cuda")
+    assert kernels.explain_call("grouped_mm", x, t).backend == "cuda"
+    check(x, t, offs)
+
+
+@gpu
+@pytest.mark.parametrize("counts", [
+    [0, 0, 0, 40, 0, 0, 0, 0],   # one expert takes every row (5 passes of 8 rows)
+    [0, 7, 0, 0, 9, 0, 0, 1],    # empty experts first, between and last
+    [33, 0, 0, 0, 0, 0, 0, 0],   # the first expert, past two 16-row tiles
+    [1, 1, 1, 1, 1, 1, 1, 1],
+])
+def test_empty_and_crowded_experts(counts):
+    _, t = experts(8, 328, 768)
+    offs = counts_to_offs(counts)
+    check(torch.randn(sum(counts), 768, dtype=torch.bfloat16, device="cuda"), t, offs)
+
+
+@gpu
+def test_rows_past_the_last_offset_are_zero():
+    _, t = experts(4, 256, 512)
+    x = torch.randn(12, 512, dtype=torch.bfloat16, device="cuda")
+    out = check(x, t, counts_to_offs([2, 0, 5, 1]))  # rows 8..11 belong to no expert
+    assert out.shape == (12, 256)
+
+
+@gpu
+def test_group_size_64_runs_the_reference_path():
+    _, t = experts(4, 256, 512, g=64)
+    x = torch.randn(6, 512, dtype=torch.bfloat16, device="cuda")
+    assert kernels.explain_call("grouped_mm", x, t).backend == "reference"
+    check(x, t, counts_to_offs([1, 2, 0, 3]))
+
+
+@gpu
+def test_cuda_graph_replays_read_new_offsets():
+    _, t = experts(8, 512, 1024)
+    x = torch.randn(16, 1024, dtype=torch.bfloat16, device="cuda")
+    offs = counts_to_offs([2, 2, 2, 2, 2, 2, 2, 2])
+    w = t.transpose(-2, -1)
+    F.grouped_mm(x, w, offs=offs)  # plan and compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = F.grouped_mm(x, w, offs=offs)
+    for counts in ([16, 0, 0, 0, 0, 0, 0, 0], [0, 3, 0, 5, 0, 0, 8, 0], [1, 2, 3, 4, 0, 0, 0, 1]):
+        offs.copy_(counts_to_offs(counts))
+        graph.replay()
+        ref = F.grouped_mm(x, w, offs=offs)
+        assert torch.equal(out, ref), counts
+
+
+@gpu
+def test_compiled_grouped_mm_matches_eager_without_graph_breaks():
+    _, t = experts(8, 512, 1024)
+    x = torch.randn(10, 1024, dtype=torch.bfloat16, device="cuda")
+    offs = counts_to_offs([1, 0, 4, 0, 0, 3, 2, 0])
+
+    def f(x, w, offs):
+        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+    eager = f(x, t, offs)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(x, t, offs), eager)
+
+
+@gpu
+def test_custom_op_passes_opcheck_and_gives_the_activation_gradient():
+    _, t = experts(4, 256, 512)
+    x = torch.randn(6, 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    offs = counts_to_offs([1, 2, 0, 3])
+    args = (x.detach(), t.qdata, t.scale, t.zero_point, offs, 128)
+    torch.library.opcheck(custom_ops.int4_grouped_gemv_cuda, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    out = F.grouped_mm(x, t.transpose(-2, -1), offs=offs)
+    out.float().square().sum().backward()
+    xr = x.detach().float().requires_grad_()
+    reference.grouped_mm_padded(xr, t.dequantize(torch.float32).transpose(-2, -1),
+                                offs).square().sum().backward()
+    assert rel_error(xr.grad, x.grad) < 2e-2
