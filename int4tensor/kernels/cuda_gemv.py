@@ -587,6 +587,8 @@ def grouped_operands_problem(x: torch.Tensor, qdata: torch.Tensor, scale: torch.
     if qdata.shape[0] >= 2**16 or max(qdata.stride(0), scale.stride(0)) >= 2**31 \
             or x.shape[0] * max(x.stride(0), qdata.shape[-2]) >= 2**31:
         return "too many experts or rows for the kernel's 32-bit arguments"
+    if zero_point.stride(0) != scale.stride(0):
+        return "scales and zero points have different expert strides"
     return operands_problem(x, qdata[0], scale[0], zero_point[0], group_size)
 
 
