@@ -39,8 +39,10 @@ TRITON_MAX_M = 16
 DENSE_MIN_M = 4096
 FP8_ROWWISE_MIN_M = 64
 #: grouped GEMV up to this many rows per active expert (T / min(E, T): the host never reads
-#: offs); each 16 rows of an expert read its weights once more
-GROUPED_GEMV_MAX_ROWS = 32
+#: offs); each 16 rows of an expert read its weights once more. At 64 it still beats
+#: dequantizing the stack for the dense op (Mixtral T = 256, DeepSeek-V3 T = 2048); at 128
+#: (Qwen3-30B-A3B T = 2048) it does not (benchmarks/results/bench_moe.csv, H200)
+GROUPED_GEMV_MAX_ROWS = 64
 
 __all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_grouped_mm",
            "int4_linear", "is_eager",
