@@ -169,9 +169,13 @@ def main() -> None:
                       f"{speedup:5.2f}x bf16", flush=True)
         del model
         torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
+        _write(args, rows)  # after each mode: a run cut by a time limit keeps its rows
+
+
+def _write(args, rows: list[dict]) -> None:
     import transformers
 
+    os.makedirs(args.out, exist_ok=True)
     comment = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
                f"{transformers.__version__}, {args.model} shape with {args.layers} layers, "
                f"prompt {PROMPT}, {args.tokens} new tokens, {datetime.date.today()}")

@@ -122,7 +122,7 @@ def main() -> None:
                   f"  gemv {gemv_us:8.1f}  bmm {bmm_us:8.1f}"
                   f"  err {row['int4_rel_err_vs_reference']:.1e}", flush=True)
             del xs, offs
-        del w, t, wt, tt
+        del w, t
         torch.cuda.empty_cache()
         os.makedirs(args.out, exist_ok=True)  # written after each shape: a cut run keeps its rows
         write_csv(os.path.join(args.out, "bench_moe.csv"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from int4tensor import Int4Tensor, Int4WeightOnlyConfig, kernels
+from int4tensor import Int4WeightOnlyConfig, kernels
 from int4tensor.kernels import cuda_gemv, custom_ops, reference
 from int4tensor.kernels.dispatch import decide, describe
 from test.helpers import rel_error
