@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from unittest import mock
 
 import pytest
