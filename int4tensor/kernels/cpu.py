@@ -174,7 +174,8 @@ def linear_int4mm(x: torch.Tensor, weight) -> torch.Tensor:
     """``x [M, K] @ W.T -> [M, N]`` with torch's CPU int4 GEMM."""
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x.contiguous(), weight.qdata, weight.group_size, _scale_and_zero_for(weight, x.dtype))
-    return out[:, : weight.stored_n]
+    n = weight.stored_n
+    return out if out.shape[1] == n else out[:, :n]
 
 
 def linear_dense(x: torch.Tensor, weight) -> torch.Tensor:

@@ -193,6 +193,25 @@ class Int4BaseTensor(torch.Tensor):
             value = self.__dict__[key] = make()
         return value
 
+    def _logical_shape(self) -> tuple[int, ...]:
+        """``tuple(self.shape)``, kept on the tensor: a subclass's ``.shape`` and ``.ndim`` go
+        through ``__torch_function__`` (~2 us each on every eager call)."""
+        return self._dispatch_cached("shape", lambda: tuple(self.shape))
+
+    def _as_transposed_view_of(self, source: "Int4BaseTensor") -> "Int4BaseTensor":
+        """Mark this tensor, made by transposing the stored weight ``source``, as its view:
+        eager calls on it use ``source``'s dispatch plans (see :meth:`_stored_weight`)."""
+        self.__dict__["_dispatch_transposed_of"] = source
+        return self
+
+    def _stored_weight(self, transpose: Callable[["Int4BaseTensor"], "Int4BaseTensor"]):
+        """The stored (untransposed) weight of this transposed view, where eager dispatch
+        plans live: the tensor it was transposed from (``w.transpose(-2, -1)`` on every forward
+        finds the parameter's plans), else ``transpose(self)``, made once and kept here."""
+        source = self.__dict__.get("_dispatch_transposed_of")
+        return source if source is not None else \
+            self._dispatch_cached("stored", lambda: transpose(self))
+
     def __tensor_flatten__(self):
         return list(self._tensors()), self._attributes()
 

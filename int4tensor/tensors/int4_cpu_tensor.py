@@ -64,7 +64,8 @@ class Int4CPUTensor(Int4BaseTensor):
     @property
     def stored_n(self) -> int:
         """N of the stored (untransposed) weight, without padding."""
-        return self.shape[-1] if self.is_transposed else self.shape[-2]
+        shape = self._logical_shape()
+        return shape[-1] if self.is_transposed else shape[-2]
 
     def _check_to(self, device, dtype):
         if device is not None and torch.device(device).type != "cpu":
@@ -160,11 +161,12 @@ def _(func, args, kwargs):
     if not isinstance(w, Int4CPUTensor) or isinstance(x, Int4BaseTensor):
         raise NotImplementedError("Int4CPUTensor supports linear with the Int4CPUTensor as the "
                                   "weight (second argument) and a dense input")
-    if w.ndim != 2:
+    shape = w._logical_shape()
+    if len(shape) != 2:
         raise ValueError(f"linear needs a 2D weight, got Int4CPUTensor of shape "
-                         f"{list(w.shape)} (use torch.bmm for 3D expert weights)")
+                         f"{list(shape)} (use torch.bmm for 3D expert weights)")
     _check_activation(x, "linear")
-    if x.ndim == 0 or x.shape[-1] != w.shape[-1]:
+    if x.ndim == 0 or x.shape[-1] != shape[-1]:
         raise ValueError(f"linear input's last dim must be K = {w.shape[-1]}, got input shape "
                          f"{list(x.shape)} for weight shape {list(w.shape)}")
     if w.is_transposed:  # contracts over the stored N: no int4 kernel for that
@@ -172,19 +174,24 @@ def _(func, args, kwargs):
     return _linear(x, w, bias)
 
 
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return t._logical_shape() if isinstance(t, Int4BaseTensor) else tuple(t.shape)
+
+
 def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
     """Dense-semantics ``a @ b``: the kernels compute ``x @ b`` for a transposed weight ``b``
     (logical ``[.., K, N]``); any other product goes through the dense value."""
-    if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[-2 if b.ndim > 1 else -1]:
-        raise ValueError(f"{op}: shapes {list(a.shape)} and {list(b.shape)} cannot be "
-                         "multiplied")
+    sa, sb = _shape(a), _shape(b)
+    if not sa or not sb or sa[-1] != sb[-2 if len(sb) > 1 else -1]:
+        raise ValueError(f"{op}: shapes {list(sa)} and {list(sb)} cannot be multiplied")
     dense_a = not isinstance(a, Int4BaseTensor)
     if dense_a and isinstance(b, Int4CPUTensor) and b.is_transposed:
         _check_activation(a, op)
-        if b.ndim == 2:
-            return _linear(a, _transposed(b), None)
-        if a.ndim == 3 and a.shape[0] == b.shape[0]:
-            return _bmm(a, _transposed(b))
+        stored = b._stored_weight(_transposed) if cpu.is_eager(a) else _transposed(b)
+        if len(sb) == 2:
+            return _linear(a, stored, None)
+        if len(sa) == 3 and sa[0] == sb[0]:
+            return _bmm(a, stored)
     dtype = a.dtype if dense_a else (b.dtype if not isinstance(b, Int4BaseTensor) else a.dtype)
     dense = [t.dequantize(dtype) if isinstance(t, Int4BaseTensor) else t for t in (a, b)]
     return torch.matmul(*dense)
@@ -199,11 +206,11 @@ def _(func, args, kwargs):
 def _(func, args, kwargs):
     a, b = args
     want = 2 if func is aten.mm.default else 3
-    if a.ndim != want or b.ndim != want:
-        raise ValueError(f"{func}: expects {want}D operands, got {list(a.shape)} and "
-                         f"{list(b.shape)}")
-    if want == 3 and a.shape[0] != b.shape[0]:
-        raise ValueError(f"bmm: batch sizes differ, {list(a.shape)} and {list(b.shape)}")
+    sa, sb = _shape(a), _shape(b)
+    if len(sa) != want or len(sb) != want:
+        raise ValueError(f"{func}: expects {want}D operands, got {list(sa)} and {list(sb)}")
+    if want == 3 and sa[0] != sb[0]:
+        raise ValueError(f"bmm: batch sizes differ, {list(sa)} and {list(sb)}")
     return _matmul(a, b, str(func.overloadpacket.__name__))
 
 
@@ -224,7 +231,10 @@ def _(func, args, kwargs):
         return return_and_correct_aliasing(func, args, kwargs, _replace(t, t.block_size, t.shape))
     if dims != {t.ndim - 2, t.ndim - 1}:
         raise NotImplementedError("Int4CPUTensor supports transposing only its last two dims")
-    return return_and_correct_aliasing(func, args, kwargs, _transposed(t))
+    out = _transposed(t)
+    if not t.is_transposed:  # a view of the stored weight: eager calls use t's plans
+        out._as_transposed_view_of(t)
+    return return_and_correct_aliasing(func, args, kwargs, out)
 
 
 @implements([aten.select.int, aten.index.Tensor])

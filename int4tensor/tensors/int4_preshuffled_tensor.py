@@ -132,7 +132,8 @@ class Int4PreshuffledTensor(Int4BaseTensor):
     @property
     def stored_n(self) -> int:
         """N of the stored (untransposed) weight, without padding."""
-        return self.shape[-1] if self.is_transposed else self.shape[-2]
+        shape = self._logical_shape()
+        return shape[-1] if self.is_transposed else shape[-2]
 
     def _check_to(self, device, dtype):
         if device is not None and torch.device(device).type != "cuda":
@@ -270,7 +271,10 @@ def _(func, args, kwargs):
     if dims != {t.ndim - 2, t.ndim - 1}:
         raise NotImplementedError("Int4PreshuffledTensor supports transposing only its last "
                                   "two dims")
-    return return_and_correct_aliasing(func, args, kwargs, _transposed(t))
+    out = _transposed(t)
+    if not t.is_transposed:  # a view of the stored weight: eager calls use t's plans
+        out._as_transposed_view_of(t)
+    return return_and_correct_aliasing(func, args, kwargs, out)
 
 
 @implements([aten.select.int, aten.index.Tensor])
@@ -340,15 +344,17 @@ def _(func, args, kwargs):
     a, b = args[0], args[1]
     for x in (a, b):
         if isinstance(x, Int4PreshuffledTensor):
-            x._require_fbgemm(str(getattr(func, "__name__", func)))
+            x._require_fbgemm(getattr(func, "__name__", "matmul"))
     if isinstance(b, Int4PreshuffledTensor) and b.is_transposed and \
             not isinstance(a, Int4BaseTensor) and a.dtype == torch.bfloat16:
-        stored = b._dispatch_cached("stored", lambda: _transposed(b)) \
-            if kernels.is_eager(a) else _transposed(b)
-        if b.ndim == 2:
+        stored = b._stored_weight(_transposed) if kernels.is_eager(a) else _transposed(b)
+        # shapes from the inner qdata [.., Np, K/2]: the subclass's .ndim / .shape would go
+        # through __torch_function__ on every call
+        q = stored.qdata
+        if q.ndim == 2:
             return _linear(a, stored, None)
-        if a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0]:
-            if a.shape[-1] != stored.shape[-1]:
+        if a.ndim == 3 and q.ndim == 3 and a.shape[0] == q.shape[0]:
+            if a.shape[-1] != 2 * q.shape[-1]:
                 raise ValueError(f"bmm: shapes {list(a.shape)} and {list(b.shape)} cannot be "
                                  "multiplied")
             return kernels.preshuffled_bmm(a, stored)

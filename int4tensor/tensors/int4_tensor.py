@@ -566,8 +566,8 @@ def _(func, args, kwargs):
         raise NotImplementedError(f"Int4Tensor supports transposing only its last two dims "
                                   f"({func} on shape {list(t.shape)})")
     out = _transposed(t)
-    if not t.is_transposed:  # a view of the stored weight: eager calls use t's plans (_stored)
-        out.__dict__["_dispatch_transposed_of"] = t
+    if not t.is_transposed:  # a view of the stored weight: eager calls use t's plans
+        out._as_transposed_view_of(t)
     return _view_op(func, args, kwargs, out)
 
 
@@ -662,11 +662,8 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def _stored(b: "Int4Tensor") -> "Int4Tensor":
-    """The stored (untransposed) weight of a transposed view ``b``, where eager dispatch plans
-    live: the tensor ``b`` was transposed from (``w.transpose(-2, -1)`` on every forward finds
-    the parameter's plans), else one made once and kept on ``b``."""
-    source = b.__dict__.get("_dispatch_transposed_of")
-    return source if source is not None else b._dispatch_cached("stored", lambda: _transposed(b))
+    """The stored weight of a transposed view, for eager calls (its plans live there)."""
+    return b._stored_weight(_transposed)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:

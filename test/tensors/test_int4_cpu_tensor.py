@@ -262,3 +262,15 @@ def test_explain_reports_the_cpu_tables():
     assert large.backend == "cpu_dense"
     assert large.refused == (("cpu_int4mm", f"M = {m} > {cpu.INT4MM_MAX_M}: dequantize + "
                                             "dense GEMM is faster on CPU"),)
+
+
+def test_every_forwards_transposed_view_uses_the_weights_one_plan():
+    # transformers-style x @ w.mT on each forward: one eager plan, kept on the stored weight
+    plain, t = pair((3, 64, 256), 128)
+    x = torch.randn(3, 2, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = torch.bmm(x, t.mT)
+        again = torch.bmm(x, t.mT)
+    assert torch.equal(first, again)
+    assert len(t.__dict__.get("_dispatch_plans", {})) == 1
+    assert rel_error(torch.bmm(x.double(), plain.dequantize().double().mT), first) < 1e-2

@@ -387,3 +387,38 @@ class TestPinnedAndSliced:
         host = p.to_int4_tensor().cpu().pin_memory()
         assert host.is_pinned()
         assert torch.equal(host.to("cuda").dequantize(), t.dequantize())
+
+
+def _fake_preshuffled(shape):
+    """An Int4PreshuffledTensor of the right field shapes on the CPU (values unused)."""
+    *lead, n, k = shape
+    return Int4PreshuffledTensor.from_fields(
+        {"qdata": torch.zeros(*lead, n, k // 2, dtype=torch.int8),
+         "group_scale": torch.zeros(*lead, k // 128, n, dtype=torch.bfloat16),
+         "group_zero": torch.zeros(*lead, k // 128, n, dtype=torch.bfloat16)},
+        [(1,) * len(lead) + (1, 128), tuple(shape), "bf16"], validate=False)
+
+
+@pytest.mark.parametrize("shape, x_shape, entry", [((256, 512), (3, 512), "preshuffled_linear"),
+                                                    ((4, 256, 512), (4, 2, 512),
+                                                     "preshuffled_bmm")])
+def test_matmul_with_a_transposed_view_routes_to_the_stored_weight(monkeypatch, shape, x_shape,
+                                                                   entry):
+    # the routing of x @ w.T (what runs on the GPU), with the kernels and fbgemm check stubbed
+    w = _fake_preshuffled(shape)
+    seen = []
+    monkeypatch.setattr(Int4PreshuffledTensor, "_require_fbgemm", lambda self, what: None)
+    monkeypatch.setattr(kernels, entry, lambda x, stored, *bias: seen.append(stored) or
+                        torch.zeros(*x.shape[:-1], stored.stored_n, dtype=x.dtype))
+    x = torch.randn(x_shape, dtype=torch.bfloat16)
+    for _ in range(2):  # every forward makes a new transposed view
+        out = torch.matmul(x, w.transpose(-2, -1))
+    assert out.shape == (*x_shape[:-1], shape[-2])
+    assert seen == [w, w]  # the parameter itself: its eager plans serve every view
+    with pytest.raises(ValueError, match="K = 512|cannot be multiplied"):
+        torch.matmul(torch.randn(*x_shape[:-1], 256, dtype=torch.bfloat16), w.transpose(-2, -1))
+
+
+def test_stored_n_is_the_unpadded_rows_of_either_orientation():
+    w = _fake_preshuffled((200, 256))
+    assert w.stored_n == 200 and w.t().stored_n == 200
