@@ -6,7 +6,8 @@
 The model is a ``LlamaForCausalLM`` built from a Llama-3-8B-shaped ``LlamaConfig`` with random
 weights (nothing is downloaded; ``--layers`` shortens it). Per-token time is
 ``(t(N new tokens) - t(8 new tokens)) / (N - 8)`` (median of 3 runs after a warm-up that also
-compiles), so prefill and compilation cancel out. ``cache dynamic`` is transformers' default
+compiles), so prefill and compilation cancel out. Each (mode, cache, batch) runs in a fresh
+process, its wall time measured before the profiler runs. ``cache dynamic`` is transformers' default
 DynamicCache in eager mode; ``cache static`` is ``cache_implementation="static"``, for which
 transformers compiles the decode step itself (``mode="reduce-overhead"``, CUDA graphs);
 ``--user-compile`` adds ``model.forward = torch.compile(model.forward, mode="reduce-overhead",
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -106,7 +109,7 @@ def gpu_s(fn) -> float:
 
 
 def per_token(model, batch: int, cache: str, n: int, profile_gpu: bool) -> tuple[float, float]:
-    """(wall ms, GPU ms) per decode step."""
+    """(wall ms, GPU ms) per decode step; the wall time is measured before any profiling."""
     # warm-up: the longest run first sizes the static cache for all later calls (transformers
     # keeps the largest), then compiles and records the CUDA graphs
     generate(model, batch, n, cache)
@@ -122,6 +125,21 @@ def per_token(model, batch: int, cache: str, n: int, profile_gpu: bool) -> tuple
     return wall, gpu
 
 
+def measure_one(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
+    """One (mode, cache, batch) in this process: build, quantize, time, profile."""
+    model = build_model(args.layers, args.model)  # the same weights for every mode (seeded)
+    if mode != "bf16":
+        quantize_model(model)
+    if mode.startswith("preshuffled"):
+        convert_model_to_packed_tensors_(model)
+    if mode.endswith("prepared"):
+        prepare_for_compile(model)
+    if cache == "user-compile":  # transformers' own compile is disabled for it
+        model.forward = torch.compile(type(model).forward.__get__(model),
+                                      mode="reduce-overhead", fullgraph=True)
+    return per_token(model, batch, cache, args.tokens, not args.no_profile)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=32)
@@ -135,27 +153,25 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=72)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--one", nargs=3, metavar=("MODE", "CACHE", "BATCH"),
+                        help=argparse.SUPPRESS)  # a child process's single measurement
     args = parser.parse_args()
+    if args.one:
+        mode, cache, batch = args.one
+        wall, gpu = measure_one(args, mode, cache, int(batch))
+        print("RESULT " + json.dumps({"wall": wall, "gpu": gpu}), flush=True)
+        return
     caches = list(dict.fromkeys(list(args.cache) + (["user-compile"] if args.user_compile else [])))
     rows, bf16 = [], {}
     for mode in args.modes:
-        model = build_model(args.layers, args.model)  # the same weights for every mode (seeded)
-        if mode != "bf16":
-            quantize_model(model)
-        if mode.startswith("preshuffled"):
-            convert_model_to_packed_tensors_(model)
-        if mode.endswith("prepared"):
-            prepare_for_compile(model)
         for cache in caches:
             if mode.endswith("prepared") and cache == "dynamic":
                 continue  # eager: nothing to prepare for
             for batch in args.batch:
-                torch._dynamo.reset()
-                if cache == "user-compile":  # transformers' own compile is disabled for it
-                    model.forward = torch.compile(type(model).forward.__get__(model),
-                                                  mode="reduce-overhead", fullgraph=True)
-                wall, gpu = per_token(model, batch, cache, args.tokens, not args.no_profile)
-                model.__dict__.pop("forward", None)
+                # A fresh process per measurement: nothing compiled, cached or profiled before
+                # (a profiler pass or an earlier model in the same process could change the
+                # host cost of what is timed after it).
+                wall, gpu = _child(args, mode, cache, batch)
                 key = (cache, batch)
                 if mode == "bf16":
                     bf16[key] = wall
@@ -167,9 +183,20 @@ def main() -> None:
                 print(f"{mode:22s} {cache:12s} batch {batch:3d}: {wall:7.2f} ms/token "
                       f"(GPU {gpu:6.2f} ms) {batch * 1e3 / wall:8.1f} tok/s  "
                       f"{speedup:5.2f}x bf16", flush=True)
-        del model
-        torch.cuda.empty_cache()
-        _write(args, rows)  # after each mode: a run cut by a time limit keeps its rows
+                _write(args, rows)  # after each row: a run cut by a time limit keeps its rows
+
+
+def _child(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
+    command = [sys.executable, os.path.abspath(__file__), "--layers", str(args.layers),
+               "--model", args.model, "--tokens", str(args.tokens),
+               "--one", mode, cache, str(batch)] + (["--no-profile"] if args.no_profile else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            return result["wall"], result["gpu"]
+    raise RuntimeError(f"{mode} {cache} batch {batch} failed (exit {done.returncode}):\n"
+                       f"{done.stderr[-4000:]}")
 
 
 def _write(args, rows: list[dict]) -> None:
