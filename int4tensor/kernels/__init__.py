@@ -4,7 +4,8 @@ Backends live one per module (:mod:`.reference`, :mod:`.fbgemm`, :mod:`.cuda_gem
 :mod:`.cuda_gemm`, :mod:`.cuda_fp8_rows`, :mod:`.cuda_dequant`, :mod:`.triton_int4`). This
 module writes, once, the ordered candidate tables of :mod:`.dispatch` (best first; each
 candidate says why it refuses a call) and the op entry points the tensor classes call:
-:func:`int4_linear`, :func:`int4_bmm`, :func:`preshuffled_linear`, :func:`preshuffled_bmm`.
+:func:`int4_linear`, :func:`int4_bmm`, :func:`int4_grouped_mm`, :func:`preshuffled_linear`,
+:func:`preshuffled_bmm`.
 Inputs are validated by the caller (the op implementation) before they get here.
 
 The orderings come from measurements on an H200 (benchmarks/bench_linear.py,
@@ -20,7 +21,10 @@ scripts/probe_cuda_gemv.py, scripts/probe_cuda_gemm.py, scripts/probe_fp8.py):
 * fp8 activations on the plain layout: fbgemm's ``f8i4bf16_rowwise`` from
   FP8_ROWWISE_MIN_M rows; below, the bf16 table on the fp8-rounded activations (the weight
   read dominates there);
-* the preshuffled layout: our GEMV and GEMM reading it, then fbgemm's shuffled kernels.
+* the preshuffled layout: our GEMV and GEMM reading it, then fbgemm's shuffled kernels;
+* grouped matmul (``aten._grouped_mm``, MoE experts) on the plain layout: our grouped GEMV up
+  to GROUPED_GEMV_MAX_ROWS rows per active expert (offsets read on the GPU), else the
+  reference path (benchmarks/bench_moe.py).
 """
 
 from __future__ import annotations
