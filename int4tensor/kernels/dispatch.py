@@ -39,8 +39,9 @@ class Call:
     """What a candidate may look at.
 
     Attributes:
-        op: ``"linear"`` (``x [M, K] @ W.T``, W ``[N, K]``) or ``"bmm"`` (``x [B, M, K] @
-            W[b].T``, W ``[B, N, K]``).
+        op: ``"linear"`` (``x [M, K] @ W.T``, W ``[N, K]``), ``"bmm"`` (``x [B, M, K] @
+            W[b].T``, W ``[B, N, K]``) or ``"grouped_mm"`` (``x [T, K]`` sorted by expert,
+            W ``[E, N, K]``; the offsets are not part of the call: they stay on the device).
         x: the activation as the kernel receives it (2D for linear, 3D for bmm).
         weight: the stored (never transposed) weight; candidates read its fields only.
         device_type: ``"cuda"``, ``"cpu"``, ...
@@ -58,7 +59,7 @@ class Call:
 
     @property
     def rows(self) -> int:
-        """Activation rows (per batch entry for bmm)."""
+        """Activation rows (per batch entry for bmm, all experts' for grouped_mm)."""
         return self.x.shape[-2] if self.x.ndim >= 2 else 1
 
 
