@@ -53,6 +53,11 @@ def paths(n: int, k: int, m: int, experts: int) -> dict:
     we = torch.randn(experts, n // experts, k, dtype=torch.bfloat16, device="cuda") * 0.02
     te = Int4Tensor.from_hp(we, (1, 1, 128)).transpose(-1, -2)  # logical [E, K, N/E]
     xe = torch.randn(experts, m, k, dtype=torch.bfloat16, device="cuda")
+    # grouped_mm (transformers' default experts): M rows routed over the experts, sorted
+    counts = torch.full((experts,), m // experts, dtype=torch.int32)
+    counts[: m % experts] += 1
+    offs = torch.cumsum(counts, 0).to(torch.int32).cuda()
+    xg = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     out = {
         "bf16 F.linear": lambda: F.linear(x, w),
         "int4 plain F.linear": lambda: F.linear(x, t),
@@ -60,6 +65,8 @@ def paths(n: int, k: int, m: int, experts: int) -> dict:
         "int4 plain fp8-act F.linear": lambda: F.linear(x, t8),
         "bf16 bmm (experts)": lambda: torch.bmm(xe, we.transpose(-1, -2)),
         "int4 plain bmm (experts)": lambda: torch.bmm(xe, te),
+        "bf16 grouped_mm (experts)": lambda: F.grouped_mm(xg, we.transpose(-1, -2), offs=offs),
+        "int4 plain grouped_mm (experts)": lambda: F.grouped_mm(xg, te, offs=offs),
     }
     if fbgemm.is_available() and torch.cuda.get_device_capability() >= (9, 0):
         p = Int4PreshuffledTensor.from_int4_tensor(t)
@@ -89,7 +96,8 @@ def main() -> None:
             bf16 = {}
             for name, fn in paths(args.n, args.k, m, args.experts).items():
                 wall, gpu = eager_us(fn), graph_time_us([fn])
-                base = "bf16 bmm (experts)" if "bmm" in name else "bf16 F.linear"
+                base = ("bf16 bmm (experts)" if "bmm" in name else
+                        "bf16 grouped_mm (experts)" if "grouped_mm" in name else "bf16 F.linear")
                 if name.startswith("bf16"):
                     bf16[name] = wall
                 rows.append(dict(M=m, path=name, eager_us=round(wall, 1), gpu_us=round(gpu, 1),
