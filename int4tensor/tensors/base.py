@@ -193,6 +193,12 @@ class Int4BaseTensor(torch.Tensor):
             value = self.__dict__[key] = make()
         return value
 
+    def _drop_dispatch_caches(self) -> None:
+        """Forget what dispatch kept on this tensor (plans, shapes, views): after its inner
+        tensors' values or identities change, decisions are remade."""
+        for key in [k for k in self.__dict__ if k.startswith("_dispatch_")]:
+            del self.__dict__[key]
+
     def _logical_shape(self) -> tuple[int, ...]:
         """``tuple(self.shape)``, kept on the tensor: a subclass's ``.shape`` and ``.ndim`` go
         through ``__torch_function__`` (~2 us each on every eager call)."""
@@ -431,8 +437,7 @@ def _(func, args, kwargs):
         raise ValueError(f"copy_ into {type(dst).__name__}: source differs, {problem}")
     for name, t in dst._tensors().items():
         t.copy_(getattr(src, name))
-    for key in [k for k in dst.__dict__ if k.startswith("_dispatch_")]:
-        del dst.__dict__[key]  # decisions are remade for the new values
+    dst._drop_dispatch_caches()  # decisions are remade for the new values
     return dst
 
 
@@ -467,5 +472,4 @@ def _(func, args, kwargs):
                         "nn.Parameter(new, requires_grad=False)))")
     for name in dst.tensor_data_names + dst.optional_tensor_data_names:
         setattr(dst, name, getattr(src, name))
-    for key in [k for k in dst.__dict__ if k.startswith("_dispatch_")]:
-        del dst.__dict__[key]  # plans made for the old inner tensors
+    dst._drop_dispatch_caches()  # plans made for the old inner tensors

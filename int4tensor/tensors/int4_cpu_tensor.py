@@ -60,12 +60,7 @@ class Int4CPUTensor(Int4BaseTensor):
 
     group_size = Int4Tensor.group_size
     is_transposed = Int4Tensor.is_transposed
-
-    @property
-    def stored_n(self) -> int:
-        """N of the stored (untransposed) weight, without padding."""
-        shape = self._logical_shape()
-        return shape[-1] if self.is_transposed else shape[-2]
+    stored_n = Int4Tensor.stored_n
 
     def _check_to(self, device, dtype):
         if device is not None and torch.device(device).type != "cpu":
@@ -290,5 +285,5 @@ def _(func, args, kwargs):
         raise ValueError(f"copy_ into Int4CPUTensor: source differs, {problem}")
     for name, x in dst._tensors().items():
         x.copy_(getattr(src, name))
-    dst.__dict__.pop("_dispatch_plans", None)  # decisions are remade for the new values
+    dst._drop_dispatch_caches()  # decisions are remade for the new values
     return dst

@@ -128,12 +128,7 @@ class Int4PreshuffledTensor(Int4BaseTensor):
 
     group_size = Int4Tensor.group_size
     is_transposed = Int4Tensor.is_transposed
-
-    @property
-    def stored_n(self) -> int:
-        """N of the stored (untransposed) weight, without padding."""
-        shape = self._logical_shape()
-        return shape[-1] if self.is_transposed else shape[-2]
+    stored_n = Int4Tensor.stored_n
 
     def _check_to(self, device, dtype):
         if device is not None and torch.device(device).type != "cuda":

@@ -145,6 +145,13 @@ class Int4Tensor(Int4BaseTensor):
         """True when the logical last two dims are ``(K, N)`` (a transposed view)."""
         return self.block_size[-2] != 1
 
+    @property
+    def stored_n(self) -> int:
+        """N of the stored (untransposed) weight; the padded layouts that share this property
+        store more rows than that."""
+        shape = self._logical_shape()
+        return shape[-1] if self.is_transposed else shape[-2]
+
     @classmethod
     def from_hp(
         cls,
