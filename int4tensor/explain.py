@@ -81,9 +81,9 @@ def explain(obj, *inputs, **kwargs) -> Report:
         if isinstance(p, Int4BaseTensor):
             names[p.qdata.data_ptr()] = name
     for name, module in obj.named_modules():  # weights held through prepare_for_compile
-        w = getattr(module, "weight", None) if hasattr(module, "parametrizations") else None
-        if isinstance(w, Int4BaseTensor):
-            names.setdefault(w.qdata.data_ptr(), f"{name}.weight" if name else "weight")
+        for attr in getattr(type(module), "_int4_layouts", ()):
+            w = getattr(module, attr)
+            names.setdefault(w.qdata.data_ptr(), f"{name}.{attr}" if name else attr)
     with torch.no_grad(), dispatch.recording() as calls:
         obj(*inputs, **kwargs)
     report, seen = Report(), set()
