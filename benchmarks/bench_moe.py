@@ -9,7 +9,10 @@ top-k experts drawn uniformly (k of the model), the columns are: bf16 ``torch._g
 (the floor to beat), ``F.grouped_mm`` on the Int4Tensor stack (what dispatch picks: our grouped
 GEMV or the reference path, named in ``int4_backend``), our grouped GEMV called directly at
 every T (to show where it stops paying), and today's ``torch.bmm`` path with the rows spread
-evenly over all experts where that fits (M <= 64 rows per expert). Times are medians inside
+evenly over all experts where that fits (M <= 64 rows per expert). With fbgemm-gpu-genai, the
+same for the stack in fbgemm's preshuffled layout (``convert_model_to_packed_tensors_`` on
+Hopper): ``F.grouped_mm`` on it (``preshuffled_backend``), our grouped GEMV reading it and
+fbgemm's ``bf16i4bf16_shuffled_grouped``, each called directly at every T. Times are medians inside
 CUDA graphs, rotating over 8 routings (different experts and inputs per call, so the active
 experts' weights come from HBM; the stacks are larger than L2). ``%copy`` counts only the
 active experts' int4 bytes (weights, scales, zero points) against the copy bandwidth measured
@@ -28,8 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error, write_csv  # noqa: E402
-from int4tensor import Int4WeightOnlyConfig, kernels  # noqa: E402
-from int4tensor.kernels import cuda_gemv, reference  # noqa: E402
+from int4tensor import Int4PreshuffledTensor, Int4WeightOnlyConfig, kernels  # noqa: E402
+from int4tensor.kernels import cuda_gemv, custom_ops, fbgemm, reference  # noqa: E402
 
 #: name -> (model, E, N, K, top_k): the experts' fused gate/up and down projections
 SHAPES = {
@@ -78,6 +81,12 @@ def main() -> None:
         w = torch.randn(e, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
         t = quantized_stack(w, g)
         wt, tt = w.transpose(-2, -1), t.transpose(-2, -1)
+        p = None
+        if fbgemm.is_available():
+            try:
+                p = Int4PreshuffledTensor.from_int4_tensor(t)
+            except Exception as error:  # noqa: BLE001  (reported, the other columns still run)
+                print(f"{model}: no preshuffled stack ({error})")
         expert_bytes = n * k // 2 + 2 * 2 * n * (k // g)
         gen = torch.Generator().manual_seed(1)
         for tokens in args.tokens:
@@ -100,6 +109,27 @@ def main() -> None:
                 gemv = cuda_gemv.bind_grouped(xs[0], t.qdata, t.scale, t.zero_point, g)
                 assert rel_error(dq, gemv(xs[0], offs[0])) < 1e-2
                 gemv_us = graph_time_us([lambda x=x, o=o: gemv(x, o) for x, o in zip(xs, offs)])
+            shuffled = dict(preshuffled_us=float("nan"), preshuffled_backend="",
+                            preshuffled_gemv_us=float("nan"), fbgemm_grouped_us=float("nan"))
+            if p is not None:
+                pt = p.transpose(-2, -1)
+                shuffled["preshuffled_backend"] = kernels.explain_call("grouped_mm", xs[0], p).backend
+                assert rel_error(dq, F.grouped_mm(xs[0], pt, offs=offs[0])) < 1e-2
+                shuffled["preshuffled_us"] = graph_time_us(
+                    [lambda x=x, o=o: F.grouped_mm(x, pt, offs=o) for x, o in zip(xs, offs)])
+                fb = custom_ops.fbgemm_bf16i4_shuffled_grouped
+                assert rel_error(dq, fb(xs[0], p.qdata, p.group_scale, p.group_zero,
+                                        offs[0])[:, :n]) < 1e-2
+                shuffled["fbgemm_grouped_us"] = graph_time_us(
+                    [lambda x=x, o=o: fb(x, p.qdata, p.group_scale, p.group_zero, o)
+                     for x, o in zip(xs, offs)])
+                if cuda_gemv.grouped_operands_problem(xs[0], p.qdata, p.group_scale,
+                                                      p.group_zero, g) is None:
+                    sg = cuda_gemv.bind_grouped(xs[0], p.qdata, p.group_scale, p.group_zero, g,
+                                                True)
+                    assert rel_error(dq, sg(xs[0], offs[0])[:, :n]) < 1e-2
+                    shuffled["preshuffled_gemv_us"] = graph_time_us(
+                        [lambda x=x, o=o: sg(x, o) for x, o in zip(xs, offs)])
             bmm_us = float("nan")
             per_expert = -(-tokens * top_k // e)
             if per_expert <= 64:
@@ -113,6 +143,11 @@ def main() -> None:
                        grouped_gemv_us=round(gemv_us, 1),
                        gemv_speedup=round(bf16_us / gemv_us, 2),
                        bmm_all_experts_us=round(bmm_us, 1),
+                       preshuffled_us=round(shuffled["preshuffled_us"], 1),
+                       preshuffled_backend=shuffled["preshuffled_backend"],
+                       preshuffled_speedup=round(bf16_us / shuffled["preshuffled_us"], 2),
+                       preshuffled_gemv_us=round(shuffled["preshuffled_gemv_us"], 1),
+                       fbgemm_grouped_us=round(shuffled["fbgemm_grouped_us"], 1),
                        int4_rel_err_vs_reference=round(rel_error(dq, out), 5),
                        int4_rel_err_vs_bf16=round(rel_error(ref, out), 4))
             rows.append(row)
@@ -120,9 +155,13 @@ def main() -> None:
                   f"  bf16 {bf16_us:8.1f} us  int4[{backend}] {int4_us:8.1f} us "
                   f"({bf16_us / int4_us:5.2f}x, {row['int4_pct_copy']:5.1f}% copy)"
                   f"  gemv {gemv_us:8.1f}  bmm {bmm_us:8.1f}"
+                  f"  preshuffled[{shuffled['preshuffled_backend']}] "
+                  f"{shuffled['preshuffled_us']:8.1f} ({row['preshuffled_speedup']:5.2f}x)"
+                  f" gemv {shuffled['preshuffled_gemv_us']:8.1f}"
+                  f" fbgemm {shuffled['fbgemm_grouped_us']:8.1f}"
                   f"  err {row['int4_rel_err_vs_reference']:.1e}", flush=True)
             del xs, offs
-        del w, t
+        del w, t, p
         torch.cuda.empty_cache()
         os.makedirs(args.out, exist_ok=True)  # written after each shape: a cut run keeps its rows
         write_csv(os.path.join(args.out, "bench_moe.csv"),

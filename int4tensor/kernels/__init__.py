@@ -24,7 +24,8 @@ scripts/probe_cuda_gemv.py, scripts/probe_cuda_gemm.py, scripts/probe_fp8.py):
 * the preshuffled layout: our GEMV and GEMM reading it, then fbgemm's shuffled kernels;
 * grouped matmul (``aten._grouped_mm``, MoE experts) on the plain layout: our grouped GEMV up
   to GROUPED_GEMV_MAX_ROWS rows per active expert (offsets read on the GPU), else the
-  reference path (benchmarks/bench_moe.py).
+  reference path (benchmarks/bench_moe.py); on the bf16 preshuffled layout our grouped GEMV
+  up to PRESHUFFLED_GROUPED_GEMV_MAX_ROWS, then fbgemm's ``bf16i4bf16_shuffled_grouped``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ FP8_ROWWISE_MIN_M = 64
 #: dequantizing the stack for the dense op (Mixtral T = 256, DeepSeek-V3 T = 2048); at 128
 #: (Qwen3-30B-A3B T = 2048) it does not (benchmarks/results/bench_moe.csv, H200)
 GROUPED_GEMV_MAX_ROWS = 64
+#: on the preshuffled layout fbgemm's grouped tensor-core kernel takes over above this
+PRESHUFFLED_GROUPED_GEMV_MAX_ROWS = 32
 
 __all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_grouped_mm",
            "int4_linear", "is_eager",
@@ -316,41 +319,69 @@ PRESHUFFLED_BMM = [_GEMV_SHUFFLED, _GEMM_SHUFFLED,
 PRESHUFFLED_BMM_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not,
                                  _fbgemm_f8_shuffled_batched)]
 
-def _grouped_gemv_why_not(call: Call) -> str | None:
-    problem = _not_cuda(call, (8, 0), "nvrtc")
-    if problem:
-        return problem
-    w = call.weight
-    rows = cuda_gemv.rows_per_expert(call.x.shape[0], w.qdata.shape[0])
-    if rows > GROUPED_GEMV_MAX_ROWS:
-        return (f"{call.x.shape[0]} rows over {w.qdata.shape[0]} experts: ~{rows} per active "
-                f"expert, it takes up to {GROUPED_GEMV_MAX_ROWS}")
-    return cuda_gemv.grouped_operands_problem(call.x, w.qdata, w.scale, w.zero_point,
-                                              w.group_size)
+def _grouped_gemv_refusal(max_rows: int):
+    """Refusal of our grouped GEMV for more than ``max_rows`` rows per active expert."""
+    def why_not(call: Call) -> str | None:
+        problem = _not_cuda(call, (8, 0), "nvrtc")
+        if problem:
+            return problem
+        qdata, scale, zero = _weight_fields(call)
+        rows = cuda_gemv.rows_per_expert(call.x.shape[0], qdata.shape[0])
+        if rows > max_rows:
+            return (f"{call.x.shape[0]} rows over {qdata.shape[0]} experts: ~{rows} per "
+                    f"active expert, it takes up to {max_rows}")
+        return cuda_gemv.grouped_operands_problem(call.x, qdata, scale, zero,
+                                                  call.weight.group_size)
+    return why_not
 
 
-def _grouped_gemv(x, w, offs):
-    return custom_ops.int4_grouped_gemv_cuda(x, w.qdata, w.scale, w.zero_point, offs,
-                                             w.group_size)
+def _grouped_gemv(shuffled: bool):
+    """(traced, eager, bind) of our grouped GEMV on either layout's fields."""
+    op = custom_ops.int4_grouped_gemv_cuda_preshuffled if shuffled else \
+        custom_ops.int4_grouped_gemv_cuda
+
+    def fields(w):
+        return (w.qdata, w.group_scale, w.group_zero) if shuffled else \
+            (w.qdata, w.scale, w.zero_point)
+
+    def run(x, w, offs):
+        return op(x, *fields(w), offs, w.group_size)
+
+    def run_eager(x, w, offs):
+        return cuda_gemv.int4_grouped_gemv(x, *fields(w), offs, w.group_size, shuffled)
+
+    def bind(x, w):
+        return cuda_gemv.bind_grouped(x, *fields(w), w.group_size, shuffled)
+    return run, run_eager, bind
 
 
-def _grouped_gemv_eager(x, w, offs):
-    return cuda_gemv.int4_grouped_gemv(x, w.qdata, w.scale, w.zero_point, offs, w.group_size)
+def _fbgemm_grouped(x, w, offs):
+    return custom_ops.fbgemm_bf16i4_shuffled_grouped(x, w.qdata, w.group_scale, w.group_zero,
+                                                     offs)
 
 
-def _bind_grouped(x, w):
-    return cuda_gemv.bind_grouped(x, w.qdata, w.scale, w.zero_point, w.group_size)
+def _reference_grouped_preshuffled(x, w, offs):
+    return reference.grouped_mm_dense(x, w.dequantize(x.dtype).transpose(-2, -1), offs, None)
 
 
 #: aten._grouped_mm, x [T, K] sorted by expert, stored W [E, N, K], offs [E]
 PLAIN_GROUPED_MM = [
-    Candidate("cuda", _grouped_gemv_why_not, _grouped_gemv, _grouped_gemv_eager,
-              bind=_bind_grouped),
+    Candidate("cuda", _grouped_gemv_refusal(GROUPED_GEMV_MAX_ROWS), *_grouped_gemv(False)[:2],
+              bind=_grouped_gemv(False)[2]),
     Candidate("reference", _always, reference.grouped_mm),
+]
+#: the same on a bf16 preshuffled stack (output [T, Np]): our GEMV for decode-sized groups,
+#: fbgemm's grouped tensor-core kernel above
+PRESHUFFLED_GROUPED_MM = [
+    Candidate("cuda", _grouped_gemv_refusal(PRESHUFFLED_GROUPED_GEMV_MAX_ROWS),
+              *_grouped_gemv(True)[:2], bind=_grouped_gemv(True)[2]),
+    Candidate("fbgemm", _fbgemm_preshuffled_why_not, _fbgemm_grouped),
+    Candidate("reference", _always, _reference_grouped_preshuffled),
 ]
 
 register("linear", "plain", "bf16", PLAIN_LINEAR)
 register("grouped_mm", "plain", "bf16", PLAIN_GROUPED_MM)
+register("grouped_mm", "preshuffled", "bf16", PRESHUFFLED_GROUPED_MM)
 register("linear", "plain", "fp8", PLAIN_LINEAR_FP8 + PLAIN_LINEAR)
 register("bmm", "plain", "bf16", PLAIN_BMM)
 register("bmm", "plain", "fp8", PLAIN_BMM)
@@ -457,19 +488,25 @@ def int4_bmm(x: torch.Tensor, weight) -> torch.Tensor:
 
 def int4_grouped_mm(x: torch.Tensor, weight, offs: torch.Tensor) -> torch.Tensor:
     """``out[t] = x[t] @ W[e].T -> [T, N]`` for the rows ``t`` of expert ``e``: bf16 ``x [T,
-    K]`` sorted by expert, a stored plain ``W [E, N, K]``, ``offs`` int32 ``[E]`` cumulative
-    row counts (``aten._grouped_mm(x, W.transpose(-2, -1), offs)``). The choice depends on T
-    and E only: offs stays on the device (CUDA graphs, torch.compile)."""
+    K]`` sorted by expert, a stored ``W [E, N, K]`` (plain, or bf16 preshuffled: its padded
+    rows cut off), ``offs`` int32 ``[E]`` cumulative row counts (``aten._grouped_mm(x,
+    W.transpose(-2, -1), offs)``). The choice depends on T and E only: offs stays on the
+    device (CUDA graphs, torch.compile)."""
+    layout = _layout(weight)
+    n = weight.stored_n if layout == "preshuffled" else None
     if is_eager(x):
         def build():
-            decision = decide(describe("grouped_mm", x, weight), "plain")
+            decision = decide(describe("grouped_mm", x, weight), layout)
             candidate = decision.candidate
-            if candidate.bind is not None:
-                return decision, candidate.bind(x, weight)
-            return decision, lambda x, offs: candidate(x, weight, True, offs)
+            run = candidate.bind(x, weight) if candidate.bind is not None else \
+                (lambda x, offs: candidate(x, weight, True, offs))
+            if n is not None and n != weight.qdata.shape[-2]:
+                return decision, lambda x, offs: run(x, offs)[:, :n]
+            return decision, run
         return eager_plan("grouped_mm", x, weight, build)(x, offs)
-    decision = decide(describe("grouped_mm", x, weight), "plain")
-    return decision.candidate(x, weight, False, offs)
+    decision = decide(describe("grouped_mm", x, weight), layout)
+    out = decision.candidate(x, weight, False, offs)
+    return out if n is None else out[:, :n]
 
 
 def preshuffled_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:

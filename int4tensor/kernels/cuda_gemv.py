@@ -599,7 +599,8 @@ def rows_per_expert(tokens: int, experts: int) -> int:
 
 
 def int4_grouped_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-                      zero_point: torch.Tensor, offs: torch.Tensor, group_size: int) -> torch.Tensor:
+                      zero_point: torch.Tensor, offs: torch.Tensor, group_size: int,
+                      shuffled: bool = False) -> torch.Tensor:
     """``out[t] = x[t] @ W[e].T`` for the rows ``t`` of expert ``e``: ``x [T, K]`` sorted by
     expert, ``offs`` int32 ``[E]`` cumulative row counts (expert ``e`` owns rows
     ``offs[e-1] .. offs[e]``; equal neighbours: an empty expert), read on the GPU only. Rows
@@ -608,9 +609,11 @@ def int4_grouped_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     Args:
         x: bf16 ``[T, K]``, rows 16-byte aligned.
         qdata: int8 ``[E, N, K/2]`` contiguous (the plain layout), ``W[e] = q * scale[e] +
-            zero_point[e]``.
+            zero_point[e]``; with ``shuffled`` fbgemm's bf16 preshuffled layout (N a multiple
+            of 16).
         scale, zero_point: bf16 ``[E, K/G, N]``, last dim contiguous; G = 128 or 256.
         offs: int32 ``[E]`` on x's device.
+        shuffled: read fbgemm's bf16 preshuffled layout instead of the plain one.
 
     Returns:
         bf16 ``[T, N]``.
@@ -619,15 +622,15 @@ def int4_grouped_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     so the weight bytes read are those of the active experts; launched for
     :func:`rows_per_expert` rows.
     """
-    return bind_grouped(x, qdata, scale, zero_point, group_size)(x, offs)
+    return bind_grouped(x, qdata, scale, zero_point, group_size, shuffled)(x, offs)
 
 
 def bind_grouped(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-                 zero_point: torch.Tensor, group_size: int):
+                 zero_point: torch.Tensor, group_size: int, shuffled: bool = False):
     """``f(x, offs) -> int4_grouped_gemv(x, qdata, scale, zero_point, offs, group_size)`` for
     activations of ``x``'s shape, strides and device, planned once."""
     plan = _grouped_launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
-                                scale.stride(), x.device.index, group_size)
+                                scale.stride(), x.device.index, group_size, shuffled)
     shape, launch, device = plan.out_shape, plan.launch, x.device
 
     def grouped_gemv(x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -639,17 +642,20 @@ def bind_grouped(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
 
 @functools.lru_cache(maxsize=1024)
 def _grouped_launch_plan(x_shape: tuple, x_stride: tuple, q_shape: tuple, q_expert_stride: int,
-                         s_stride: tuple, device_index: int, group_size: int) -> _LaunchPlan:
+                         s_stride: tuple, device_index: int, group_size: int,
+                         shuffled: bool = False) -> _LaunchPlan:
     tokens, k = x_shape
     experts, n = q_shape[0], q_shape[1]
+    if shuffled and n % 16:
+        raise ValueError(f"a preshuffled weight has a multiple of 16 rows, got {n}")
     rows = rows_per_expert(tokens, experts)
     props = torch.cuda.get_device_properties(device_index)
     # the active experts' row tiles share the multiprocessors
     active = max(1, min(experts, tokens))
-    cfg = pick_config(min(rows, MAX_M), active * n, k, props.multi_processor_count)
+    cfg = pick_config(min(rows, MAX_M), active * n, k, props.multi_processor_count, shuffled)
     m_tiles = 1 if rows <= 8 else 2
     kernel = _compiled(m_tiles, cfg["WARPS_N"], cfg["U"], (props.major, props.minor),
-                       cfg["MIN_BLOCKS"], cfg["R"], False, True)
+                       cfg["MIN_BLOCKS"], cfg["R"], shuffled, True)
     grid = (-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), experts, 1)
     block = (32, cfg["WARPS_N"], cfg["SLICES"])
     shared = _smem_bytes(m_tiles, cfg["WARPS_N"], cfg["SLICES"], cfg["R"])

@@ -18,7 +18,7 @@ from int4tensor import kernels
 from int4tensor.tensors.base import Int4BaseTensor, op_args
 from int4tensor.quant_primitives import pack_int4
 from int4tensor.tensors.int4_tensor import ACTIVATION_DTYPES, Int4Tensor, _block_problem, \
-    _stored_shape
+    _check_grouped, _stored_shape, grouped_mm_impl
 
 aten = torch.ops.aten
 
@@ -355,3 +355,24 @@ def _(func, args, kwargs):
             return kernels.preshuffled_bmm(a, stored)
     dense = [x.dequantize(torch.bfloat16) if isinstance(x, Int4BaseTensor) else x for x in (a, b)]
     return torch.matmul(*dense)
+
+
+@implements([aten._grouped_mm.default])
+def _(func, args, kwargs):
+    """MoE experts as transformers runs them, ``_grouped_mm(x [T, K], w.transpose(-2, -1),
+    offs)`` on a bf16 preshuffled stack ``w [E, N, K]``: bf16 x, int32 offs, no bias ->
+    :func:`kernels.int4_grouped_mm` (our grouped GEMV, fbgemm's grouped kernel); anything else
+    has the dense semantics of the Int4Tensor op (through the dequantized weights)."""
+    a, b = args[0], args[1]
+    offs = args[2] if len(args) > 2 else kwargs.get("offs")
+    bias = args[3] if len(args) > 3 else kwargs.get("bias")
+    out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
+    if (isinstance(b, Int4PreshuffledTensor) and not isinstance(a, Int4BaseTensor)
+            and b.is_transposed and b.activation_dtype == "bf16" and a.dtype == torch.bfloat16
+            and a.ndim == 2 and b.qdata.ndim == 3 and offs is not None and bias is None
+            and out_dtype in (None, torch.bfloat16) and a.numel() and b.qdata.numel()):
+        b._require_fbgemm("grouped_mm")
+        _check_grouped(a, b, offs)
+        stored = b._stored_weight(_transposed) if kernels.is_eager(a) else _transposed(b)
+        return kernels.int4_grouped_mm(a, stored, offs)
+    return grouped_mm_impl(func, args, kwargs)

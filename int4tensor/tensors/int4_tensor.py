@@ -754,7 +754,7 @@ def _group_of_rows(offs: torch.Tensor, rows: int) -> torch.Tensor:
 # Registered on the base class: the preshuffled layout (after convert_model_to_packed_tensors_)
 # takes the same reference path through its own dequantize().
 @Int4BaseTensor.implements([aten._grouped_mm.default])
-def _(func, args, kwargs):
+def grouped_mm_impl(func, args, kwargs):
     """``_grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None)`` with either operand
     an int4 tensor (typically ``mat_b = w.transpose(-2, -1)``, ``w [E, N, K]``, so ``mat_b
     [E, K, N]``; ``mat_a [T, K]`` bf16/fp16/fp32 sorted by expert, ``offs [E]`` int32 cumulative

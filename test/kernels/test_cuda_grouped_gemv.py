@@ -194,3 +194,85 @@ def test_custom_op_passes_opcheck_and_gives_the_activation_gradient():
     reference.grouped_mm_padded(xr, t.dequantize(torch.float32).transpose(-2, -1),
                                 offs).square().sum().backward()
     assert rel_error(xr.grad, x.grad) < 2e-2
+
+
+# ---- the preshuffled layout (convert_model_to_packed_tensors_ on Hopper) -----------------------
+H200 = dict(device_type="cuda", capability=(9, 0), features=frozenset({"nvrtc", "fbgemm"}))
+
+
+def _preshuffled_call(tokens, e=8, n=256, k=512, **device):
+    from int4tensor import Int4PreshuffledTensor
+
+    q = torch.zeros(e, n, k // 2, dtype=torch.int8)  # fields of the layout's shapes
+    s = torch.ones(e, k // 128, n, dtype=torch.bfloat16)
+    p = Int4PreshuffledTensor(q, s, (1, 1, 128), (e, n, k), "bf16", group_zero=s.clone())
+    x = torch.randn(tokens, k, dtype=torch.bfloat16)
+    return decide(describe("grouped_mm", x, p, **(device or H200)), "preshuffled")
+
+
+def test_preshuffled_stacks_take_the_gemv_then_fbgemm_grouped_then_the_reference():
+    limit = kernels.PRESHUFFLED_GROUPED_GEMV_MAX_ROWS
+    assert _preshuffled_call(1).backend == "cuda"
+    assert _preshuffled_call(8 * limit).backend == "cuda"
+    d = _preshuffled_call(8 * limit + 8)
+    assert d.backend == "fbgemm" and f"{limit + 1} per active expert" in dict(d.refused)["cuda"]
+    no_fbgemm = _preshuffled_call(2048, **dict(H200, features=frozenset({"nvrtc"})))
+    assert no_fbgemm.backend == "reference"
+    assert "pip install fbgemm-gpu-genai" in dict(no_fbgemm.refused)["fbgemm"]
+
+
+def _preshuffled(e, n, k, g=128):
+    from int4tensor import Int4PreshuffledTensor
+
+    w, t = experts(e, n, k, g)
+    return t, Int4PreshuffledTensor.from_int4_tensor(t)
+
+
+@gpu
+@pytest.mark.parametrize("e, n, k", [(8, 1024, 512), (16, 200, 384), (128, 1536, 256)])
+@pytest.mark.parametrize("tokens, top_k", [(1, 2), (3, 2), (37, 2), (300, 4), (1024, 2)])
+def test_preshuffled_random_routings_match_the_plain_layout(e, n, k, tokens, top_k):
+    pytest.importorskip("fbgemm_gpu")
+    gen = torch.Generator().manual_seed(tokens * 1000 + e)
+    plain, shuffled = _preshuffled(e, n, k)
+    offs = routing(tokens, e, min(top_k, e), gen)
+    x = torch.randn(int(offs[-1]), k, dtype=torch.bfloat16, device="cuda")
+    expected = "cuda" if cuda_gemv.rows_per_expert(x.shape[0], e) <= \
+        kernels.PRESHUFFLED_GROUPED_GEMV_MAX_ROWS else "fbgemm"
+    assert kernels.explain_call("grouped_mm", x, shuffled).backend == expected
+    out = check(x, shuffled, offs)
+    ref = F.grouped_mm(x, plain.transpose(-2, -1), offs=offs)
+    assert rel_error(ref.float(), out.float()) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("counts", [[0, 0, 0, 300, 0, 0, 0, 0], [0, 70, 0, 0, 90, 0, 0, 1],
+                                    [1, 0, 2, 0], [2, 0, 5, 1]])
+def test_preshuffled_empty_crowded_experts_and_rows_past_the_last_offset(counts):
+    pytest.importorskip("fbgemm_gpu")
+    _, shuffled = _preshuffled(len(counts), 256, 512)
+    offs = counts_to_offs(counts)
+    rows = sum(counts) + 4  # 4 rows of no expert: zeros
+    check(torch.randn(rows, 512, dtype=torch.bfloat16, device="cuda"), shuffled, offs)
+
+
+@gpu
+def test_preshuffled_grouped_mm_compiles_and_replays_in_a_cuda_graph():
+    pytest.importorskip("fbgemm_gpu")
+    _, shuffled = _preshuffled(8, 512, 1024)
+    for tokens in (16, 8 * 40):  # the GEMV, fbgemm's grouped kernel
+        x = torch.randn(tokens, 1024, dtype=torch.bfloat16, device="cuda")
+        offs = counts_to_offs([tokens // 8] * 8)
+        w = shuffled.transpose(-2, -1)
+        eager = F.grouped_mm(x, w, offs=offs)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = F.grouped_mm(x, w, offs=offs)
+        offs.copy_(counts_to_offs([tokens] + [0] * 7))
+        graph.replay()
+        assert torch.equal(out, F.grouped_mm(x, w, offs=offs)), tokens
+        offs.copy_(counts_to_offs([tokens // 8] * 8))
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x, w, offs: F.grouped_mm(x, w.transpose(-2, -1),
+                                                                 offs=offs), fullgraph=True)
+        assert rel_error(eager.float(), compiled(x, shuffled, offs).float()) < 1e-3, tokens
