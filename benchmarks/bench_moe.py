@@ -11,8 +11,8 @@ GEMV or the reference path, named in ``int4_backend``), our grouped GEMV called 
 every T (to show where it stops paying), and today's ``torch.bmm`` path with the rows spread
 evenly over all experts where that fits (M <= 64 rows per expert). With fbgemm-gpu-genai, the
 same for the stack in fbgemm's preshuffled layout (``convert_model_to_packed_tensors_`` on
-Hopper): ``F.grouped_mm`` on it (``preshuffled_backend``), our grouped GEMV reading it and
-fbgemm's ``bf16i4bf16_shuffled_grouped``, each called directly at every T. Times are medians inside
+Hopper): ``F.grouped_mm`` on it (``preshuffled_backend``) and our grouped GEMV reading it,
+called directly at every T. Times are medians inside
 CUDA graphs, rotating over 8 routings (different experts and inputs per call, so the active
 experts' weights come from HBM; the stacks are larger than L2). ``%copy`` counts only the
 active experts' int4 bytes (weights, scales, zero points) against the copy bandwidth measured
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error, write_csv  # noqa: E402
 from int4tensor import Int4PreshuffledTensor, Int4WeightOnlyConfig, kernels  # noqa: E402
-from int4tensor.kernels import cuda_gemv, custom_ops, fbgemm, reference  # noqa: E402
+from int4tensor.kernels import cuda_gemv, fbgemm, reference  # noqa: E402
 
 #: name -> (model, E, N, K, top_k): the experts' fused gate/up and down projections
 SHAPES = {
@@ -110,19 +110,13 @@ def main() -> None:
                 assert rel_error(dq, gemv(xs[0], offs[0])) < 1e-2
                 gemv_us = graph_time_us([lambda x=x, o=o: gemv(x, o) for x, o in zip(xs, offs)])
             shuffled = dict(preshuffled_us=float("nan"), preshuffled_backend="",
-                            preshuffled_gemv_us=float("nan"), fbgemm_grouped_us=float("nan"))
+                            preshuffled_gemv_us=float("nan"))
             if p is not None:
                 pt = p.transpose(-2, -1)
                 shuffled["preshuffled_backend"] = kernels.explain_call("grouped_mm", xs[0], p).backend
                 assert rel_error(dq, F.grouped_mm(xs[0], pt, offs=offs[0])) < 1e-2
                 shuffled["preshuffled_us"] = graph_time_us(
                     [lambda x=x, o=o: F.grouped_mm(x, pt, offs=o) for x, o in zip(xs, offs)])
-                fb = custom_ops.fbgemm_bf16i4_shuffled_grouped
-                assert rel_error(dq, fb(xs[0], p.qdata, p.group_scale, p.group_zero,
-                                        offs[0])[:, :n]) < 1e-2
-                shuffled["fbgemm_grouped_us"] = graph_time_us(
-                    [lambda x=x, o=o: fb(x, p.qdata, p.group_scale, p.group_zero, o)
-                     for x, o in zip(xs, offs)])
                 if cuda_gemv.grouped_operands_problem(xs[0], p.qdata, p.group_scale,
                                                       p.group_zero, g) is None:
                     sg = cuda_gemv.bind_grouped(xs[0], p.qdata, p.group_scale, p.group_zero, g,
@@ -147,7 +141,6 @@ def main() -> None:
                        preshuffled_backend=shuffled["preshuffled_backend"],
                        preshuffled_speedup=round(bf16_us / shuffled["preshuffled_us"], 2),
                        preshuffled_gemv_us=round(shuffled["preshuffled_gemv_us"], 1),
-                       fbgemm_grouped_us=round(shuffled["fbgemm_grouped_us"], 1),
                        int4_rel_err_vs_reference=round(rel_error(dq, out), 5),
                        int4_rel_err_vs_bf16=round(rel_error(ref, out), 4))
             rows.append(row)
@@ -158,7 +151,6 @@ def main() -> None:
                   f"  preshuffled[{shuffled['preshuffled_backend']}] "
                   f"{shuffled['preshuffled_us']:8.1f} ({row['preshuffled_speedup']:5.2f}x)"
                   f" gemv {shuffled['preshuffled_gemv_us']:8.1f}"
-                  f" fbgemm {shuffled['fbgemm_grouped_us']:8.1f}"
                   f"  err {row['int4_rel_err_vs_reference']:.1e}", flush=True)
             del xs, offs
         del w, t, p

@@ -255,28 +255,6 @@ def _(x, qdata, group_scale, group_zero, offs, group_size):
     return x.new_empty(x.shape[0], qdata.shape[-2])
 
 
-@torch.library.custom_op("int4tensor::fbgemm_bf16i4_shuffled_grouped", mutates_args=())
-def fbgemm_bf16i4_shuffled_grouped(
-    x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
-    offs: torch.Tensor,
-) -> torch.Tensor:
-    """``out[t] = x[t] @ W[e].T -> [T, Np]`` for the rows of expert ``e`` (``offs`` int32
-    cumulative, as aten._grouped_mm takes them) through fbgemm's ``bf16i4bf16_shuffled_grouped``
-    on a bf16 preshuffled stack ``[E, Np, K/2]``, scales ``[E, K/G, Np]``. fbgemm takes the
-    per-expert row counts, computed here on the device; rows from ``offs[-1]`` on come out 0."""
-    counts = torch.diff(offs, prepend=offs.new_zeros(1))
-    out = torch.ops.fbgemm.bf16i4bf16_shuffled_grouped(x, qdata, group_scale, group_zero, counts)
-    if x.shape[0]:  # rows of no expert (fbgemm leaves them as they were)
-        rows = torch.arange(x.shape[0], device=x.device, dtype=offs.dtype)
-        out = out.masked_fill((rows >= offs[-1]).unsqueeze(-1), 0)
-    return out
-
-
-@fbgemm_bf16i4_shuffled_grouped.register_fake
-def _(x, qdata, group_scale, group_zero, offs):
-    return x.new_empty(x.shape[0], qdata.shape[-2])
-
-
 def _fake(x, qdata, scale, zero_point, group_size):  # x [M, K] or [B, M, K]
     return x.new_empty(*x.shape[:-1], qdata.shape[-2])
 
