@@ -20,13 +20,15 @@ __all__ = [
 
 def preshuffle_supported(t: Int4Tensor) -> bool:
     """Whether ``t`` converts exactly to an Int4PreshuffledTensor on its device (Hopper,
-    fbgemm-gpu-genai, bf16 scales, G >= 64, no pre-scale, bf16 activations)."""
+    fbgemm-gpu-genai, bf16 scales, G >= 64, K a multiple of 128, no pre-scale, bf16
+    activations)."""
     return (
         t.is_cuda
         and torch.cuda.get_device_capability(t.device) >= (9, 0)
         and kernels.fbgemm.is_available()
         and t.scale.dtype == torch.bfloat16
         and t.group_size >= 64  # fbgemm's int4 kernels are wrong at G = 32 (measured)
+        and t.qdata.shape[-1] % 64 == 0  # K % 128: fbgemm's shuffle crashed on K = 2880
         and t.act_pre_scale is None
         and t.activation_dtype == "bf16"  # fp8 plain weights are asymmetric: no exact shuffle
     )
@@ -53,8 +55,9 @@ def convert_to_packed_tensor_based_on_current_hardware(tensor: torch.Tensor) -> 
       with ``Float8DynamicActivationInt4WeightConfig()`` (preshuffled, the default) for the
       fast fp8 layout. (On a CPU they stay plain too: the reference path emulates their fp8
       activation rounding.)
-    * group size 32 (fbgemm's int4 kernels are wrong there, measured), non-bf16 scales, and
-      weights with an ``act_pre_scale``.
+    * group size 32 (fbgemm's int4 kernels are wrong there, measured), K not a multiple of
+      128 (gpt-oss's 2880: fbgemm's shuffle ended the process), non-bf16 scales, and weights
+      with an ``act_pre_scale``.
     """
     if not isinstance(tensor, Int4Tensor):
         return tensor

@@ -24,8 +24,8 @@ scripts/probe_cuda_gemv.py, scripts/probe_cuda_gemm.py, scripts/probe_fp8.py):
 * the preshuffled layout: our GEMV and GEMM reading it, then fbgemm's shuffled kernels;
 * grouped matmul (``aten._grouped_mm``, MoE experts) on the plain layout: our grouped GEMV up
   to GROUPED_GEMV_MAX_ROWS rows per active expert (offsets read on the GPU), else the
-  reference path (benchmarks/bench_moe.py); the same on the bf16 preshuffled layout, our GEMV
-  reading it.
+  reference path (benchmarks/bench_moe.py); on the bf16 preshuffled layout our GEMV reading it
+  at every T (its reference path would unshuffle the stack per call).
 """
 
 from __future__ import annotations
@@ -317,15 +317,16 @@ PRESHUFFLED_BMM = [_GEMV_SHUFFLED, _GEMM_SHUFFLED,
 PRESHUFFLED_BMM_FP8 = [Candidate("fbgemm", _fbgemm_preshuffled_why_not,
                                  _fbgemm_f8_shuffled_batched)]
 
-def _grouped_gemv_refusal(max_rows: int):
-    """Refusal of our grouped GEMV for more than ``max_rows`` rows per active expert."""
+def _grouped_gemv_refusal(max_rows: int | None):
+    """Refusal of our grouped GEMV for more than ``max_rows`` rows per active expert (None:
+    any number; the kernel takes 16 rows per pass)."""
     def why_not(call: Call) -> str | None:
         problem = _not_cuda(call, (8, 0), "nvrtc")
         if problem:
             return problem
         qdata, scale, zero = _weight_fields(call)
         rows = cuda_gemv.rows_per_expert(call.x.shape[0], qdata.shape[0])
-        if rows > max_rows:
+        if max_rows is not None and rows > max_rows:
             return (f"{call.x.shape[0]} rows over {qdata.shape[0]} experts: ~{rows} per "
                     f"active expert, it takes up to {max_rows}")
         return cuda_gemv.grouped_operands_problem(call.x, qdata, scale, zero,
@@ -363,11 +364,12 @@ PLAIN_GROUPED_MM = [
               bind=_grouped_gemv(False)[2]),
     Candidate("reference", _always, reference.grouped_mm),
 ]
-#: the same on a bf16 preshuffled stack (output [T, Np]). fbgemm's bf16i4bf16_shuffled_grouped
-#: is no candidate: it ignores zero points (symmetric weights only; relative error 0.34 on
-#: ours, H200), see docs/kernels.md
+#: the same on a bf16 preshuffled stack (output [T, Np]), our GEMV at every T: the reference
+#: path would unshuffle the stack on every call (3-11x slower than the GEMV at T = 2048,
+#: bench_moe.csv). fbgemm's bf16i4bf16_shuffled_grouped is no candidate: it ignores zero
+#: points (symmetric weights only; relative error 0.34 on ours, H200), see docs/kernels.md
 PRESHUFFLED_GROUPED_MM = [
-    Candidate("cuda", _grouped_gemv_refusal(GROUPED_GEMV_MAX_ROWS), *_grouped_gemv(True)[:2],
+    Candidate("cuda", _grouped_gemv_refusal(None), *_grouped_gemv(True)[:2],
               bind=_grouped_gemv(True)[2]),
     Candidate("reference", _always, _reference_grouped_preshuffled),
 ]

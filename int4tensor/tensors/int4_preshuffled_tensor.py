@@ -147,6 +147,11 @@ class Int4PreshuffledTensor(Int4BaseTensor):
         if t.act_pre_scale is not None or t.scale.dtype != torch.bfloat16 or t.group_size < 64:
             raise ValueError("Int4PreshuffledTensor needs bf16 scale/zero, group size >= 64 and "
                              "no act_pre_scale")
+        if t.qdata.shape[-1] % 64:
+            # fbgemm reorders K in 128-wide blocks: K = 2880 (gpt-oss) ended the process with
+            # an illegal memory access (H200), which no caller can catch
+            raise ValueError(f"Int4PreshuffledTensor needs K a multiple of 128, got "
+                             f"K = {2 * t.qdata.shape[-1]}")
         qdata, scale, zero = (_pad_n(x, dim) for x, dim in
                               ((t.qdata, -2), (t.scale, -1), (t.zero_point, -1)))
         shuffled = [kernels.fbgemm.preshuffle(q, s)

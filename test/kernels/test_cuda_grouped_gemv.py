@@ -210,12 +210,9 @@ def _preshuffled_call(tokens, e=8, n=256, k=512, **device):
     return decide(describe("grouped_mm", x, p, **(device or H200)), "preshuffled")
 
 
-def test_preshuffled_stacks_take_the_gemv_then_the_reference():
-    limit = kernels.GROUPED_GEMV_MAX_ROWS
+def test_preshuffled_stacks_take_the_gemv_at_every_size():
     assert _preshuffled_call(1).backend == "cuda"
-    assert _preshuffled_call(8 * limit).backend == "cuda"
-    d = _preshuffled_call(8 * limit + 8)
-    assert d.backend == "reference" and f"{limit + 1} per active expert" in dict(d.refused)["cuda"]
+    assert _preshuffled_call(8 * 2048).backend == "cuda"  # its reference would unshuffle
     no_nvrtc = _preshuffled_call(1, **dict(H200, features=frozenset({"fbgemm"})))
     assert no_nvrtc.backend == "reference" and "NVRTC" in dict(no_nvrtc.refused)["cuda"]
 
@@ -236,9 +233,7 @@ def test_preshuffled_random_routings_match_the_plain_layout(e, n, k, tokens, top
     plain, shuffled = _preshuffled(e, n, k)
     offs = routing(tokens, e, min(top_k, e), gen)
     x = torch.randn(int(offs[-1]), k, dtype=torch.bfloat16, device="cuda")
-    expected = "cuda" if cuda_gemv.rows_per_expert(x.shape[0], e) <= \
-        kernels.GROUPED_GEMV_MAX_ROWS else "reference"
-    assert kernels.explain_call("grouped_mm", x, shuffled).backend == expected
+    assert kernels.explain_call("grouped_mm", x, shuffled).backend == "cuda"
     out = check(x, shuffled, offs)
     ref = F.grouped_mm(x, plain.transpose(-2, -1), offs=offs)
     assert rel_error(ref.float(), out.float()) < 1e-2

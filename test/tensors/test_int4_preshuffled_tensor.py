@@ -97,6 +97,12 @@ class TestOnCpu:
         assert not isinstance(model.weight, Int4PreshuffledTensor)
         assert torch.equal(model.weight.dequantize(), weight.dequantize())
 
+    def test_k_not_a_multiple_of_128_is_refused_before_fbgemm_sees_it(self):
+        # gpt-oss's K = 2880 with G = 64: fbgemm's shuffle ended the process (H200)
+        _, t = plain((4, 256, 2880), g=64, device="cpu")
+        with pytest.raises(ValueError, match="K a multiple of 128, got K = 2880"):
+            Int4PreshuffledTensor.from_int4_tensor(t)
+
     def test_preshuffled_config_on_cpu_says_why(self):
         model = torch.nn.Linear(512, 256, dtype=torch.bfloat16)
         with pytest.raises(ValueError, match="needs a CUDA sm90"):
