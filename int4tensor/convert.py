@@ -28,7 +28,7 @@ def preshuffle_supported(t: Int4Tensor) -> bool:
         and kernels.fbgemm.is_available()
         and t.scale.dtype == torch.bfloat16
         and t.group_size >= 64  # fbgemm's int4 kernels are wrong at G = 32 (measured)
-        and t.qdata.shape[-1] % 64 == 0  # K % 128: fbgemm's shuffle crashed on K = 2880
+        and t.qdata.shape[-1] % 64 == 0  # K % 128: fbgemm's shuffled kernels crashed on 2880
         and t.act_pre_scale is None
         and t.activation_dtype == "bf16"  # fp8 plain weights are asymmetric: no exact shuffle
     )
@@ -56,7 +56,7 @@ def convert_to_packed_tensor_based_on_current_hardware(tensor: torch.Tensor) -> 
       fast fp8 layout. (On a CPU they stay plain too: the reference path emulates their fp8
       activation rounding.)
     * group size 32 (fbgemm's int4 kernels are wrong there, measured), K not a multiple of
-      128 (gpt-oss's 2880: fbgemm's shuffle ended the process), non-bf16 scales, and weights
+      128 (gpt-oss's 2880: fbgemm's shuffled kernel ended the process), non-bf16 scales, and weights
       with an ``act_pre_scale``.
     """
     if not isinstance(tensor, Int4Tensor):

@@ -366,7 +366,7 @@ PLAIN_GROUPED_MM = [
 ]
 #: the same on a bf16 preshuffled stack (output [T, Np]), our GEMV at every T: the reference
 #: path would unshuffle the stack on every call (3-11x slower than the GEMV at T = 2048,
-#: bench_moe.csv). fbgemm's bf16i4bf16_shuffled_grouped is no candidate: it ignores zero
+#: bench_moe.csv, the forced-GEMV column). fbgemm's bf16i4bf16_shuffled_grouped is no candidate: it ignores zero
 #: points (symmetric weights only; relative error 0.34 on ours, H200), see docs/kernels.md
 PRESHUFFLED_GROUPED_MM = [
     Candidate("cuda", _grouped_gemv_refusal(None), *_grouped_gemv(True)[:2],

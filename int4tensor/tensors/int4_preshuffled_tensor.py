@@ -148,8 +148,9 @@ class Int4PreshuffledTensor(Int4BaseTensor):
             raise ValueError("Int4PreshuffledTensor needs bf16 scale/zero, group size >= 64 and "
                              "no act_pre_scale")
         if t.qdata.shape[-1] % 64:
-            # fbgemm reorders K in 128-wide blocks: K = 2880 (gpt-oss) ended the process with
-            # an illegal memory access (H200), which no caller can catch
+            # gpt-oss's K = 2880: fbgemm's shuffle runs, but a shuffled kernel on the result
+            # (bf16i4bf16_shuffled, as unshuffling calls it) ended the process with an illegal
+            # memory access (H200), which no caller can catch
             raise ValueError(f"Int4PreshuffledTensor needs K a multiple of 128, got "
                              f"K = {2 * t.qdata.shape[-1]}")
         qdata, scale, zero = (_pad_n(x, dim) for x, dim in

@@ -98,7 +98,7 @@ class TestOnCpu:
         assert torch.equal(model.weight.dequantize(), weight.dequantize())
 
     def test_k_not_a_multiple_of_128_is_refused_before_fbgemm_sees_it(self):
-        # gpt-oss's K = 2880 with G = 64: fbgemm's shuffle ended the process (H200)
+        # gpt-oss's K = 2880 with G = 64: fbgemm's shuffled kernel ended the process (H200)
         _, t = plain((4, 256, 2880), g=64, device="cpu")
         with pytest.raises(ValueError, match="K a multiple of 128, got K = 2880"):
             Int4PreshuffledTensor.from_int4_tensor(t)
