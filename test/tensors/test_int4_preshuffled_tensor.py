@@ -103,6 +103,24 @@ class TestOnCpu:
         with pytest.raises(ValueError, match="K a multiple of 128, got K = 2880"):
             Int4PreshuffledTensor.from_int4_tensor(t)
 
+    def test_model_conversion_keeps_expert_stacks_plain(self, monkeypatch):
+        import int4tensor.convert as convert
+
+        converted = []
+        monkeypatch.setattr(convert, "preshuffle_supported", lambda t: True)
+        monkeypatch.setattr(Int4PreshuffledTensor, "from_int4_tensor",
+                            classmethod(lambda cls, t: converted.append(t.qdata.ndim) or t))
+        model = torch.nn.Module()
+        model.linear = torch.nn.Linear(512, 256, dtype=torch.bfloat16)
+        model.experts = torch.nn.Parameter(torch.randn(4, 256, 512, dtype=torch.bfloat16))
+        quantize_(model.linear, Int4WeightOnlyConfig())
+        model.experts = torch.nn.Parameter(
+            Int4WeightOnlyConfig().quantize_weight(model.experts.detach()), requires_grad=False)
+        convert_model_to_packed_tensors_(model)
+        assert converted == [2]  # the 2D weight only
+        assert convert.convert_to_packed_tensor_based_on_current_hardware(model.experts) \
+            is model.experts and converted == [2, 3]  # a stack on request
+
     def test_preshuffled_config_on_cpu_says_why(self):
         model = torch.nn.Linear(512, 256, dtype=torch.bfloat16)
         with pytest.raises(ValueError, match="needs a CUDA sm90"):
