@@ -472,6 +472,36 @@ def test_moe_save_and_reload_is_exact(moe_dir, tmp_path):
     assert_same_state(model, AutoModelForCausalLM.from_pretrained(tmp_path / "q"))
 
 
+def test_moe_prepared_for_compile_keeps_outputs_state_and_compiles_without_breaks(moe_dir,
+                                                                                   tmp_path):
+    """prepare_for_compile on a model whose experts hold 3D int4 stacks (not ``weight``): the
+    experts read them through the generated properties; outputs, state dict and saved files
+    stay the same, and a compiled step has no graph break (fullgraph) or recompile."""
+    from int4tensor import prepare_for_compile
+    from int4tensor.compile_support import is_prepared_for_compile
+
+    model = _quantized_on_load(moe_dir)
+    x = torch.randint(0, LLAMA["vocab_size"], (1, 6))
+    with torch.no_grad():
+        ref = model(x).logits
+    prepare_for_compile(model)
+    experts = model.model.layers[0].mlp.experts
+    assert is_prepared_for_compile(experts, "gate_up_proj")
+    assert is_prepared_for_compile(experts, "down_proj")
+    assert not any(isinstance(p, Int4Tensor) for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+    assert_same_state(model, _quantized_on_load(moe_dir))  # quantize-on-load is deterministic
+    model.save_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(x).logits, ref)
+    torch._dynamo.reset()
+    with torch.no_grad(), mock.patch.object(torch._dynamo.config, "error_on_recompile", True):
+        step = torch.compile(model, fullgraph=True, backend="aot_eager")
+        for _ in range(2):
+            assert sqnr(ref, step(x).logits) > 40
+
+
 @pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
 def test_moe_runs_with_each_experts_implementation(moe_dir, implementation):
     model = _quantized_on_load(moe_dir)
