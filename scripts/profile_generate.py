@@ -1,9 +1,11 @@
 """Where the host time of transformers ``generate()`` goes with int4 weights (a diagnosis).
 
-    python -m scripts.profile_generate [--layers 2] [--mode int4|int4-prepared|bf16]
-        [--cache dynamic|static] [--torch-profiler]
+    python -m scripts.profile_generate [--layers 2] [--model llama3-8b|qwen3-30b-a3b]
+        [--mode bf16|int4|int4-prepared|preshuffled|preshuffled-prepared]
+        [--cache dynamic|static] [--torch-profiler] [--explain] [--preshuffle-experts]
 
-Builds the Llama-3-8B-shaped model of benchmarks/bench_generate.py with few layers, runs
+Builds the model of benchmarks/bench_generate.py (Llama-3-8B- or Qwen3-30B-A3B-shaped) with
+few layers (``--explain`` first prints the backend each int4 weight runs for a decode token), runs
 warm-up generates (compiling the static-cache step), then profiles the Python of one more
 ``generate(24 new tokens)`` with cProfile and prints the functions with the most own time;
 with ``--torch-profiler`` it records the same call with torch.profiler (CPU and CUDA
@@ -23,20 +25,41 @@ import pstats
 import torch
 
 from benchmarks.bench_generate import build_model, generate, quantize_model  # noqa: E402
-from int4tensor import prepare_for_compile  # noqa: E402
+from int4tensor import (  # noqa: E402
+    Int4Tensor, convert_model_to_packed_tensors_, convert_to_packed_tensor_based_on_current_hardware,
+    explain, prepare_for_compile)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--model", default="llama3-8b", choices=["llama3-8b", "qwen3-30b-a3b"])
+    parser.add_argument("--explain", action="store_true")
+    parser.add_argument("--preshuffle-experts", action="store_true",
+                        help="also convert 3D expert stacks (convert_model_to_packed_tensors_ "
+                             "keeps them plain: their generate() was 12x slower, see "
+                             "docs/performance.md)")
     parser.add_argument("--mode", default="int4-prepared")
     parser.add_argument("--cache", default="static")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--torch-profiler", action="store_true")
     args = parser.parse_args()
-    model = build_model(args.layers)
+    model = build_model(args.layers, args.model)
     if args.mode != "bf16":
         quantize_model(model)
+    if args.mode.startswith("preshuffled"):
+        convert_model_to_packed_tensors_(model)
+        if args.preshuffle_experts:
+            for module in model.modules():
+                for name, p in list(module.named_parameters(recurse=False)):
+                    if isinstance(p, Int4Tensor) and p.qdata.ndim == 3:
+                        setattr(module, name, torch.nn.Parameter(
+                            convert_to_packed_tensor_based_on_current_hardware(p),
+                            requires_grad=False))
+    if args.explain:
+        token = torch.randint(0, model.config.vocab_size, (1, 1), device="cuda")
+        for entry in explain(model, token):
+            print(entry.name, entry.op, entry.x_shape, entry.backend, dict(entry.refused))
     if args.mode.endswith("prepared"):
         prepare_for_compile(model)
     for _ in range(3):  # the longest run first sizes the static cache; compile, record graphs
