@@ -17,8 +17,9 @@ rebuilt tensor is cached until an inner tensor changes.
 
 What stays the same: ``model.state_dict()`` (keys and values: ``"...weight"`` holding the
 int4 tensor), ``load_state_dict``, ``torch.save``/``torch.load(weights_only=True)`` of that
-state dict, :func:`int4tensor.save_file`, ``model.to(...)``, ``module.weight = <int4 tensor
-of the same layout>``, outputs bit for bit.
+state dict, :func:`int4tensor.save_file`, ``model.to(...)``, ``copy.deepcopy`` and pickling
+the whole model (``torch.save(model)``), ``module.weight = <int4 tensor of the same layout>``,
+outputs bit for bit.
 
 Call it last: after loading and after
 :func:`~int4tensor.convert_model_to_packed_tensors_` (which looks for int4 parameters).
@@ -47,6 +48,13 @@ class _Layout:
     """How one prepared weight is rebuilt: its class, field names and attributes."""
 
     __slots__ = ("cls", "fields", "attributes", "keys")
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
 
     def __init__(self, name: str, weight: Int4BaseTensor):
         self.cls = type(weight)
@@ -114,6 +122,19 @@ def _setattr(self, key, value):
         super(type(self), self).__setattr__(key, value)
 
 
+def _reduce_ex(self, protocol):
+    # the generated class cannot be found by name: pickle (torch.save(model)) rebuilds it
+    state = {k: v for k, v in self.__dict__.items() if k != "_int4_cache"}
+    return _restore, (type(self).__mro__[1], dict(type(self)._int4_layouts), state)
+
+
+def _restore(base: type, layouts: dict, state: dict) -> nn.Module:
+    cls = _prepared_class(base, layouts)
+    module = cls.__new__(cls)
+    module.__dict__.update(state)
+    return module
+
+
 #: (original class, weight layouts) -> the generated subclass
 _CLASSES: dict[tuple, type] = {}
 
@@ -124,7 +145,7 @@ def _prepared_class(base: type, layouts: dict[str, _Layout]) -> type:
     if cls is None:
         namespace = {n: property(_getter(n, l)) for n, l in layouts.items()}
         namespace.update(_int4_layouts=dict(layouts), __setattr__=_setattr,
-                         __module__=base.__module__)
+                         __reduce_ex__=_reduce_ex, __module__=base.__module__)
         cls = _CLASSES[key] = type(f"Int4Prepared{base.__name__}", (base,), namespace)
     return cls
 

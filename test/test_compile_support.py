@@ -67,6 +67,20 @@ def test_save_and_load_both_ways(tmp_path):
         assert torch.equal(prepared(x), ref)
 
 
+def test_whole_model_deepcopy_and_pickle():
+    import copy
+
+    model, x = model_and_input()
+    prepare_for_compile(model)
+    ref = model(x)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    for other in (copy.deepcopy(model), torch.load(io.BytesIO(buf.getvalue()), weights_only=False)):
+        assert type(other[0]) is type(model[0]) and is_prepared_for_compile(other[0])
+        assert torch.equal(other(x), ref)
+        assert same_state(other.state_dict(), model.state_dict())
+
+
 def test_copy_into_the_inner_tensors_is_seen():
     model, x = model_and_input()
     other, _ = model_and_input(seed=1)
