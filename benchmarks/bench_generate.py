@@ -11,7 +11,9 @@ process, its wall time measured before the profiler runs. ``cache dynamic`` is t
 DynamicCache in eager mode; ``cache static`` is ``cache_implementation="static"``, for which
 transformers compiles the decode step itself (``mode="reduce-overhead"``, CUDA graphs);
 ``--user-compile`` adds ``model.forward = torch.compile(model.forward, mode="reduce-overhead",
-fullgraph=True)`` with a static cache. The GPU time per token comes from the profiler (the
+fullgraph=True)`` with a static cache. ``--ab`` times each int4 mode against bf16 in one
+process, their runs interleaved, for host-bound cases (the dynamic cache) where the host's
+speed differs between processes. The GPU time per token comes from the profiler (the
 sum of the device time of a decode's kernels); when the wall time per token is larger, the
 rest is the host's.
 
@@ -125,9 +127,9 @@ def per_token(model, batch: int, cache: str, n: int, profile_gpu: bool) -> tuple
     return wall, gpu
 
 
-def measure_one(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
-    """One (mode, cache, batch) in this process: build, quantize, time, profile."""
-    model = build_model(args.layers, args.model)  # the same weights for every mode (seeded)
+def prepared_model(args, mode: str, cache: str):
+    """The model of ``mode`` (seeded: the same weights for every mode), ready for ``cache``."""
+    model = build_model(args.layers, args.model)
     if mode != "bf16":
         quantize_model(model)
     if mode.startswith("preshuffled"):
@@ -137,7 +139,32 @@ def measure_one(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
     if cache == "user-compile":  # transformers' own compile is disabled for it
         model.forward = torch.compile(type(model).forward.__get__(model),
                                       mode="reduce-overhead", fullgraph=True)
-    return per_token(model, batch, cache, args.tokens, not args.no_profile)
+    return model
+
+
+def measure_one(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
+    """One (mode, cache, batch) in this process: build, quantize, time, profile."""
+    return per_token(prepared_model(args, mode, cache), batch, cache, args.tokens,
+                     not args.no_profile)
+
+
+def measure_ab(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
+    """bf16 and ``mode`` in one process, their timed runs interleaved (bf16, mode, bf16, ...):
+    the host's speed, which differs between processes on a shared machine, changes both alike.
+    Returns (bf16 ms, mode ms) per token; no profiling."""
+    models = {"bf16": prepared_model(args, "bf16", cache), mode: prepared_model(args, mode, cache)}
+    n = args.tokens
+    for model in models.values():  # warm-up, as per_token does
+        for tokens in (n, 8, n):
+            generate(model, batch, tokens, cache)
+    times = {name: {8: [], n: []} for name in models}
+    for _ in range(5):
+        for tokens in (8, n):
+            for name, model in models.items():
+                times[name][tokens].append(wall_s(lambda: generate(model, batch, tokens, cache)))
+    med = {name: {t: sorted(v)[len(v) // 2] for t, v in ts.items()} for name, ts in times.items()}
+    per = {name: (m[n] - m[8]) / (n - 8) * 1e3 for name, m in med.items()}
+    return per["bf16"], per[mode]
 
 
 def main() -> None:
@@ -155,7 +182,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--one", nargs=3, metavar=("MODE", "CACHE", "BATCH"),
                         help=argparse.SUPPRESS)  # a child process's single measurement
+    parser.add_argument("--ab", action="store_true",
+                        help="each int4 mode against bf16 in one process, timed runs "
+                             "interleaved (no GPU profile); rows say same_process")
     args = parser.parse_args()
+    if args.ab:
+        return _main_ab(args)
     if args.one:
         mode, cache, batch = args.one
         wall, gpu = measure_one(args, mode, cache, int(batch))
@@ -184,6 +216,26 @@ def main() -> None:
                       f"(GPU {gpu:6.2f} ms) {batch * 1e3 / wall:8.1f} tok/s  "
                       f"{speedup:5.2f}x bf16", flush=True)
                 _write(args, rows)  # after each row: a run cut by a time limit keeps its rows
+
+
+def _main_ab(args) -> None:
+    caches = list(dict.fromkeys(list(args.cache) + (["user-compile"] if args.user_compile else [])))
+    rows = []
+    for mode in [m for m in args.modes if m != "bf16"]:
+        for cache in caches:
+            if mode.endswith("prepared") and cache == "dynamic":
+                continue
+            for batch in args.batch:
+                bf16, wall = measure_ab(args, mode, cache, batch)
+                for name, ms in (("bf16", bf16), (mode, wall)):
+                    rows.append(dict(mode=name, cache=cache, batch=batch, ms_per_token=round(ms, 3),
+                                     gpu_ms_per_token=float("nan"),
+                                     tokens_per_s=round(batch * 1e3 / ms, 1),
+                                     speedup_vs_bf16=round(bf16 / ms, 3), same_process=True))
+                print(f"{mode:22s} {cache:12s} batch {batch:3d}: {wall:7.2f} ms/token against "
+                      f"bf16 {bf16:7.2f} in the same process: {bf16 / wall:5.2f}x", flush=True)
+                _write(args, rows)
+                torch.cuda.empty_cache()
 
 
 def _child(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
