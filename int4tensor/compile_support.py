@@ -21,8 +21,8 @@ state dict, :func:`int4tensor.save_file`, ``model.to(...)``, ``copy.deepcopy`` a
 the whole model (``torch.save(model)``), ``module.weight = <int4 tensor of the same layout>``,
 outputs bit for bit.
 
-Call it last: after loading and after
-:func:`~int4tensor.convert_model_to_packed_tensors_` (which looks for int4 parameters).
+Call it after loading. :func:`~int4tensor.convert_model_to_packed_tensors_` may come before or
+after it (it converts prepared weights in place, keeping them prepared).
 """
 
 from __future__ import annotations
@@ -168,27 +168,45 @@ def _load_state_dict_pre_hook(module, state_dict, prefix, *args):
                 state_dict[prefix + key] = tensor
 
 
+def _hold(module: nn.Module, weights: dict[str, Int4BaseTensor]) -> None:
+    """Hold ``weights`` (name -> int4 tensor; a registered int4 parameter, or a prepared
+    weight of another layout, which it replaces) as plain inner tensors of ``module``."""
+    layouts = dict(getattr(type(module), "_int4_layouts", {}))
+    base = type(module).__mro__[1] if layouts else type(module)
+    for name, weight in weights.items():
+        if name in layouts:
+            for key in layouts[name].keys:
+                del module._parameters[key]
+        else:
+            del module._parameters[name]
+        layouts[name] = _Layout(name, weight)
+        for key, tensor in zip(layouts[name].keys, layouts[name].split(weight, name)):
+            module.register_parameter(key, nn.Parameter(tensor, requires_grad=False))
+    module.__class__ = _prepared_class(base, layouts)
+    module.__dict__.pop("_int4_cache", None)
+    if not module.__dict__.get("_int4_compile_hooks", False):
+        module._register_state_dict_hook(_state_dict_hook)
+        module._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
+        module.__dict__["_int4_compile_hooks"] = True
+
+
+def replace_prepared_weight(module: nn.Module, name: str, weight: Int4BaseTensor) -> None:
+    """Put ``weight`` (any int4 layout) where the prepared ``module.<name>`` was, still
+    prepared: what :func:`~int4tensor.convert_model_to_packed_tensors_` does to prepared
+    models."""
+    if not is_prepared_for_compile(module, name):
+        raise ValueError(f"{type(module).__name__}.{name} is not prepared for compile")
+    _hold(module, {name: weight})
+
+
 def prepare_for_compile(model: nn.Module) -> nn.Module:
     """Store every int4 parameter of ``model`` as plain inner tensors rebuilt on access (see
     the module docstring); in place, returns ``model``; calling it again changes nothing."""
     for module in model.modules():
         found = {name: p for name, p in module.named_parameters(recurse=False)
                  if isinstance(p, Int4BaseTensor)}
-        if not found:
-            continue
-        layouts = dict(getattr(type(module), "_int4_layouts", {}))
-        base = type(module).__mro__[1] if layouts else type(module)
-        for name, weight in found.items():
-            layouts[name] = _Layout(name, weight)
-            del module._parameters[name]
-            for key, tensor in zip(layouts[name].keys, layouts[name].split(weight, name)):
-                module.register_parameter(key, nn.Parameter(tensor, requires_grad=False))
-        module.__class__ = _prepared_class(base, layouts)
-        module.__dict__.pop("_int4_cache", None)
-        if not module.__dict__.get("_int4_compile_hooks", False):
-            module._register_state_dict_hook(_state_dict_hook)
-            module._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
-            module.__dict__["_int4_compile_hooks"] = True
+        if found:
+            _hold(module, found)
     return model
 
 

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import nn
 
-from int4tensor import kernels
+from int4tensor import compile_support, kernels
 from int4tensor.model_surgery import replace_parameter
 from int4tensor.tensors import Int4CPUTensor, Int4PreshuffledTensor, Int4Tensor
 
@@ -79,6 +79,8 @@ def convert_model_to_packed_tensors_(model: nn.Module) -> nn.Module:
     """Apply :func:`convert_to_packed_tensor_based_on_current_hardware` to every quantized
     parameter of ``model`` in place, keeping each Parameter's attributes
     (``weight_loader``, ``input_dim``, ...) and ``requires_grad=False``. Returns ``model``.
+    Weights held through :func:`~int4tensor.prepare_for_compile` are converted too and stay
+    prepared, so the two calls may come in either order.
 
     MoE expert stacks (3D parameters) stay in the plain layout on a GPU: a Qwen3-MoE-shaped
     model's static-cache ``generate()`` took 24.3 ms per token with preshuffled stacks against
@@ -87,11 +89,17 @@ def convert_model_to_packed_tensors_(model: nn.Module) -> nn.Module:
     :func:`convert_to_packed_tensor_based_on_current_hardware` on a stack to convert it
     anyway (``torch.bmm`` on it is faster preshuffled)."""
     for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
+        prepared = list(getattr(type(module), "_int4_layouts", ()))
+        held = [(name, getattr(module, name)) for name in prepared]
+        for name, param in list(module.named_parameters(recurse=False)) + held:
             if isinstance(param, Int4Tensor) and param.qdata.ndim == 3 \
                     and preshuffle_supported(param):
                 continue
             converted = convert_to_packed_tensor_based_on_current_hardware(param)
-            if converted is not param:
+            if converted is param:
+                continue
+            if name in prepared:  # held through prepare_for_compile
+                compile_support.replace_prepared_weight(module, name, converted)
+            else:
                 replace_parameter(module, name, converted)
     return model

@@ -81,6 +81,24 @@ def test_whole_model_deepcopy_and_pickle():
         assert same_state(other.state_dict(), model.state_dict())
 
 
+def test_conversion_after_prepare_converts_the_held_weights():
+    from int4tensor import Int4CPUTensor, convert_model_to_packed_tensors_
+
+    first, x = model_and_input()
+    convert_model_to_packed_tensors_(first)
+    prepare_for_compile(first)
+    second, _ = model_and_input()
+    prepare_for_compile(second)
+    convert_model_to_packed_tensors_(second)  # the other order
+    kinds = {type(first[0].weight), type(second[0].weight)}
+    assert len(kinds) == 1 and is_prepared_for_compile(second[0])
+    if Int4CPUTensor.why_not(model_and_input()[0][0].weight) is None:  # this CPU converts
+        assert kinds == {Int4CPUTensor}
+    assert not any(isinstance(p, (Int4Tensor, Int4CPUTensor)) for p in second.parameters())
+    assert torch.equal(first(x), second(x))
+    assert same_state(first.state_dict(), second.state_dict())
+
+
 def test_copy_into_the_inner_tensors_is_seen():
     model, x = model_and_input()
     other, _ = model_and_input(seed=1)
