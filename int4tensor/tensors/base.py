@@ -378,6 +378,35 @@ def _(func, args, kwargs):
     return self._with_data(torch.Tensor.contiguous)
 
 
+@implements([torch.Tensor.transpose, torch.transpose, torch.Tensor.t, torch.t,
+             torch.Tensor.mT.__get__])
+def _(func, args, kwargs):
+    """Eager ``w.transpose(-2, -1)`` / ``w.t()`` / ``w.mT`` return one view kept on ``w``: a
+    model makes it on every forward (transformers' MoE experts before each grouped_mm), and
+    the aten op with its aliasing bookkeeping costs ~20 us a call on this project's CPU machine
+    against ~1 us for the lookup. Other dims, compilation and keyword arguments take the aten
+    op (``__torch_dispatch__``)."""
+    t = args[0]
+
+    def aten_op():
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+    if kwargs or torch.compiler.is_compiling() or not isinstance(t, Int4BaseTensor):
+        return aten_op()
+    nd = len(t._logical_shape())
+    if func in (torch.Tensor.t, torch.t):
+        dims = (0, 1) if nd == 2 else None
+    elif func == torch.Tensor.mT.__get__:  # (a new method-wrapper on each access)
+        dims = (nd - 2, nd - 1) if nd >= 2 else None
+    else:
+        dims = args[1:3] if len(args) == 3 and all(isinstance(d, int) for d in args[1:3]) \
+            else None
+        dims = tuple(d % nd for d in dims) if dims is not None and nd else None
+    if dims is None or set(dims) != {nd - 2, nd - 1}:
+        return aten_op()
+    return t._dispatch_cached("transposed", aten_op)
+
+
 @implements([aten.is_pinned.default])
 def _(func, args, kwargs):
     return all(t.is_pinned() for t in args[0]._tensors().values())

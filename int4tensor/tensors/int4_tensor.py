@@ -673,13 +673,15 @@ def _stored(b: "Int4Tensor") -> "Int4Tensor":
     return b._stored_weight(_transposed)
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
-    """Dense-semantics ``a @ b`` where either operand may be an Int4Tensor.
+def _matmul(a: torch.Tensor, b: torch.Tensor, op: str, sa=None, sb=None) -> torch.Tensor:
+    """Dense-semantics ``a @ b`` where either operand may be an Int4Tensor (``sa``, ``sb``:
+    their shapes, when the caller has them).
 
     The int4 kernels compute ``x @ W.T`` for a stored ``W [.., N, K]``, i.e. ``x @ b`` for a
     transposed Int4Tensor ``b [.., K, N]``; every other combination dequantizes.
     """
-    sa, sb = _shape(a), _shape(b)
+    sa = _shape(a) if sa is None else sa
+    sb = _shape(b) if sb is None else sb
     if not sa or not sb or sa[-1] != sb[-2 if len(sb) > 1 else -1]:
         raise ValueError(f"{op}: shapes {list(a.shape)} and {list(b.shape)} cannot be "
                          "multiplied")
@@ -688,7 +690,9 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
             raise TypeError(f"{op} of an Int4Tensor with a {x.dtype} tensor: the other operand "
                             "must be floating-point (bf16/fp16/fp32)")
     dense_a = not isinstance(a, Int4BaseTensor)
-    if dense_a and isinstance(b, Int4Tensor) and b.is_transposed and a.numel() and b.numel():
+    # (b's numel from its qdata: the subclass's .numel() goes through __torch_function__)
+    if dense_a and isinstance(b, Int4Tensor) and b.is_transposed and a.numel() \
+            and b.qdata.numel():
         _check_activation(a, op)
         stored = _stored(b) if kernels.is_eager(a) else _transposed(b)
         if len(sb) == 2:
@@ -715,7 +719,7 @@ def _(func, args, kwargs):
         raise ValueError(f"{name}: expects {want}D operands, got {list(sa)} and {list(sb)}")
     if want == 3 and sa[0] != sb[0]:
         raise ValueError(f"bmm: batch sizes differ, {list(sa)} and {list(sb)}")
-    return _matmul(a, b, name)
+    return _matmul(a, b, name, sa, sb)
 
 
 @Int4Tensor.implements([aten.addmm.default])

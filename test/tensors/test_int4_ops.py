@@ -161,6 +161,18 @@ class TestTranspose:
         with pytest.raises(ValueError, match="group boundaries"):
             tt[..., 10:20, :]
 
+    def test_the_eager_transposed_view_is_made_once_and_follows_the_weight(self, t):
+        # every MoE forward transposes its stacks: one view, kept on the weight
+        view = t.transpose(-2, -1)
+        assert t.mT is view and t.transpose(-1, -2) is view
+        other = quantized(tuple(t.shape))
+        with torch.no_grad():
+            t.copy_(other)  # in place: the view's fields are the weight's
+        assert_same(t.transpose(-2, -1), other.dequantize().transpose(-2, -1))
+        param = torch.nn.Parameter(t, requires_grad=False)
+        param.data = quantized(tuple(t.shape))  # new fields: a new view
+        assert_same(param.transpose(-2, -1), param.dequantize().transpose(-2, -1))
+
     def test_transposing_the_expert_dim_is_not_supported(self):
         with pytest.raises(NotImplementedError, match="last two dims"):
             quantized((2, 128, 256)).transpose(0, 1)
