@@ -24,6 +24,7 @@ import functools
 import hashlib
 import pathlib
 import threading
+import weakref
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -206,15 +207,18 @@ class Int4BaseTensor(torch.Tensor):
 
     def _as_transposed_view_of(self, source: "Int4BaseTensor") -> "Int4BaseTensor":
         """Mark this tensor, made by transposing the stored weight ``source``, as its view:
-        eager calls on it use ``source``'s dispatch plans (see :meth:`_stored_weight`)."""
-        self.__dict__["_dispatch_transposed_of"] = source
+        eager calls on it use ``source``'s dispatch plans (see :meth:`_stored_weight`). The
+        reference is weak: ``source`` keeps its view (the eager transpose cache), and a cycle
+        would hold a deleted model's memory until the garbage collector runs."""
+        self.__dict__["_dispatch_transposed_of"] = weakref.ref(source)
         return self
 
     def _stored_weight(self, transpose: Callable[["Int4BaseTensor"], "Int4BaseTensor"]):
         """The stored (untransposed) weight of this transposed view, where eager dispatch
         plans live: the tensor it was transposed from (``w.transpose(-2, -1)`` on every forward
         finds the parameter's plans), else ``transpose(self)``, made once and kept here."""
-        source = self.__dict__.get("_dispatch_transposed_of")
+        ref = self.__dict__.get("_dispatch_transposed_of")
+        source = ref() if ref is not None else None
         return source if source is not None else \
             self._dispatch_cached("stored", lambda: transpose(self))
 
@@ -404,7 +408,16 @@ def _(func, args, kwargs):
         dims = tuple(d % nd for d in dims) if dims is not None and nd else None
     if dims is None or set(dims) != {nd - 2, nd - 1}:
         return aten_op()
-    return t._dispatch_cached("transposed", aten_op)
+
+    def unaliased():
+        # the same fields without the autograd view's strong reference to ``t`` (its _base):
+        # kept on ``t``, that reference would make a cycle the garbage collector cannot see
+        view = aten_op()
+        out = type(view)._build(view._tensors(), view._attributes(), validate=False)
+        source = view.__dict__.get("_dispatch_transposed_of")
+        return out._as_transposed_view_of(source()) if source is not None and source() \
+            is not None else out
+    return t._dispatch_cached("transposed", unaliased)
 
 
 @implements([aten.is_pinned.default])

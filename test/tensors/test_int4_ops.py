@@ -173,6 +173,19 @@ class TestTranspose:
         param.data = quantized(tuple(t.shape))  # new fields: a new view
         assert_same(param.transpose(-2, -1), param.dequantize().transpose(-2, -1))
 
+    def test_a_weight_with_its_kept_view_is_freed(self, t):
+        import gc
+        import weakref
+
+        w = quantized(tuple(t.shape))
+        alive = weakref.ref(w.qdata)
+        w.transpose(-2, -1), w.mT  # kept on w (an autograd view's _base would be a C++ cycle)
+        x = torch.randn(2, *w.shape[:-2], w.shape[-1], dtype=torch.bfloat16).movedim(0, -2)
+        x @ w.mT  # dispatch plans kept too
+        del w
+        gc.collect()
+        assert alive() is None
+
     def test_transposing_the_expert_dim_is_not_supported(self):
         with pytest.raises(NotImplementedError, match="last two dims"):
             quantized((2, 128, 256)).transpose(0, 1)
