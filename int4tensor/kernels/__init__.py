@@ -335,7 +335,7 @@ def _grouped_gemv_refusal(max_rows: int | None):
 
 
 def _grouped_gemv(shuffled: bool):
-    """(traced, eager, bind) of our grouped GEMV on either layout's fields."""
+    """(run, run_eager, bind) of our grouped GEMV on either layout's fields."""
     op = custom_ops.int4_grouped_gemv_cuda_preshuffled if shuffled else \
         custom_ops.int4_grouped_gemv_cuda
 
@@ -358,10 +358,12 @@ def _reference_grouped_preshuffled(x, w, offs):
     return reference.grouped_mm_dense(x, w.dequantize(x.dtype).transpose(-2, -1), offs, None)
 
 
+_PLAIN_GROUPED_GEMV, _SHUFFLED_GROUPED_GEMV = _grouped_gemv(False), _grouped_gemv(True)
+
 #: aten._grouped_mm, x [T, K] sorted by expert, stored W [E, N, K], offs [E]
 PLAIN_GROUPED_MM = [
-    Candidate("cuda", _grouped_gemv_refusal(GROUPED_GEMV_MAX_ROWS), *_grouped_gemv(False)[:2],
-              bind=_grouped_gemv(False)[2]),
+    Candidate("cuda", _grouped_gemv_refusal(GROUPED_GEMV_MAX_ROWS), *_PLAIN_GROUPED_GEMV[:2],
+              bind=_PLAIN_GROUPED_GEMV[2]),
     Candidate("reference", _always, reference.grouped_mm),
 ]
 #: the same on a bf16 preshuffled stack (output [T, Np]), our GEMV at every T: the reference
@@ -369,8 +371,8 @@ PLAIN_GROUPED_MM = [
 #: bench_moe.csv, the forced-GEMV column). fbgemm's bf16i4bf16_shuffled_grouped is no candidate: it ignores zero
 #: points (symmetric weights only; relative error 0.34 on ours, H200), see docs/kernels.md
 PRESHUFFLED_GROUPED_MM = [
-    Candidate("cuda", _grouped_gemv_refusal(None), *_grouped_gemv(True)[:2],
-              bind=_grouped_gemv(True)[2]),
+    Candidate("cuda", _grouped_gemv_refusal(None), *_SHUFFLED_GROUPED_GEMV[:2],
+              bind=_SHUFFLED_GROUPED_GEMV[2]),
     Candidate("reference", _always, _reference_grouped_preshuffled),
 ]
 

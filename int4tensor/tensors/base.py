@@ -200,6 +200,28 @@ class Int4BaseTensor(torch.Tensor):
         for key in [k for k in self.__dict__ if k.startswith("_dispatch_")]:
             del self.__dict__[key]
 
+    # ---- block-size facts every layout shares ----------------------------------------------
+    @property
+    def group_size(self) -> int:
+        return max(self.block_size)
+
+    @property
+    def is_transposed(self) -> bool:
+        """True when the logical last two dims are ``(K, N)`` (a transposed view)."""
+        return self.block_size[-2] != 1
+
+    @property
+    def stored_n(self) -> int:
+        """N of the stored (untransposed) weight; the padded layouts store more rows than
+        that."""
+        shape = self._logical_shape()
+        return shape[-1] if self.is_transposed else shape[-2]
+
+    def _copy_source(self, src: torch.Tensor) -> "Int4BaseTensor":
+        """What ``self.copy_(src)`` copies from: ``src`` itself if it is int4, else ``src``
+        quantized like ``self``; a layout may also accept other int4 layouts here."""
+        return src if isinstance(src, Int4BaseTensor) else self._quantize_like(src)
+
     def _logical_shape(self) -> tuple[int, ...]:
         """``tuple(self.shape)``, kept on the tensor: a subclass's ``.shape`` and ``.ndim`` go
         through ``__torch_function__`` (~2 us each on every eager call)."""
@@ -354,6 +376,17 @@ def _fake_tensor_class() -> type:
     return FakeTensor
 
 
+def linear_operands(cls: type, args: tuple, kwargs: dict) -> tuple:
+    """``(x, weight, bias)`` of ``F.linear`` / ``aten.linear`` on an int4 ``weight`` of class
+    ``cls``; raises for any other combination (an int4 input, a weight of another class)."""
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if not isinstance(weight, cls) or isinstance(x, Int4BaseTensor):
+        raise NotImplementedError(f"{cls.__name__} supports linear with the {cls.__name__} as "
+                                  "the weight (second argument) and a dense input")
+    return x, weight, bias
+
+
 def op_args(args: tuple, kwargs: dict, *defaults: tuple[str, Any]) -> list[Any]:
     """An aten op's arguments after the first few positional ones, by position or keyword,
     with defaults: ``dim, start = op_args(args[1:], kwargs, ("dim", 0), ("start", None))``."""
@@ -414,9 +447,8 @@ def _(func, args, kwargs):
         # kept on ``t``, that reference would make a cycle the garbage collector cannot see
         view = aten_op()
         out = type(view)._build(view._tensors(), view._attributes(), validate=False)
-        source = view.__dict__.get("_dispatch_transposed_of")
-        return out._as_transposed_view_of(source()) if source is not None and source() \
-            is not None else out
+        return out._as_transposed_view_of(t) if "_dispatch_transposed_of" in view.__dict__ \
+            else out
     return t._dispatch_cached("transposed", unaliased)
 
 
@@ -472,8 +504,7 @@ def _(func, args, kwargs):
         # dense.copy_(int4), e.g. load_state_dict of a quantized state into a dense model:
         # the dense tensor receives the value the int4 tensor stands for.
         return dst.copy_(src.dequantize(dst.dtype if dst.is_floating_point() else None))
-    if not isinstance(src, Int4BaseTensor):
-        src = dst._quantize_like(src)
+    src = dst._copy_source(src)
     problem = dst._mismatch(src)
     if problem is not None:
         raise ValueError(f"copy_ into {type(dst).__name__}: source differs, {problem}")

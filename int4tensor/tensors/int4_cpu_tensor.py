@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from int4tensor.kernels import cpu
 from int4tensor.quant_primitives import pack_int4
-from int4tensor.tensors.base import Int4BaseTensor, op_args
+from int4tensor.tensors.base import Int4BaseTensor, linear_operands, op_args
 from int4tensor.tensors.int4_tensor import Int4Tensor
 
 aten = torch.ops.aten
@@ -58,9 +58,11 @@ class Int4CPUTensor(Int4BaseTensor):
         self.act_pre_scale = act_pre_scale
         self.block_size = tuple(int(b) for b in block_size)
 
-    group_size = Int4Tensor.group_size
-    is_transposed = Int4Tensor.is_transposed
-    stored_n = Int4Tensor.stored_n
+    def _copy_source(self, src: torch.Tensor) -> Int4BaseTensor:
+        """A plain Int4Tensor (a checkpoint loaded into a converted model) converts exactly."""
+        if isinstance(src, Int4Tensor):
+            return Int4CPUTensor.from_int4_tensor(src)
+        return super()._copy_source(src)
 
     def _check_to(self, device, dtype):
         if device is not None and torch.device(device).type != "cpu":
@@ -151,11 +153,7 @@ def _bmm(x: torch.Tensor, w: Int4CPUTensor) -> torch.Tensor:
 @implements([F.linear, aten.linear.default])
 def _(func, args, kwargs):
     """``F.linear(x [*, K], W [N, K], bias [N] | None) -> [*, N]``."""
-    x, w = args[0], args[1]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    if not isinstance(w, Int4CPUTensor) or isinstance(x, Int4BaseTensor):
-        raise NotImplementedError("Int4CPUTensor supports linear with the Int4CPUTensor as the "
-                                  "weight (second argument) and a dense input")
+    x, w, bias = linear_operands(Int4CPUTensor, args, kwargs)
     shape = w._logical_shape()
     if len(shape) != 2:
         raise ValueError(f"linear needs a 2D weight, got Int4CPUTensor of shape "
@@ -271,19 +269,3 @@ def _(func, args, kwargs):
     return all(torch.equal(x, getattr(b, n)) for n, x in a._tensors().items())
 
 
-@implements([aten.copy_.default])
-def _(func, args, kwargs):
-    """``dst.copy_(src)`` from an Int4CPUTensor, a plain Int4Tensor (a checkpoint loaded into a
-    converted model) or a dense tensor (quantized like ``dst``), in place."""
-    dst, src = args[0], args[1]
-    if isinstance(src, Int4Tensor):
-        src = Int4CPUTensor.from_int4_tensor(src)
-    elif not isinstance(src, Int4BaseTensor):
-        src = dst._quantize_like(src)
-    problem = dst._mismatch(src)
-    if problem is not None:
-        raise ValueError(f"copy_ into Int4CPUTensor: source differs, {problem}")
-    for name, x in dst._tensors().items():
-        x.copy_(getattr(src, name))
-    dst._drop_dispatch_caches()  # decisions are remade for the new values
-    return dst

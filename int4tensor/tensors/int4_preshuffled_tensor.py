@@ -126,10 +126,6 @@ class Int4PreshuffledTensor(Int4BaseTensor):
                 f"({where}): load it onto the GPU (load_file(path, device='cuda')), or save "
                 "the portable Int4Tensor layout (to_int4_tensor()) where fbgemm runs")
 
-    group_size = Int4Tensor.group_size
-    is_transposed = Int4Tensor.is_transposed
-    stored_n = Int4Tensor.stored_n
-
     def _check_to(self, device, dtype):
         if device is not None and torch.device(device).type != "cuda":
             raise ValueError("Int4PreshuffledTensor lives on CUDA (only fbgemm reads its layout);"
@@ -369,10 +365,8 @@ def _(func, args, kwargs):
     offs)`` on a bf16 preshuffled stack ``w [E, N, K]``: bf16 x, int32 offs, no bias ->
     :func:`kernels.int4_grouped_mm` (our grouped GEMV, fbgemm's grouped kernel); anything else
     has the dense semantics of the Int4Tensor op (through the dequantized weights)."""
-    a, b = args[0], args[1]
-    offs = args[2] if len(args) > 2 else kwargs.get("offs")
-    bias = args[3] if len(args) > 3 else kwargs.get("bias")
-    out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
+    a, b, offs, bias, out_dtype = op_args(args, kwargs, ("mat_a", None), ("mat_b", None),
+                                          ("offs", None), ("bias", None), ("out_dtype", None))
     if (isinstance(b, Int4PreshuffledTensor) and not isinstance(a, Int4BaseTensor)
             and b.is_transposed and b.activation_dtype == "bf16" and a.dtype == torch.bfloat16
             and a.ndim == 2 and b.qdata.ndim == 3 and offs is not None and bias is None

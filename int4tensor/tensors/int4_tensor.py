@@ -15,7 +15,7 @@ from int4tensor.quant_primitives import (
     dequantize_int4,
     quantize_with_qparams,
 )
-from int4tensor.tensors.base import Int4BaseTensor, op_args
+from int4tensor.tensors.base import Int4BaseTensor, linear_operands, op_args
 
 aten = torch.ops.aten
 
@@ -135,22 +135,6 @@ class Int4Tensor(Int4BaseTensor):
         zero = torch.empty(*lead, k // group_size, n, dtype=dtype, device=device)
         out = cls(qdata, scale, zero, tuple(block_size), stored, activation_dtype=activation_dtype)
         return _transposed(out) if transposed else out
-
-    @property
-    def group_size(self) -> int:
-        return max(self.block_size)
-
-    @property
-    def is_transposed(self) -> bool:
-        """True when the logical last two dims are ``(K, N)`` (a transposed view)."""
-        return self.block_size[-2] != 1
-
-    @property
-    def stored_n(self) -> int:
-        """N of the stored (untransposed) weight; the padded layouts that share this property
-        store more rows than that."""
-        shape = self._logical_shape()
-        return shape[-1] if self.is_transposed else shape[-2]
 
     @classmethod
     def from_hp(
@@ -644,11 +628,7 @@ def _check_linear(x: torch.Tensor, weight: "Int4Tensor") -> None:
 @Int4Tensor.implements([F.linear, aten.linear.default])
 def _(func, args, kwargs):
     """``F.linear(x [*, K], W [N, K], bias [N] | None) -> [*, N]``."""
-    x, weight = args[0], args[1]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    if not isinstance(weight, Int4Tensor) or isinstance(x, Int4BaseTensor):
-        raise NotImplementedError("Int4Tensor supports linear with the Int4Tensor as the weight "
-                                  "(second argument) and a dense input")
+    x, weight, bias = linear_operands(Int4Tensor, args, kwargs)
     if weight.is_transposed or not x.numel() or not weight.qdata.numel():
         # transposed: contracts over the stored N, no int4 kernel for that; empty: nothing to
         # compute (dense semantics)
