@@ -43,9 +43,10 @@ PROMPT = 128
 
 
 def build_model(layers: int, model: str = "llama3-8b"):
-    """``llama3-8b``: a Llama-3-8B-shaped LlamaForCausalLM; ``qwen3-30b-a3b``: a
-    Qwen3-30B-A3B-shaped Qwen3MoeForCausalLM (128 experts of 768, top 8, transformers'
-    default ``grouped_mm`` experts); random weights, ``layers`` decoder layers."""
+    """``llama3-8b``: a Llama-3-8B-shaped LlamaForCausalLM; ``mixtral-8x7b``: a
+    Mixtral-8x7B-shaped MixtralForCausalLM (8 experts of 14336, top 2); ``qwen3-30b-a3b``: a
+    Qwen3-30B-A3B-shaped Qwen3MoeForCausalLM (128 experts of 768, top 8); the MoE models run
+    transformers' default ``grouped_mm`` experts; random weights, ``layers`` decoder layers."""
     import transformers
 
     if model == "llama3-8b":
@@ -54,6 +55,13 @@ def build_model(layers: int, model: str = "llama3-8b"):
             vocab_size=128256, hidden_size=4096, intermediate_size=14336,
             num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
             max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+    elif model == "mixtral-8x7b":
+        cls = transformers.MixtralForCausalLM
+        config = transformers.MixtralConfig(
+            vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+            num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=layers,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+            rope_theta=1e6, tie_word_embeddings=False)
     else:
         cls = transformers.Qwen3MoeForCausalLM
         config = transformers.Qwen3MoeConfig(
@@ -170,7 +178,8 @@ def measure_ab(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--model", default="llama3-8b", choices=["llama3-8b", "qwen3-30b-a3b"])
+    parser.add_argument("--model", default="llama3-8b",
+                        choices=["llama3-8b", "mixtral-8x7b", "qwen3-30b-a3b"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--cache", nargs="+", default=["dynamic", "static"],
                         choices=["dynamic", "static", "user-compile"])

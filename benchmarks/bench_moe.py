@@ -8,7 +8,9 @@ For the expert stacks ``[E, N, K]`` of published MoE models and T tokens, each r
 top-k experts drawn uniformly (k of the model), the columns are: bf16 ``torch._grouped_mm``
 (the floor to beat), ``F.grouped_mm`` on the Int4Tensor stack (what dispatch picks: our grouped
 GEMV or the reference path, named in ``int4_backend``), our grouped GEMV called directly at
-every T (to show where it stops paying), and today's ``torch.bmm`` path with the rows spread
+every T (to show where it stops paying), our Triton tensor-core grouped kernel called directly
+at every T (``triton_us``: what dispatch runs above GROUPED_GEMV_MAX_ROWS rows per expert and
+for G = 64), and today's ``torch.bmm`` path with the rows spread
 evenly over all experts where that fits (M <= 64 rows per expert). With fbgemm-gpu-genai, the
 same for the stack in fbgemm's preshuffled layout (``convert_model_to_packed_tensors_`` on
 Hopper): ``F.grouped_mm`` on it (``preshuffled_backend``) and our grouped GEMV reading it,
@@ -17,6 +19,11 @@ CUDA graphs, rotating over 8 routings (different experts and inputs per call, so
 experts' weights come from HBM; the stacks are larger than L2). ``%copy`` counts only the
 active experts' int4 bytes (weights, scales, zero points) against the copy bandwidth measured
 in the same run. Writes bench_moe.csv.
+
+    python benchmarks/bench_moe.py --sweep [--tokens 64 256 2048]
+
+times the Triton grouped kernel's launch configurations instead (bench_moe_sweep.csv), the
+data behind ``triton_int4.pick_grouped_config``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ from benchmarks.common import copy_bandwidth_gbs, graph_time_us, rel_error, writ
 from int4tensor import Int4PreshuffledTensor, Int4WeightOnlyConfig, kernels  # noqa: E402
 from int4tensor.kernels import cuda_gemv, fbgemm, reference  # noqa: E402
 
+try:
+    from int4tensor.kernels import triton_int4  # noqa: E402  (CUDA builds of torch)
+except ImportError:
+    triton_int4 = None
+
 #: name -> (model, E, N, K, top_k): the experts' fused gate/up and down projections
 SHAPES = {
     "mixtral-gate_up": ("Mixtral-8x7B gate_up", 8, 28672, 4096, 2),
@@ -46,6 +58,10 @@ SHAPES = {
     "gpt-oss-down": ("gpt-oss-20b-like down", 32, 2880, 2880, 4),
 }
 ROUTINGS = 8
+#: launch configurations the sweep times: BLOCK_M, BLOCK_N, num_warps, num_stages
+SWEEP = [(16, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3),
+         (64, 128, 4, 3), (64, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3),
+         (128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 128, 8, 4)]
 
 
 def group_size_for(k: int) -> int:
@@ -70,7 +86,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 2048])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the Triton grouped kernel's launch configurations")
     args = parser.parse_args()
+    if args.sweep:
+        return sweep(args)
     copy_bw = copy_bandwidth_gbs()
     print(f"copy bandwidth {copy_bw:.0f} GB/s")
     rows = []
@@ -124,6 +144,13 @@ def main() -> None:
                     assert rel_error(dq, sg(xs[0], offs[0])[:, :n]) < 1e-2
                     shuffled["preshuffled_gemv_us"] = graph_time_us(
                         [lambda x=x, o=o: sg(x, o) for x, o in zip(xs, offs)])
+            triton_us = float("nan")
+            if kernels._triton_grouped_why_not(_call(xs[0], t)) is None:
+                assert rel_error(dq, triton_int4.int4_grouped_matmul(
+                    xs[0], t.qdata, t.scale, t.zero_point, offs[0], g)) < 1e-2
+                triton_us = graph_time_us([
+                    lambda x=x, o=o, f=(t.qdata, t.scale, t.zero_point):
+                    triton_int4.int4_grouped_matmul(x, *f, o, g) for x, o in zip(xs, offs)])
             bmm_us = float("nan")
             per_expert = -(-tokens * top_k // e)
             if per_expert <= 64:
@@ -136,6 +163,7 @@ def main() -> None:
                        int4_pct_copy=round(100 * active_bytes / (int4_us * 1e-6) / 1e9 / copy_bw, 1),
                        grouped_gemv_us=round(gemv_us, 1),
                        gemv_speedup=round(bf16_us / gemv_us, 2),
+                       triton_us=round(triton_us, 1), triton_speedup=round(bf16_us / triton_us, 2),
                        bmm_all_experts_us=round(bmm_us, 1),
                        preshuffled_us=round(shuffled["preshuffled_us"], 1),
                        preshuffled_backend=shuffled["preshuffled_backend"],
@@ -147,7 +175,7 @@ def main() -> None:
             print(f"{model:26s} T={tokens:5d} rows={tokens * top_k:6d} active={active / ROUTINGS:6.1f}"
                   f"  bf16 {bf16_us:8.1f} us  int4[{backend}] {int4_us:8.1f} us "
                   f"({bf16_us / int4_us:5.2f}x, {row['int4_pct_copy']:5.1f}% copy)"
-                  f"  gemv {gemv_us:8.1f}  bmm {bmm_us:8.1f}"
+                  f"  gemv {gemv_us:8.1f}  triton {triton_us:8.1f}  bmm {bmm_us:8.1f}"
                   f"  preshuffled[{shuffled['preshuffled_backend']}] "
                   f"{shuffled['preshuffled_us']:8.1f} ({row['preshuffled_speedup']:5.2f}x)"
                   f" gemv {shuffled['preshuffled_gemv_us']:8.1f}"
@@ -159,6 +187,68 @@ def main() -> None:
         write_csv(os.path.join(args.out, "bench_moe.csv"),
                   f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth "
                   f"{copy_bw:.0f} GB/s, {datetime.date.today()}", rows)
+
+
+def _call(x, t):
+    from int4tensor.kernels.dispatch import describe
+
+    return describe("grouped_mm", x, t)
+
+
+def sweep(args) -> None:
+    """Time every SWEEP configuration of the Triton grouped kernel per shape and T; print
+    the best beside bf16 grouped_mm."""
+    rows = []
+    for key in args.shapes:
+        model, e, n, k, top_k = SHAPES[key]
+        g = group_size_for(k)
+        torch.manual_seed(0)
+        w = torch.randn(e, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+        t = quantized_stack(w, g)
+        wt = w.transpose(-2, -1)
+        gen = torch.Generator().manual_seed(1)
+        for tokens in args.tokens:
+            offs = [routing(tokens, e, top_k, gen) for _ in range(ROUTINGS)]
+            xs = [torch.randn(tokens * top_k, k, dtype=torch.bfloat16, device="cuda")
+                  for _ in range(ROUTINGS)]
+            dq = reference.grouped_mm(xs[0], t, offs[0])
+            bf16_us = graph_time_us([lambda x=x, o=o: torch._grouped_mm(x, wt, offs=o)
+                                     for x, o in zip(xs, offs)])
+            default = triton_int4.pick_grouped_config(
+                cuda_gemv.rows_per_expert(tokens * top_k, e), n, k, g)
+            times = {}
+            for bm, bn, warps, stages in SWEEP:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                try:
+                    out = triton_int4.int4_grouped_matmul(xs[0], t.qdata, t.scale, t.zero_point,
+                                                          offs[0], g, cfg)
+                    err = rel_error(dq, out)
+                    us = graph_time_us([
+                        lambda x=x, o=o, c=cfg, f=(t.qdata, t.scale, t.zero_point):
+                        triton_int4.int4_grouped_matmul(x, *f, o, g, c)
+                        for x, o in zip(xs, offs)])
+                except Exception as error:  # noqa: BLE001  (out of resources: reported)
+                    print(f"  {cfg}: {type(error).__name__} {str(error)[:80]}")
+                    continue
+                times[(bm, bn, warps, stages)] = us
+                rows.append(dict(model=model, E=e, N=n, K=k, G=g, tokens=tokens,
+                                 rows=tokens * top_k, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                 num_stages=stages, us=round(us, 1),
+                                 bf16_grouped_mm_us=round(bf16_us, 1),
+                                 speedup=round(bf16_us / us, 2), rel_err=round(err, 5),
+                                 is_default=cfg == default))
+            best = min(times, key=times.get)
+            dkey = tuple(default[f] for f in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+            print(f"{model:26s} T={tokens:5d} bf16 {bf16_us:8.1f}  best {best} "
+                  f"{times[best]:8.1f} ({bf16_us / times[best]:.2f}x)  default {dkey} "
+                  f"{times.get(dkey, float('nan')):8.1f}", flush=True)
+            del xs, offs
+        del w, t
+        torch.cuda.empty_cache()
+        os.makedirs(args.out, exist_ok=True)
+        write_csv(os.path.join(args.out, "bench_moe_sweep.csv"),
+                  f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                  f"{datetime.date.today()}", rows)
 
 
 if __name__ == "__main__":

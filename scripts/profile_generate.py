@@ -1,6 +1,6 @@
 """Where the host time of transformers ``generate()`` goes with int4 weights (a diagnosis).
 
-    python -m scripts.profile_generate [--layers 2] [--model llama3-8b|qwen3-30b-a3b]
+    python -m scripts.profile_generate [--layers 2] [--model llama3-8b|mixtral-8x7b|qwen3-30b-a3b]
         [--mode bf16|int4|int4-prepared|preshuffled|preshuffled-prepared]
         [--cache dynamic|static] [--torch-profiler] [--explain] [--preshuffle-experts]
 
@@ -33,7 +33,8 @@ from int4tensor import (  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--model", default="llama3-8b", choices=["llama3-8b", "qwen3-30b-a3b"])
+    parser.add_argument("--model", default="llama3-8b",
+                        choices=["llama3-8b", "mixtral-8x7b", "qwen3-30b-a3b"])
     parser.add_argument("--explain", action="store_true")
     parser.add_argument("--preshuffle-experts", action="store_true",
                         help="also convert 3D expert stacks (convert_model_to_packed_tensors_ "

@@ -354,6 +354,36 @@ def _grouped_gemv(shuffled: bool):
     return run, run_eager, bind
 
 
+def _triton_grouped_why_not(call: Call) -> str | None:
+    problem = _not_cuda(call, (8, 0), "triton")
+    if problem:
+        return problem
+    x, w = call.x, call.weight
+    qdata, scale, zero = w.qdata, w.scale, w.zero_point
+    if x.ndim != 2 or qdata.ndim != 3:
+        return f"x {x.ndim}D with a {qdata.ndim}D weight: it takes x [T, K], W [E, N, K]"
+    if x.dtype != torch.bfloat16 or scale.dtype != torch.bfloat16 \
+            or zero.dtype != torch.bfloat16:
+        return f"activations {x.dtype}, scales {scale.dtype}: it takes bf16"
+    g = w.group_size
+    if g < 32 or g & (g - 1) or x.shape[1] % g:
+        return f"group size {g} with K = {x.shape[1]}: it takes a power of two >= 32 dividing K"
+    if x.stride(-1) != 1 or qdata.stride(-1) != 1 or scale.stride(-1) != 1 \
+            or zero.stride() != scale.stride():
+        return ("it needs last-dim-contiguous x, qdata and scales, zero points strided like "
+                "the scales (a sliced weight may not be)")
+    if x.shape[0] * max(x.stride(0), qdata.shape[1]) >= 2**31:
+        return "activations or output too large for the kernel's 32-bit row offsets"
+    return None
+
+
+def _triton_grouped(x, w, offs):
+    from int4tensor.kernels import triton_int4
+
+    return triton_int4.int4_grouped_matmul(x, w.qdata, w.scale, w.zero_point, offs,
+                                           w.group_size)
+
+
 def _reference_grouped_preshuffled(x, w, offs):
     return reference.grouped_mm_dense(x, w.dequantize(x.dtype).transpose(-2, -1), offs, None)
 
@@ -364,6 +394,10 @@ _PLAIN_GROUPED_GEMV, _SHUFFLED_GROUPED_GEMV = _grouped_gemv(False), _grouped_gem
 PLAIN_GROUPED_MM = [
     Candidate("cuda", _grouped_gemv_refusal(GROUPED_GEMV_MAX_ROWS), *_PLAIN_GROUPED_GEMV[:2],
               bind=_PLAIN_GROUPED_GEMV[2]),
+    Candidate("triton", _triton_grouped_why_not,
+              lambda x, w, offs: custom_ops.int4_grouped_mm_triton(
+                  x, w.qdata, w.scale, w.zero_point, offs, w.group_size),
+              _triton_grouped),
     Candidate("reference", _always, reference.grouped_mm),
 ]
 #: the same on a bf16 preshuffled stack (output [T, Np]), our GEMV at every T: the reference

@@ -239,6 +239,26 @@ def _grouped_backward(ctx, grad_out):
 int4_grouped_gemv_cuda.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
 
 
+@torch.library.custom_op("int4tensor::int4_grouped_mm_triton", mutates_args=())
+def int4_grouped_mm_triton(
+    x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+    offs: torch.Tensor, group_size: int,
+) -> torch.Tensor:
+    """:func:`int4_grouped_gemv_cuda` through our Triton tensor-core kernel, for many rows per
+    expert (see triton_int4.int4_grouped_matmul)."""
+    from int4tensor.kernels import triton_int4
+
+    return triton_int4.int4_grouped_matmul(x, qdata, scale, zero_point, offs, group_size)
+
+
+@int4_grouped_mm_triton.register_fake
+def _(x, qdata, scale, zero_point, offs, group_size):
+    return x.new_empty(x.shape[0], qdata.shape[-2])
+
+
+int4_grouped_mm_triton.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
+
+
 @torch.library.custom_op("int4tensor::int4_grouped_gemv_cuda_preshuffled", mutates_args=())
 def int4_grouped_gemv_cuda_preshuffled(
     x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,

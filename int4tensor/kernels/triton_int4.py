@@ -188,3 +188,114 @@ def int4_matmul(
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split_k)
         _int4_matmul_kernel[grid](*args, G=group_size, **cfg)
     return out if split_k == 1 else out.to(x.dtype)
+
+
+# ---- grouped matmul (MoE experts, tokens sorted by expert) ---------------------------------
+@triton.jit
+def _int4_grouped_matmul_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, offs_ptr, out_ptr,
+    T, N, K, E,
+    stride_xm, stride_qe, stride_qn, stride_se, stride_sg, stride_om,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_POW2: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_N output tile of one expert per program, tensor-core dots per group.
+
+    Grid axis 0 walks the row tiles of all experts in order (expert e owns rows offs[e-1] ..
+    offs[e]), then those of the rows past offs[E-1], which belong to no expert and are
+    written as zeros; programs past the last tile return at once. The launch never knows
+    offs: the grid is an upper bound, cdiv(T, BLOCK_M) + E + 1 row tiles."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # the row-tile schedule, from the offsets alone: E + 1 groups (the last: rows past offs)
+    e_idx = tl.arange(0, E_POW2)
+    ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
+    starts = tl.load(offs_ptr + e_idx - 1, mask=(e_idx > 0) & (e_idx < E), other=0)
+    last_end = tl.load(offs_ptr + E - 1)
+    ends = tl.where(e_idx == E, T, ends)
+    starts = tl.where(e_idx == E, last_end, starts)
+    rows = tl.maximum(ends - starts, 0)
+    tiles = (rows + BLOCK_M - 1) // BLOCK_M
+    cum_tiles = tl.cumsum(tiles, 0)
+    if pid_m >= tl.sum(tiles):
+        return
+    e = tl.sum((cum_tiles <= pid_m).to(tl.int32))
+    first_tile = tl.sum(tl.where(e_idx < e, tiles, 0))
+    row0 = tl.sum(tl.where(e_idx == e, starts, 0)) + (pid_m - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(e_idx == e, ends, 0))
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < row_end
+    mask_n = offs_n < N
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if e == E:  # rows routed to no expert
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        return
+
+    offs_n_safe = tl.where(mask_n, offs_n, 0)
+    offs_h = tl.arange(0, G // 2)
+    q_base = q_ptr + e.to(tl.int64) * stride_qe + offs_n_safe[None, :] * stride_qn
+    s_base = s_ptr + e.to(tl.int64) * stride_se + offs_n_safe
+    z_base = z_ptr + e.to(tl.int64) * stride_se + offs_n_safe
+    x_base = x_ptr + offs_m[:, None] * stride_xm
+    for g in range(0, K // G):
+        byte0 = g * (G // 2)
+        q = tl.load(q_base + (byte0 + offs_h)[:, None])  # [G/2, BLOCK_N] int8
+        q16 = q.to(tl.int16)
+        lo = ((q16 & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True)  # bf16 136 + q, even k
+        hi = (((q16 >> 4) & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True)  # odd k
+        x_even_ptrs = x_base + (2 * (byte0 + offs_h))[None, :]
+        x_even = tl.load(x_even_ptrs, mask=mask_m[:, None], other=0.0)
+        x_odd = tl.load(x_even_ptrs + 1, mask=mask_m[:, None], other=0.0)
+        dot = tl.dot(x_even, lo) + tl.dot(x_odd, hi)
+        x_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
+        s = tl.load(s_base + g * stride_sg).to(tl.float32)
+        z = tl.load(z_base + g * stride_sg).to(tl.float32)
+        acc += s[None, :] * dot + (z - 136.0 * s)[None, :] * x_sum[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def pick_grouped_config(rows_per_expert: int, n: int, k: int, group_size: int) -> dict:
+    """Launch configuration of the grouped kernel by the rows an active expert gets on
+    average (the host never reads offs), chosen from device sweeps
+    (``benchmarks/bench_moe.py --sweep``)."""
+    block_m = 32 if rows_per_expert <= 32 else (64 if rows_per_expert <= 64 else 128)
+    return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4 if block_m <= 64 else 8,
+                num_stages=3)
+
+
+def int4_grouped_matmul(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    offs: torch.Tensor,
+    group_size: int,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``out[t] = x[t] @ W[e].T -> [T, N]`` for the rows ``t`` of expert ``e`` (rows
+    ``offs[e-1] .. offs[e]``; rows from ``offs[E-1]`` on come out 0), ``W[e] = q * scale[e] +
+    zero_point[e]`` in the plain layout. offs is read on the GPU only.
+
+    Args:
+        x: bf16 ``[T, K]`` sorted by expert, last dim contiguous.
+        qdata: int8 ``[E, N, K/2]``, last dim contiguous; scale, zero_point: ``[E, K/G, N]``,
+            last dim contiguous, the same strides.
+        offs: int32 ``[E]`` cumulative row counts, on x's device.
+        config: launch parameters (default: :func:`pick_grouped_config`).
+    """
+    t, k = x.shape
+    e, n = qdata.shape[0], qdata.shape[1]
+    rows = -(-t // max(1, min(e, t)))
+    cfg = dict(config or pick_grouped_config(rows, n, k, group_size))
+    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return out
+    grid = (triton.cdiv(t, cfg["BLOCK_M"]) + e + 1, triton.cdiv(n, cfg["BLOCK_N"]))
+    _int4_grouped_matmul_kernel[grid](
+        x, qdata, scale, zero_point, offs, out, t, n, k, e,
+        x.stride(0), qdata.stride(0), qdata.stride(1), scale.stride(0), scale.stride(1),
+        out.stride(0), G=group_size, E_POW2=triton.next_power_of_2(e + 1), **cfg)
+    return out
