@@ -236,21 +236,21 @@ def _int4_grouped_matmul_kernel(
 
     offs_n_safe = tl.where(mask_n, offs_n, 0)
     offs_h = tl.arange(0, G // 2)
-    q_base = q_ptr + e.to(tl.int64) * stride_qe + offs_n_safe[None, :] * stride_qn
+    offs_k = tl.arange(0, G)
+    q_base = q_ptr + e.to(tl.int64) * stride_qe + offs_n_safe[:, None] * stride_qn \
+        + offs_h[None, :]
     s_base = s_ptr + e.to(tl.int64) * stride_se + offs_n_safe
     z_base = z_ptr + e.to(tl.int64) * stride_se + offs_n_safe
-    x_base = x_ptr + offs_m[:, None] * stride_xm
+    x_base = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     for g in range(0, K // G):
-        byte0 = g * (G // 2)
-        q = tl.load(q_base + (byte0 + offs_h)[:, None])  # [G/2, BLOCK_N] int8
-        q16 = q.to(tl.int16)
-        lo = ((q16 & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True)  # bf16 136 + q, even k
-        hi = (((q16 >> 4) & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True)  # odd k
-        x_even_ptrs = x_base + (2 * (byte0 + offs_h))[None, :]
-        x_even = tl.load(x_even_ptrs, mask=mask_m[:, None], other=0.0)
-        x_odd = tl.load(x_even_ptrs + 1, mask=mask_m[:, None], other=0.0)
-        dot = tl.dot(x_even, lo) + tl.dot(x_odd, hi)
-        x_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
+        # packed weights as stored, [BLOCK_N, G/2] int8; even k in the low nibble
+        q = tl.load(q_base + g * (G // 2)).to(tl.int16)
+        lo = ((q & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True)  # bf16 136 + q
+        hi = (((q >> 4) & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True)
+        w = tl.interleave(lo, hi)  # [BLOCK_N, G] in K order
+        x = tl.load(x_base + g * G, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, G]
+        dot = tl.dot(x, tl.trans(w))
+        x_sum = tl.sum(x.to(tl.float32), axis=1)
         s = tl.load(s_base + g * stride_sg).to(tl.float32)
         z = tl.load(z_base + g * stride_sg).to(tl.float32)
         acc += s[None, :] * dot + (z - 136.0 * s)[None, :] * x_sum[:, None]

@@ -94,8 +94,8 @@ def check_direct(x, t, offs, **config):
 @gpu
 @pytest.mark.parametrize("counts", [
     [0, 0, 0, 700, 0, 0, 0, 0],      # one expert takes every row
-    [0, 70, 0, 0, 129, 0, 0, 1],     # empty experts first, between and last
-    [257, 0, 0, 0, 0, 0, 0, 0],      # the first expert, past two 128-row tiles
+    [0, 270, 0, 0, 329, 0, 0, 1],    # empty experts first, between and last
+    [601, 0, 0, 0, 0, 0, 0, 0],      # the first expert, past four 128-row tiles
     [65, 65, 65, 65, 65, 65, 65, 65],
 ])
 def test_empty_and_crowded_experts(counts):
