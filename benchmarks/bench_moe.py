@@ -58,9 +58,11 @@ SHAPES = {
     "gpt-oss-down": ("gpt-oss-20b-like down", 32, 2880, 2880, 4),
 }
 ROUTINGS = 8
-#: launch configurations the sweep times: BLOCK_M, BLOCK_N, num_warps, num_stages
-SWEEP = [(16, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3),
-         (128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 256, 8, 3)]
+#: launch configurations the sweep times: BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT_X
+SWEEP = [(16, 128, 4, 3, False), (64, 128, 4, 3, False), (16, 128, 4, 3, True),
+         (32, 128, 4, 3, True), (64, 64, 4, 3, True), (64, 128, 4, 3, True),
+         (64, 128, 8, 3, True), (128, 128, 8, 3, True), (128, 128, 4, 3, True),
+         (128, 256, 8, 3, True), (64, 256, 8, 3, True), (128, 64, 4, 4, True)]
 
 
 def group_size_for(k: int) -> int:
@@ -216,8 +218,9 @@ def sweep(args) -> None:
             default = triton_int4.pick_grouped_config(
                 cuda_gemv.rows_per_expert(tokens * top_k, e), n, k, g)
             times = {}
-            for bm, bn, warps, stages in SWEEP:
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            for bm, bn, warps, stages, split in SWEEP:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                           SPLIT_X=split)
                 try:
                     out = triton_int4.int4_grouped_matmul(xs[0], t.qdata, t.scale, t.zero_point,
                                                           offs[0], g, cfg)
@@ -229,15 +232,16 @@ def sweep(args) -> None:
                 except Exception as error:  # noqa: BLE001  (out of resources: reported)
                     print(f"  {cfg}: {type(error).__name__} {str(error)[:80]}")
                     continue
-                times[(bm, bn, warps, stages)] = us
+                times[(bm, bn, warps, stages, split)] = us
                 rows.append(dict(model=model, E=e, N=n, K=k, G=g, tokens=tokens,
                                  rows=tokens * top_k, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                 num_stages=stages, us=round(us, 1),
+                                 num_stages=stages, split_x=split, us=round(us, 1),
                                  bf16_grouped_mm_us=round(bf16_us, 1),
                                  speedup=round(bf16_us / us, 2), rel_err=round(err, 5),
                                  is_default=cfg == default))
             best = min(times, key=times.get)
-            dkey = tuple(default[f] for f in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+            dkey = tuple(default.get(f, False) for f in
+                         ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLIT_X"))
             print(f"{model:26s} T={tokens:5d} bf16 {bf16_us:8.1f}  best {best} "
                   f"{times[best]:8.1f} ({bf16_us / times[best]:.2f}x)  default {dkey} "
                   f"{times.get(dkey, float('nan')):8.1f}", flush=True)

@@ -197,6 +197,7 @@ def _int4_grouped_matmul_kernel(
     T, N, K, E,
     stride_xm, stride_qe, stride_qn, stride_se, stride_sg, stride_om,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_POW2: tl.constexpr,
+    SPLIT_X: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile of one expert per program, tensor-core dots per group.
 
@@ -242,15 +243,22 @@ def _int4_grouped_matmul_kernel(
     s_base = s_ptr + e.to(tl.int64) * stride_se + offs_n_safe
     z_base = z_ptr + e.to(tl.int64) * stride_se + offs_n_safe
     x_base = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    x_half_base = x_ptr + offs_m[:, None] * stride_xm + offs_h[None, :]
     for g in range(0, K // G):
         # packed weights as stored, [BLOCK_N, G/2] int8; even k in the low nibble
         q = tl.load(q_base + g * (G // 2)).to(tl.int16)
         lo = ((q & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True)  # bf16 136 + q
         hi = (((q >> 4) & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True)
-        w = tl.interleave(lo, hi)  # [BLOCK_N, G] in K order
-        x = tl.load(x_base + g * G, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, G]
-        dot = tl.dot(x, tl.trans(w))
-        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        if SPLIT_X:  # x's groups arrive as [even k, odd k] halves: two dots, no interleave
+            x_even = tl.load(x_half_base + g * G, mask=mask_m[:, None], other=0.0)
+            x_odd = tl.load(x_half_base + g * G + G // 2, mask=mask_m[:, None], other=0.0)
+            dot = tl.dot(x_even, tl.trans(lo)) + tl.dot(x_odd, tl.trans(hi))
+            x_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
+        else:
+            w = tl.interleave(lo, hi)  # [BLOCK_N, G] in K order
+            x = tl.load(x_base + g * G, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, G]
+            dot = tl.dot(x, tl.trans(w))
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
         s = tl.load(s_base + g * stride_sg).to(tl.float32)
         z = tl.load(z_base + g * stride_sg).to(tl.float32)
         acc += s[None, :] * dot + (z - 136.0 * s)[None, :] * x_sum[:, None]
@@ -293,6 +301,9 @@ def int4_grouped_matmul(
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t == 0:
         return out
+    split_x = cfg.setdefault("SPLIT_X", False)
+    if split_x:  # each group's even K positions, then its odd ones
+        x = x.view(t, k // group_size, group_size // 2, 2).transpose(-1, -2).reshape(t, k)
     grid = (triton.cdiv(t, cfg["BLOCK_M"]) + e + 1, triton.cdiv(n, cfg["BLOCK_N"]))
     _int4_grouped_matmul_kernel[grid](
         x, qdata, scale, zero_point, offs, out, t, n, k, e,

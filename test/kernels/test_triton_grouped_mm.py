@@ -112,6 +112,8 @@ def test_empty_and_crowded_experts(counts):
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, SPLIT_X=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, SPLIT_X=True),
 ])
 def test_every_launch_config_is_right_with_rows_past_the_last_offset(config):
     _, t = experts(8, 200, 1024)
