@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 2048])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--no-preshuffled", action="store_true",
+                        help="skip the preshuffled-layout columns")
     parser.add_argument("--sweep", action="store_true",
                         help="time the Triton grouped kernel's launch configurations")
     args = parser.parse_args()
@@ -103,7 +105,7 @@ def main() -> None:
         t = quantized_stack(w, g)
         wt, tt = w.transpose(-2, -1), t.transpose(-2, -1)
         p = None
-        if fbgemm.is_available():
+        if fbgemm.is_available() and not args.no_preshuffled:
             try:
                 p = Int4PreshuffledTensor.from_int4_tensor(t)
             except Exception as error:  # noqa: BLE001  (reported, the other columns still run)

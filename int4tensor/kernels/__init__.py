@@ -23,9 +23,10 @@ scripts/probe_cuda_gemv.py, scripts/probe_cuda_gemm.py, scripts/probe_fp8.py):
   read dominates there);
 * the preshuffled layout: our GEMV and GEMM reading it, then fbgemm's shuffled kernels;
 * grouped matmul (``aten._grouped_mm``, MoE experts) on the plain layout: our grouped GEMV up
-  to GROUPED_GEMV_MAX_ROWS rows per active expert (offsets read on the GPU), else the
-  reference path (benchmarks/bench_moe.py); on the bf16 preshuffled layout our GEMV reading it
-  at every T (its reference path would unshuffle the stack per call).
+  to GROUPED_GEMV_MAX_ROWS rows per active expert (offsets read on the GPU), our Triton
+  tensor-core grouped kernel up to TRITON_GROUPED_MAX_ROWS, else the reference path
+  (benchmarks/bench_moe.py); on the bf16 preshuffled layout our GEMV reading it at every T
+  (its reference path would unshuffle the stack per call).
 """
 
 from __future__ import annotations
@@ -44,10 +45,15 @@ TRITON_MAX_M = 16
 DENSE_MIN_M = 4096
 FP8_ROWWISE_MIN_M = 64
 #: grouped GEMV up to this many rows per active expert (T / min(E, T): the host never reads
-#: offs); each 16 rows of an expert read its weights once more. At 64 it still beats
-#: dequantizing the stack for the dense op (Mixtral T = 256, DeepSeek-V3 T = 2048); at 128
-#: (Qwen3-30B-A3B T = 2048) it does not (benchmarks/results/bench_moe.csv, H200)
-GROUPED_GEMV_MAX_ROWS = 64
+#: offs; each 16 rows of an expert read its weights once more), our Triton grouped kernel up to
+#: TRITON_GROUPED_MAX_ROWS, the reference path (dequantize + bf16 grouped_mm) above. H200,
+#: benchmarks/results/bench_moe.csv and bench_moe_sweep.csv: at 16 rows the GEMV beats the
+#: Triton kernel (Mixtral 341 vs 457 us, Qwen3 157 vs 237), at 64 the Triton kernel beats
+#: the GEMV (Mixtral 782 vs 1085, DeepSeek-V3 down 3490 vs 4319); at 128 it still beats the
+#: reference (Qwen3 699 vs 795), at 256-512 it does not (gpt-oss 2024 vs 1141, Mixtral 4291
+#: vs 2675). Groups of 64 (which the GEMV refuses) take the Triton kernel up to the same size.
+GROUPED_GEMV_MAX_ROWS = 32
+TRITON_GROUPED_MAX_ROWS = 128
 
 __all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_grouped_mm",
            "int4_linear", "is_eager",
@@ -374,6 +380,11 @@ def _triton_grouped_why_not(call: Call) -> str | None:
                 "the scales (a sliced weight may not be)")
     if x.shape[0] * max(x.stride(0), qdata.shape[1]) >= 2**31:
         return "activations or output too large for the kernel's 32-bit row offsets"
+    rows = cuda_gemv.rows_per_expert(x.shape[0], qdata.shape[0])
+    if rows > TRITON_GROUPED_MAX_ROWS:
+        return (f"{x.shape[0]} rows over {qdata.shape[0]} experts: ~{rows} per active expert, "
+                f"it takes up to {TRITON_GROUPED_MAX_ROWS} (dequantizing for bf16 grouped_mm "
+                f"is faster above)")
     return None
 
 

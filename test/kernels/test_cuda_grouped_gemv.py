@@ -51,13 +51,13 @@ def _call(tokens, e=8, n=256, k=512, g=128):
 
 
 def test_decode_sized_groups_take_the_grouped_gemv():
-    for tokens in (1, 2, 16, 64, 256, 512):  # up to 64 rows per active expert of 8
+    for tokens in (1, 2, 16, 64, 256):  # up to 32 rows per active expert of 8
         assert _call(tokens).backend == "cuda", tokens
 
 
-def test_large_groups_and_unsupported_group_sizes_take_the_reference_with_a_reason():
-    d = _call(8 * 65)
-    assert d.backend == "reference" and "65 per active expert" in dict(d.refused)["cuda"]
+def test_large_groups_and_unsupported_group_sizes_without_triton_take_the_reference():
+    d = _call(8 * 33)
+    assert d.backend == "reference" and "33 per active expert" in dict(d.refused)["cuda"]
     d = _call(4, g=64)
     assert d.backend == "reference" and "G = 64" in dict(d.refused)["cuda"]
     d = decide(describe("grouped_mm", torch.randn(4, 512, dtype=torch.bfloat16),

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from int4tensor import kernels
-from int4tensor.kernels import GROUPED_GEMV_MAX_ROWS, custom_ops, reference
+from int4tensor.kernels import (
+    GROUPED_GEMV_MAX_ROWS, TRITON_GROUPED_MAX_ROWS, custom_ops, reference)
 from int4tensor.kernels.dispatch import decide, describe
 from test.helpers import rel_error
 from test.kernels.test_cuda_grouped_gemv import check, counts_to_offs, experts, routing
@@ -33,26 +34,33 @@ def test_many_rows_per_expert_take_triton_after_the_gemv_refuses():
 
 
 def test_group_size_64_takes_triton_at_every_size():
-    for tokens in (1, 16, 4096):
+    for tokens in (1, 16, 8 * TRITON_GROUPED_MAX_ROWS):
         d = _decide(tokens, g=64)
         assert d.backend == "triton", tokens
     assert "G = 64" in dict(_decide(1, g=64).refused)["cuda"]
 
 
+def test_more_rows_than_triton_takes_go_to_the_reference_path():
+    d = _decide(8 * (TRITON_GROUPED_MAX_ROWS + 1))
+    assert d.backend == "reference"
+    assert f"{TRITON_GROUPED_MAX_ROWS + 1} per active expert" in dict(d.refused)["triton"]
+    assert _decide(8 * TRITON_GROUPED_MAX_ROWS).backend == "triton"
+
+
 def test_refusals_name_their_reason():
     no_triton = dict(H200, features=frozenset({"nvrtc"}))
-    d = _decide(4096, **no_triton)
+    d = _decide(512, **no_triton)
     assert d.backend == "reference" and "triton is not importable" in dict(d.refused)["triton"]
-    d = _decide(4096, dtype=torch.float16)
+    d = _decide(512, dtype=torch.float16)
     assert d.backend == "reference" and "it takes bf16" in dict(d.refused)["triton"]
-    d = _decide(4096, k=544, g=32)  # a 32-wide group: K = 544 is no multiple of 64 either
+    d = _decide(512, k=544, g=32)  # a 32-wide group: K = 544 is no multiple of 64 either
     assert d.backend == "triton"
 
 
 def test_sliced_stacks_keep_triton_it_reads_the_fields_strides():
     _, t = experts(8, 256, 512, device="cpu")
     for sliced in (t[:, :, :256], t[:, 64:192], t[2:6]):
-        x = torch.randn(4096, sliced.shape[-1], dtype=torch.bfloat16)
+        x = torch.randn(100 * sliced.shape[0], sliced.shape[-1], dtype=torch.bfloat16)
         assert decide(describe("grouped_mm", x, sliced, **H200), "plain").backend == "triton"
 
 
