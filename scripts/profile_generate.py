@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--mode", default="int4-prepared")
     parser.add_argument("--cache", default="static")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--sort", default="self_cpu_time_total",
+                        choices=["self_cpu_time_total", "self_cuda_time_total"],
+                        help="torch.profiler table order (self_cuda_time_total: the kernels)")
     parser.add_argument("--torch-profiler", action="store_true")
     args = parser.parse_args()
     model = build_model(args.layers, args.model)
@@ -73,7 +76,7 @@ def main() -> None:
             generate(model, 1, 24, args.cache)
             torch.cuda.synchronize()
         print(f"== {args.mode} {args.cache} cache, 24 new tokens (torch.profiler)", flush=True)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+        print(prof.key_averages().table(sort_by=args.sort, row_limit=args.top))
         return
     profiler = cProfile.Profile()
     profiler.enable()
