@@ -679,6 +679,18 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, op: str, sa=None, sb=None) -> torc
             return kernels.int4_linear(a, stored, None)
         if len(sa) == 3 and sa[0] == sb[0]:
             return kernels.int4_bmm(a, stored)
+    if not dense_a and isinstance(a, Int4Tensor) and not a.is_transposed \
+            and isinstance(b, torch.Tensor) and not isinstance(b, Int4BaseTensor) \
+            and len(sa) == len(sb) and len(sa) in (2, 3) and b.numel() and a.qdata.numel():
+        # W @ x, the weight first: transformers' batched_mm experts (its decode default on GPU)
+        # call torch.bmm(W[expert_ids], x.unsqueeze(-1)); (x^T @ W^T)^T is the kernels' form
+        if len(sa) == 2 or sa[0] == sb[0]:
+            x = b.transpose(-2, -1)
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            _check_activation(x, op)
+            out = kernels.int4_linear(x, a, None) if len(sa) == 2 else kernels.int4_bmm(x, a)
+            return out.transpose(-2, -1)
     dtype = a.dtype if dense_a else (b.dtype if not isinstance(b, Int4BaseTensor) else a.dtype)
     return torch.matmul(_dense(a, dtype), _dense(b, dtype))
 

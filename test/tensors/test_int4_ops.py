@@ -243,11 +243,36 @@ class TestMatmul:
             assert out.shape == (4, 5, 256)
             assert sqnr(ref, out) > 30
 
+    def test_weight_first_bmm_runs_the_kernels_on_the_transposed_activations(self, monkeypatch):
+        """transformers' batched_mm experts (its GPU decode default) call
+        ``torch.bmm(W[expert_ids], x.unsqueeze(-1))``: W @ x is (x^T @ W^T)^T, the kernels'
+        form, not a dequantized stack."""
+        from int4tensor import kernels
+
+        t = quantized((8, 256, 512))
+        ids = torch.tensor([3, 5, 3])
+        picked = t[ids]
+        assert isinstance(picked, Int4Tensor) and picked.shape == (3, 256, 512)
+        calls = []
+        real = kernels.int4_bmm
+        monkeypatch.setattr(kernels, "int4_bmm",
+                            lambda x, w: calls.append((tuple(x.shape), w)) or real(x, w))
+        d = t.dequantize().float()[ids]
+        for m in (1, 4):
+            x = torch.randn(3, 512, m, dtype=torch.bfloat16)
+            out = torch.bmm(picked, x)
+            assert out.shape == (3, 256, m) and out.dtype == torch.bfloat16
+            assert sqnr(torch.bmm(d, x.float()), out) > 30
+            assert calls[-1][0] == (3, m, 512) and calls[-1][1] is picked
+        w2 = quantized((256, 512))
+        y = torch.randn(512, 3, dtype=torch.bfloat16)
+        assert sqnr(w2.dequantize().float() @ y.float(), torch.mm(w2, y)) > 30
+
     def test_products_without_a_kernel_use_the_dense_value(self):
         t = quantized((256, 512))
         d = t.dequantize()
         y = torch.randn(256, 3, dtype=torch.bfloat16)
-        assert torch.equal(t.t() @ y, d.t() @ y)  # int4 on the left
+        assert torch.equal(t.t() @ y, d.t() @ y)  # a transposed int4 view on the left
         z = torch.randn(3, 256, dtype=torch.bfloat16)
         assert torch.equal(z @ t, z @ d)  # contracting over N
         assert torch.equal(F.linear(z, t.t()), F.linear(z, d.t()))
