@@ -48,11 +48,12 @@ FP8_ROWWISE_MIN_M = 64
 #: offs; each 16 rows of an expert read its weights once more), our Triton grouped kernel up to
 #: TRITON_GROUPED_MAX_ROWS, the reference path (dequantize + bf16 grouped_mm) above. H200,
 #: benchmarks/results/bench_moe.csv and bench_moe_sweep.csv: at 16 rows the GEMV beats the
-#: Triton kernel (Mixtral 341 vs 457 us, Qwen3 157 vs 237), at 64 the Triton kernel beats
-#: the GEMV (Mixtral 782 vs 1085, DeepSeek-V3 down 3490 vs 4319); at 128 it still beats the
-#: reference (Qwen3 699 vs 795), at 256-512 it does not (gpt-oss 2024 vs 1141, Mixtral 4291
-#: vs 2675). Groups of 64 (which the GEMV refuses) take the Triton kernel up to the same size.
-GROUPED_GEMV_MAX_ROWS = 32
+#: Triton kernel (Mixtral gate_up 341 vs 457 us), at 32 the Triton kernel beats the GEMV
+#: (Mixtral 547 vs 578, 279 vs 342), at 64 by more (782 vs 1085; DeepSeek-V3 down 3479 vs
+#: 4174); at 128 it still beats the reference (Qwen3 704 vs 795), at 256-512 it does not
+#: (gpt-oss 2024 vs 1155, Mixtral 4291 vs 2704). Groups of 64 (which the GEMV refuses) take
+#: the Triton kernel up to the same size.
+GROUPED_GEMV_MAX_ROWS = 16
 TRITON_GROUPED_MAX_ROWS = 128
 
 __all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_grouped_mm",
