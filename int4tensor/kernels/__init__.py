@@ -396,6 +396,14 @@ def _triton_grouped(x, w, offs):
                                            w.group_size)
 
 
+def _cpu_experts_why_not(call: Call) -> str | None:
+    """The reference path over the active experts only (eager calls; compiled ones dequantize
+    the stack, as the offsets cannot be read while tracing)."""
+    if call.device_type != "cpu":
+        return f"on {call.device_type}: it reads offs on the host (a synchronization there)"
+    return None
+
+
 def _reference_grouped_preshuffled(x, w, offs):
     return reference.grouped_mm_dense(x, w.dequantize(x.dtype).transpose(-2, -1), offs, None)
 
@@ -410,6 +418,8 @@ PLAIN_GROUPED_MM = [
               lambda x, w, offs: custom_ops.int4_grouped_mm_triton(
                   x, w.qdata, w.scale, w.zero_point, offs, w.group_size),
               _triton_grouped),
+    Candidate("cpu_experts", _cpu_experts_why_not, reference.grouped_mm,
+              lambda x, w, offs: reference.grouped_mm_active_experts(x, w, offs)),
     Candidate("reference", _always, reference.grouped_mm),
 ]
 #: the same on a bf16 preshuffled stack (output [T, Np]), our GEMV at every T: the reference

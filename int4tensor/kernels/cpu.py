@@ -31,10 +31,12 @@ import torch
 
 from int4tensor.kernels.dispatch import (
     Call, Candidate, decide, describe, eager_plan, is_eager, register)
+from int4tensor.kernels.reference import grouped_mm_by_expert
 from int4tensor.quant_primitives import pack_int4, unpack_int4
 
 __all__ = ["BMM_CANDIDATES", "INT4MM_MAX_M", "LINEAR_CANDIDATES", "N_ALIGN", "choose",
-           "cpu_bmm", "cpu_linear", "dequantize_t", "explain", "pack", "unpack",
+           "cpu_bmm", "cpu_linear", "dequantize_t", "explain", "grouped_mm_experts", "pack",
+           "unpack",
            "why_not_available"]
 
 #: torch's AVX512 packing works on blocks of 64 output features.
@@ -193,6 +195,24 @@ def bmm_int4mm(x: torch.Tensor, weight) -> torch.Tensor:
         torch.ops.aten._weight_int4pack_mm_for_cpu(x[b], weight.qdata[b], weight.group_size,
                                                    sz[b])[:, :n]
         for b in range(x.shape[0])])
+
+
+def grouped_mm_experts(x: torch.Tensor, weight, offs: torch.Tensor) -> torch.Tensor:
+    """``out[t] = x[t] @ W[e].T -> [T, N]`` for the rows of each expert (``offs [E]``
+    cumulative ends, read on the host: eager CPU calls), one call per active expert: torch's
+    CPU int4 GEMM up to INT4MM_MAX_M rows, else that expert dequantized + the dense GEMM."""
+    sz = _scale_and_zero_for(weight, x.dtype)
+    n, g = weight.stored_n, weight.group_size
+    fast = why_not_available() is None
+    x = x.contiguous()
+
+    def expert_matmul(rows: torch.Tensor, e: int) -> torch.Tensor:
+        if fast and rows.shape[0] <= INT4MM_MAX_M:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight.qdata[e], g,
+                                                              sz[e])[:, :n]
+        return torch.mm(rows, dequantize_t(weight.qdata[e], weight.scale_and_zero[e], g,
+                                           x.dtype)[:, :n])
+    return grouped_mm_by_expert(x, offs, n, expert_matmul)
 
 
 def bmm_dense(x: torch.Tensor, weight) -> torch.Tensor:

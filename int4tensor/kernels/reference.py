@@ -74,6 +74,31 @@ def grouped_mm_dense(a, b, offs, out_dtype):
     return out if out_dtype is None else out.to(out_dtype)
 
 
+def grouped_mm_by_expert(x: torch.Tensor, offs: torch.Tensor, n: int, expert_matmul) -> torch.Tensor:
+    """``out[t] = expert_matmul(x[rows of e], e)`` for each expert ``e`` with rows, ``out [T,
+    n]`` (rows from ``offs[-1]`` on: 0). Reads ``offs`` on the host, so only for CPU tensors
+    (free there; a synchronization on a GPU) and eager calls: one call per active expert, so
+    an MoE decode step touches the routed experts' weights only."""
+    out = x.new_zeros(x.shape[0], n)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        end = min(max(end, start), x.shape[0])
+        if end > start:
+            out[start:end] = expert_matmul(x[start:end], e)
+        start = end
+    return out
+
+
+def grouped_mm_active_experts(x: torch.Tensor, weight, offs: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_mm` dequantizing only the experts that have rows (eager CPU calls)."""
+    g = weight.block_size[-1]
+
+    def expert_matmul(rows: torch.Tensor, e: int) -> torch.Tensor:
+        w = dequantize_int4(weight.qdata[e], weight.scale[e], weight.zero_point[e], g, x.dtype)
+        return F.linear(rows, w)
+    return grouped_mm_by_expert(x, offs, weight.qdata.shape[-2], expert_matmul)
+
+
 def grouped_mm(x: torch.Tensor, weight, offs: torch.Tensor) -> torch.Tensor:
     """``out[t] = x[t] @ W[e].T`` for the rows of expert ``e`` (``offs`` cumulative ends) for a
     stored ``W [E, N, K]``: the weight dequantized to ``x.dtype``, then the dense op."""

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from int4tensor.kernels import cpu
 from int4tensor.quant_primitives import pack_int4
 from int4tensor.tensors.base import Int4BaseTensor, linear_operands, op_args
-from int4tensor.tensors.int4_tensor import Int4Tensor
+from int4tensor.tensors.int4_tensor import Int4Tensor, grouped_mm_impl, pre_scaled_rows
 
 aten = torch.ops.aten
 
@@ -205,6 +205,31 @@ def _(func, args, kwargs):
     if want == 3 and sa[0] != sb[0]:
         raise ValueError(f"bmm: batch sizes differ, {list(sa)} and {list(sb)}")
     return _matmul(a, b, str(func.overloadpacket.__name__))
+
+
+@implements([aten._grouped_mm.default])
+def _(func, args, kwargs):
+    """``_grouped_mm(x [T, K], w.transpose(-2, -1), offs)`` (transformers' ``grouped_mm``
+    experts) on a stored ``[E, N, K]`` stack: eagerly, torch's CPU int4 GEMM per active expert
+    (:func:`cpu.grouped_mm_experts`); anything else (compiled, bias, other operands) the base
+    class's dense path on the dequantized stack."""
+    a, b, offs, bias, out_dtype = op_args(args, kwargs, ("mat_a", None), ("mat_b", None),
+                                          ("offs", None), ("bias", None), ("out_dtype", None))
+    if (isinstance(b, Int4CPUTensor) and not isinstance(a, Int4BaseTensor) and b.is_transposed
+            and a.ndim == 2 and len(_shape(b)) == 3 and offs is not None and bias is None
+            and out_dtype in (None, a.dtype) and cpu.is_eager(a)):
+        _check_activation(a, "grouped_mm")
+        e, k = b.qdata.shape[0], _shape(b)[-2]
+        if a.shape[-1] != k:
+            raise ValueError(f"grouped_mm: activation {list(a.shape)} has K = {a.shape[-1]}, "
+                             f"the expert weights {list(_shape(b))} K = {k}")
+        if offs.dtype != torch.int32 or offs.ndim != 1 or offs.numel() != e:
+            raise ValueError(f"grouped_mm: offs must be int32 [{e}] (cumulative rows per "
+                             f"expert), got {offs.dtype} {list(offs.shape)}")
+        stored = b._stored_weight(_transposed)
+        return cpu.grouped_mm_experts(pre_scaled_rows(a, stored.act_pre_scale, offs), stored,
+                                      offs)
+    return grouped_mm_impl(func, args, kwargs)
 
 
 @implements([aten.addmm.default])

@@ -747,6 +747,15 @@ def _group_of_rows(offs: torch.Tensor, rows: int) -> torch.Tensor:
                               right=True).clamp(max=offs.numel() - 1)
 
 
+def pre_scaled_rows(x: torch.Tensor, pre: torch.Tensor | None, offs: torch.Tensor):
+    """``x [T, K]`` times its expert's ``act_pre_scale [E, K]`` row by row (the expert of a row
+    found from ``offs`` on the device: no host synchronization), or ``x`` without one. The
+    kernels read only q, scale and zero point, so this is how an AWQ-style factor reaches them."""
+    if pre is None:
+        return x
+    return x * pre.to(x.dtype)[_group_of_rows(offs, x.shape[0])]
+
+
 # Registered on the base class: the preshuffled layout (after convert_model_to_packed_tensors_)
 # takes the same reference path through its own dequantize().
 @Int4BaseTensor.implements([aten._grouped_mm.default])
@@ -766,7 +775,8 @@ def grouped_mm_impl(func, args, kwargs):
             and len(_shape(b)) == 3 and offs is not None and bias is None
             and out_dtype in (None, torch.bfloat16) and a.numel() and b.qdata.numel()):
         _check_grouped(a, b, offs)
-        return kernels.int4_grouped_mm(a, _stored(b), offs)
+        return kernels.int4_grouped_mm(pre_scaled_rows(a, b.act_pre_scale, offs), _stored(b),
+                                       offs)
     dense = a if not isinstance(a, Int4BaseTensor) else b
     if isinstance(dense, Int4BaseTensor):
         dtype = a.dtype

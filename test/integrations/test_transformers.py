@@ -511,8 +511,8 @@ def test_moe_runs_with_each_experts_implementation(moe_dir, implementation):
     from int4tensor.kernels import reference
 
     x = torch.randint(0, LLAMA["vocab_size"], (2, 7))
-    real = reference.grouped_mm_dense  # what our aten._grouped_mm runs on a CPU
-    with torch.no_grad(), mock.patch.object(reference, "grouped_mm_dense",
+    real = reference.grouped_mm_by_expert  # what our aten._grouped_mm runs eagerly on a CPU
+    with torch.no_grad(), mock.patch.object(reference, "grouped_mm_by_expert",
                                             side_effect=real) as grouped:
         out = model(x).logits
     ref = dense(x).logits

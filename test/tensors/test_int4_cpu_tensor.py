@@ -146,6 +146,39 @@ class TestCompute:
         assert rel_error(ref, torch.bmm(x, t.mT)) < TOLERANCE[dtype]
         assert rel_error(ref, x @ t.mT) < TOLERANCE[dtype]
 
+    @pytest.mark.parametrize("counts", [[0, 3, 0, 0, 1, 0, 2, 0],  # decode: 3 active experts
+                                        [0, 0, 0, cpu.INT4MM_MAX_M + 5, 0, 0, 0, 0],
+                                        [4, 0, 0, 0, 0, 0, 0, 1]])
+    def test_grouped_mm_runs_each_active_expert_once(self, counts, monkeypatch):
+        """transformers' grouped_mm experts on a converted stack: torch's int4 GEMM per active
+        expert (one dequantized expert above INT4MM_MAX_M rows), never the whole stack."""
+        plain, t = pair((8, 96, 256), 64)
+        tail = 3  # rows past offs[-1]: no expert's, 0
+        x = torch.randn(sum(counts) + tail, 256, dtype=torch.bfloat16)
+        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32)
+        dequantized = []
+        real = cpu.dequantize_t
+        monkeypatch.setattr(cpu, "dequantize_t",
+                            lambda q, *a: dequantized.append(tuple(q.shape)) or real(q, *a))
+        out = F.grouped_mm(x, t.transpose(-2, -1), offs=offs)
+        assert out.shape == (x.shape[0], 96) and out.dtype == torch.bfloat16
+        ref = torch._grouped_mm(x, plain.dequantize().transpose(-2, -1), offs=offs)
+        used = sum(counts)
+        assert rel_error(ref[:used], out[:used]) < 1e-2 and not out[used:].any()
+        big = sum(c > cpu.INT4MM_MAX_M for c in counts)
+        assert len(dequantized) == big and all(len(s) == 2 for s in dequantized)
+
+    def test_grouped_mm_applies_each_experts_pre_scale(self):
+        plain, _ = pair((4, 96, 256), 64)
+        pre = torch.rand(4, 256, dtype=torch.bfloat16) + 0.5
+        plain = Int4Tensor(plain.qdata, plain.scale, plain.zero_point, plain.block_size,
+                           plain.shape, act_pre_scale=pre)
+        t = Int4CPUTensor.from_int4_tensor(plain)
+        x = torch.randn(9, 256, dtype=torch.bfloat16)
+        offs = torch.tensor([2, 2, 6, 9], dtype=torch.int32)
+        ref = torch._grouped_mm(x, plain.dequantize().transpose(-2, -1), offs=offs)
+        assert rel_error(ref, F.grouped_mm(x, t.transpose(-2, -1), offs=offs)) < 1e-2
+
     def test_act_pre_scale(self):
         plain, _ = pair()
         pre_scale = torch.rand(256, dtype=torch.bfloat16) + 0.5

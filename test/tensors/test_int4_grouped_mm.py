@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from int4tensor import Int4WeightOnlyConfig
 from int4tensor.kernels.reference import grouped_mm_padded as _grouped_mm_padded
+from test.helpers import rel_error
 
 E, N, K, T = 4, 48, 64, 12
 OFFS = {
@@ -96,3 +97,50 @@ def test_cuda_matches_dense(dtype):
     out = F.grouped_mm(x, q.transpose(-2, -1), offs=offs)
     ref = _grouped_mm_padded(x.float(), q.dequantize(torch.float32).transpose(-2, -1), offs)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=5e-2)
+
+
+def test_eager_cpu_calls_dequantize_only_the_active_experts(monkeypatch):
+    """A CPU decode step routes a token to a few experts: only theirs are dequantized."""
+    from int4tensor import kernels
+    from int4tensor.kernels import reference
+
+    q = Int4WeightOnlyConfig(group_size=32).quantize_weight(
+        torch.randn(16, N, K, dtype=torch.bfloat16))
+    x = torch.randn(5, K, dtype=torch.bfloat16)
+    offs = torch.tensor([0] * 3 + [2] * 6 + [4] * 6 + [5], dtype=torch.int32)  # experts 2, 8, 15
+    assert kernels.explain_call("grouped_mm", x, q).backend == "cpu_experts"
+    shapes = []
+    real = reference.dequantize_int4
+    monkeypatch.setattr(reference, "dequantize_int4",
+                        lambda qd, *a: shapes.append(tuple(qd.shape)) or real(qd, *a))
+    out = F.grouped_mm(x, q.transpose(-2, -1), offs=offs)
+    assert shapes == [(N, K // 2)] * 3  # three experts, one at a time
+    ref = torch._grouped_mm(x, q.dequantize().transpose(-2, -1), offs=offs)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_act_pre_scale_is_applied_per_expert(compiled):
+    """An AWQ-style ``act_pre_scale [E, K]`` multiplies each row by its own expert's factors
+    (the kernels read only q, scale and zero point)."""
+    from int4tensor import Int4Tensor
+
+    p = _expert_stack(torch.bfloat16)
+    pre = torch.rand(E, K, dtype=torch.bfloat16) + 0.5
+    q = Int4Tensor(p.qdata, p.scale, p.zero_point, p.block_size, p.shape, act_pre_scale=pre)
+    x = torch.randn(T, K, dtype=torch.bfloat16)
+    offs = torch.tensor(OFFS["tail_unused"], dtype=torch.int32)
+
+    def f(x, w, offs):
+        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+    if compiled:
+        torch._dynamo.reset()
+        f = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = f(x, q, offs)
+    ref = torch._grouped_mm(x, q.dequantize().transpose(-2, -1), offs=offs)
+    assert rel_error(ref[:9], out[:9]) < 1e-2  # x * pre is rounded to bf16 before the kernel
+    if not compiled:  # rows of no expert: 0 from the per-expert path; torch's op leaves them
+        assert not out[9:].any()
+    unscaled = torch._grouped_mm(x, p.dequantize().transpose(-2, -1), offs=offs)
+    assert (out[:9].float() - unscaled[:9].float()).abs().max() > 0.1  # the factor mattered
