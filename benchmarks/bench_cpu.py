@@ -1,6 +1,6 @@
 """int4 on a CPU: linear layers by M, and transformers ``generate()`` end to end, bf16 vs int4.
 
-    python benchmarks/bench_cpu.py [--part linear generate] [--out benchmarks/results]
+    python benchmarks/bench_cpu.py [--part linear generate moe] [--out benchmarks/results]
 
 Part ``linear``: wall time per ``F.linear(x, W)`` call with bf16 activations and G = 128 on
 three Llama-shaped weights, for several M, of
@@ -22,6 +22,12 @@ prompt for 48 new tokens; tokens/s = 48 / wall time (the prefill included), medi
 in bf16, with every nn.Linear quantized (Int4WeightOnlyConfig: plain layout, the reference
 path; 8 new tokens, one run: it is slow), and after convert_model_to_packed_tensors_
 (Int4CPUTensor).
+
+Part ``moe``: ``F.grouped_mm`` on MoE expert stacks (Qwen3-30B-A3B's, a Mixtral-8x7B one) at
+T = 1, 4, 16 tokens routed top-k: bf16, the plain stack, the converted (Int4CPUTensor) stack,
+and at T = 1 the whole-stack reference path that aten._grouped_mm ran before (bench_cpu_moe.csv).
+Part ``moe-generate``: ``generate()`` on a small Qwen3-MoE-shaped model, bf16 vs int4 plain vs
+converted (bench_cpu_moe_generate.csv).
 
 The load average (``os.getloadavg``) before and after each part is printed and stored: on a
 shared machine, figures taken under load are slower and noisier.
@@ -187,6 +193,105 @@ def bench_generate(out_dir: str, new_tokens: int = 48, prompt_len: int = 16) -> 
     return rows
 
 
+#: MoE expert stacks [E, N, K] and top-k (Qwen3-30B-A3B's, Mixtral-8x7B's fused gate/up)
+MOE_SHAPES = [("Qwen3-30B-A3B gate_up", 128, 1536, 2048, 8),
+              ("Qwen3-30B-A3B down", 128, 2048, 768, 8),
+              ("Mixtral-8x7B down", 8, 4096, 14336, 2)]
+MOE_TOKENS = [1, 4, 16]
+
+
+def bench_moe(out_dir: str) -> list[dict]:
+    """``F.grouped_mm(x, w.transpose(-2, -1), offs=offs)`` (transformers' ``grouped_mm``
+    experts, its CPU decode path) on expert stacks, T tokens routed top-k uniformly: bf16, the
+    plain Int4Tensor stack, the Int4CPUTensor stack (per active expert: torch's int4 GEMM), and
+    the whole-stack reference path they replaced (dequantize every expert, then torch's op)."""
+    from int4tensor.kernels import reference
+
+    print(f"\n## MoE experts, F.grouped_mm ({load()})")
+    rows = []
+    for model, e, n, k, top_k in MOE_SHAPES:
+        torch.manual_seed(0)
+        w = torch.randn(e, n, k, dtype=torch.bfloat16) * 0.02
+        plain = Int4WeightOnlyConfig(group_size=128).quantize_weight(w)
+        fast = convert_to_packed_tensor_based_on_current_hardware(plain)
+        for tokens in MOE_TOKENS:
+            choice = torch.rand(tokens, e).argsort(dim=1)[:, :top_k]
+            offs = torch.bincount(choice.flatten(), minlength=e).cumsum(0).to(torch.int32)
+            x = torch.randn(tokens * top_k, k, dtype=torch.bfloat16)
+            fns = {"bf16": lambda: F.grouped_mm(x, w.transpose(-2, -1), offs=offs),
+                   "int4_plain": lambda: F.grouped_mm(x, plain.transpose(-2, -1), offs=offs),
+                   "int4_cpu_layout": lambda: F.grouped_mm(x, fast.transpose(-2, -1), offs=offs)}
+            if tokens == 1:  # the replaced path: slow, timed once per shape
+                fns["whole_stack_reference"] = lambda: reference.grouped_mm(x, plain, offs)
+            ms = time_interleaved(fns, budget_s=1.0, min_rounds=3)
+            ref = torch._grouped_mm(x, plain.dequantize().transpose(-2, -1), offs=offs)
+            err = float((F.grouped_mm(x, fast.transpose(-2, -1), offs=offs).float()
+                         - ref.float()).norm() / ref.float().norm())
+            row = {"model": model, "E": e, "N": n, "K": k, "top_k": top_k, "tokens": tokens,
+                   **{f"{name}_ms": round(v, 3) for name, v in ms.items()},
+                   "cpu_layout_vs_bf16": round(ms["bf16"] / ms["int4_cpu_layout"], 2),
+                   "plain_vs_bf16": round(ms["bf16"] / ms["int4_plain"], 2),
+                   "cpu_layout_rel_err": round(err, 5)}
+            rows.append(row)
+            print(f"{model:24s} T={tokens:3d}  bf16 {ms['bf16']:8.2f} ms  int4 plain "
+                  f"{ms['int4_plain']:8.2f}  int4 CPU layout {ms['int4_cpu_layout']:8.2f} "
+                  f"({row['cpu_layout_vs_bf16']:.2f}x bf16)"
+                  + (f"  whole-stack reference {ms['whole_stack_reference']:9.1f}"
+                     if "whole_stack_reference" in ms else "") + f"  ({load()})", flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    write_csv(os.path.join(out_dir, "bench_cpu_moe.csv"), _comment(), rows)
+    return rows
+
+
+def bench_moe_generate(out_dir: str, new_tokens: int = 32, prompt_len: int = 16) -> list[dict]:
+    """``generate()`` on a small Qwen3-MoE-shaped model (hidden 1024, 4 layers, 64 experts of
+    768, top 8, vocabulary 32000: transformers' ``grouped_mm`` experts), batch 1: bf16, every
+    nn.Linear and both expert stacks quantized (plain), then converted (Int4CPUTensor)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    print(f"\n## generate(), Qwen3MoeForCausalLM small, batch 1 ({load()})")
+    config = Qwen3MoeConfig(vocab_size=32000, hidden_size=1024, intermediate_size=3072,
+                            moe_intermediate_size=768, num_experts=64, num_experts_per_tok=8,
+                            num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                            head_dim=64, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
+    params = sum(p.numel() for p in model.parameters())
+    prompt = torch.randint(0, 32000, (1, prompt_len))
+
+    def tokens_per_s(repeats: int, tokens: int = new_tokens) -> float:
+        def run(n):
+            with torch.no_grad():
+                return model.generate(prompt, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, pad_token_id=0)
+        run(4)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run(tokens)
+            times.append(time.perf_counter() - t)
+        return tokens / statistics.median(times)
+
+    rows = [{"model": "bf16", "params": params, "tokens_per_s": round(tokens_per_s(3), 2)}]
+    config = Int4WeightOnlyConfig(group_size=128)
+    quantize_(model, config)
+    quantize_(model, {"re:.*experts\\.(gate_up_proj|down_proj)": config})
+    assert isinstance(model.model.layers[0].mlp.experts.gate_up_proj, Int4Tensor)
+    rows.append({"model": "int4 plain", "params": params,
+                 "tokens_per_s": round(tokens_per_s(1, 8), 2)})
+    convert_model_to_packed_tensors_(model)
+    assert isinstance(model.model.layers[0].mlp.experts.gate_up_proj, Int4CPUTensor)
+    rows.append({"model": "int4 Int4CPUTensor", "params": params,
+                 "tokens_per_s": round(tokens_per_s(3), 2)})
+    for row in rows:
+        row["vs_bf16"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
+        print(f"{row['model']:20s} {row['tokens_per_s']:8.2f} tokens/s ({row['vs_bf16']:.2f}x "
+              f"bf16; {params / 1e6:.0f}M parameters, {load()})", flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    write_csv(os.path.join(out_dir, "bench_cpu_moe_generate.csv"), _comment(), rows)
+    return rows
+
+
 def _comment() -> str:
     return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch "
             f"{torch.__version__}, {torch.get_num_threads()} threads, "
@@ -195,13 +300,17 @@ def _comment() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", nargs="+", default=["linear", "generate"],
-                        choices=["linear", "generate"])
+    parser.add_argument("--part", nargs="+", default=["linear", "generate", "moe"],
+                        choices=["linear", "generate", "moe", "moe-generate"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
     print(f"# bench_cpu: {_comment()}")
     if "linear" in args.part:
         bench_linear(args.out)
+    if "moe" in args.part:
+        bench_moe(args.out)
+    if "moe-generate" in args.part:
+        bench_moe_generate(args.out)
     if "generate" in args.part and "linear" in args.part:
         # a fresh process: after the linear part, generate() in the same process measured
         # 2-18x slower for every model (bf16 too) in two runs on the shared machine (not
