@@ -185,6 +185,13 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
             return _linear(a, stored, None)
         if len(sa) == 3 and sa[0] == sb[0]:
             return _bmm(a, stored)
+    if isinstance(a, Int4CPUTensor) and not a.is_transposed \
+            and not isinstance(b, Int4BaseTensor) and len(sa) == len(sb) \
+            and (len(sa) == 2 or (len(sa) == 3 and sa[0] == sb[0])):
+        # W @ y with the stored weight first (batched_mm experts): (y^T @ W^T)^T on the kernels
+        _check_activation(b, op)
+        x = b.transpose(-2, -1)
+        return (_linear(x, a, None) if len(sa) == 2 else _bmm(x, a)).transpose(-2, -1)
     dtype = a.dtype if dense_a else (b.dtype if not isinstance(b, Int4BaseTensor) else a.dtype)
     dense = [t.dequantize(dtype) if isinstance(t, Int4BaseTensor) else t for t in (a, b)]
     return torch.matmul(*dense)

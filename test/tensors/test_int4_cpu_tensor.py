@@ -179,6 +179,22 @@ class TestCompute:
         ref = torch._grouped_mm(x, plain.dequantize().transpose(-2, -1), offs=offs)
         assert rel_error(ref, F.grouped_mm(x, t.transpose(-2, -1), offs=offs)) < 1e-2
 
+    @pytest.mark.parametrize("m", [1, 3])
+    def test_weight_first_bmm_and_mm_run_the_int4_kernels(self, m, monkeypatch):
+        """``torch.bmm(W[expert_ids], x.unsqueeze(-1))`` (transformers' batched_mm experts)."""
+        plain, t = pair((8, 96, 256), 64)
+        ids = torch.tensor([6, 1, 6])
+        calls = []
+        real = cpu.cpu_bmm
+        monkeypatch.setattr(cpu, "cpu_bmm", lambda x, w: calls.append(x.shape) or real(x, w))
+        y = torch.randn(3, 256, m, dtype=torch.bfloat16)
+        out = torch.bmm(t[ids], y)
+        assert out.shape == (3, 96, m) and calls == [(3, m, 256)]
+        ref = torch.bmm(plain.dequantize().double()[ids], y.double())
+        assert rel_error(ref, out) < 1e-2
+        y2 = torch.randn(256, m, dtype=torch.bfloat16)
+        assert rel_error(plain.dequantize().double()[2] @ y2.double(), torch.mm(t[2], y2)) < 1e-2
+
     def test_act_pre_scale(self):
         plain, _ = pair()
         pre_scale = torch.rand(256, dtype=torch.bfloat16) + 0.5
