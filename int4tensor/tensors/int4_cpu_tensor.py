@@ -16,7 +16,8 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from int4tensor.kernels import cpu
 from int4tensor.quant_primitives import pack_int4
 from int4tensor.tensors.base import Int4BaseTensor, linear_operands, op_args
-from int4tensor.tensors.int4_tensor import Int4Tensor, grouped_mm_impl, pre_scaled_rows
+from int4tensor.tensors.int4_tensor import (
+    Int4Tensor, grouped_mm_impl, pre_scaled_rows, weight_first_activation)
 
 aten = torch.ops.aten
 
@@ -190,7 +191,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
             and (len(sa) == 2 or (len(sa) == 3 and sa[0] == sb[0])):
         # W @ y with the stored weight first (batched_mm experts): (y^T @ W^T)^T on the kernels
         _check_activation(b, op)
-        x = b.transpose(-2, -1)
+        x = weight_first_activation(b)
         return (_linear(x, a, None) if len(sa) == 2 else _bmm(x, a)).transpose(-2, -1)
     dtype = a.dtype if dense_a else (b.dtype if not isinstance(b, Int4BaseTensor) else a.dtype)
     dense = [t.dequantize(dtype) if isinstance(t, Int4BaseTensor) else t for t in (a, b)]

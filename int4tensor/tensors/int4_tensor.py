@@ -653,6 +653,15 @@ def _stored(b: "Int4Tensor") -> "Int4Tensor":
     return b._stored_weight(_transposed)
 
 
+def weight_first_activation(y: torch.Tensor) -> torch.Tensor:
+    """``y [.., K, M]`` of ``W @ y`` as the kernels' rows ``[.., M, K]``, row-contiguous with
+    canonical strides: ``y.unsqueeze(-1).transpose(-2, -1)`` is contiguous but keeps a row
+    stride of 1, which the GEMV's 16-byte row alignment check refuses (``view`` recomputes
+    it)."""
+    x = y.transpose(-2, -1)
+    return x.view(x.shape) if x.is_contiguous() else x.contiguous()
+
+
 def _matmul(a: torch.Tensor, b: torch.Tensor, op: str, sa=None, sb=None) -> torch.Tensor:
     """Dense-semantics ``a @ b`` where either operand may be an Int4Tensor (``sa``, ``sb``:
     their shapes, when the caller has them).
@@ -685,9 +694,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, op: str, sa=None, sb=None) -> torc
         # W @ x, the weight first: transformers' batched_mm experts (its decode default on GPU)
         # call torch.bmm(W[expert_ids], x.unsqueeze(-1)); (x^T @ W^T)^T is the kernels' form
         if len(sa) == 2 or sa[0] == sb[0]:
-            x = b.transpose(-2, -1)
-            if x.stride(-1) != 1:
-                x = x.contiguous()
+            x = weight_first_activation(b)
             _check_activation(x, op)
             out = kernels.int4_linear(x, a, None) if len(sa) == 2 else kernels.int4_bmm(x, a)
             return out.transpose(-2, -1)

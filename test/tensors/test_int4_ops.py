@@ -264,6 +264,14 @@ class TestMatmul:
             assert out.shape == (3, 256, m) and out.dtype == torch.bfloat16
             assert sqnr(torch.bmm(d, x.float()), out) > 30
             assert calls[-1][0] == (3, m, 512) and calls[-1][1] is picked
+        # the rows the kernels get: what our GEMV takes on an H100 (row stride K, not 1)
+        from int4tensor.kernels.dispatch import decide, describe
+        from int4tensor.tensors.int4_tensor import weight_first_activation
+
+        rows = weight_first_activation(torch.randn(3, 512, dtype=torch.bfloat16).unsqueeze(-1))
+        assert rows.shape == (3, 1, 512) and rows.stride() == (512, 512, 1)
+        h100 = dict(device_type="cuda", capability=(9, 0), features=frozenset({"nvrtc"}))
+        assert decide(describe("bmm", rows, picked, **h100), "plain").backend == "cuda"
         w2 = quantized((256, 512))
         y = torch.randn(512, 3, dtype=torch.bfloat16)
         assert sqnr(w2.dequantize().float() @ y.float(), torch.mm(w2, y)) > 30
