@@ -597,6 +597,31 @@ def test_cuda_quantize_on_load_save_reload_generate(llama_dir, tmp_path, device_
     assert (out == ref).float().mean() > 0.8
 
 
+def test_cpu_moe_after_conversion_generates_through_each_active_expert(moe_dir):
+    """On a CPU, transformers decodes with grouped_mm experts; after
+    convert_model_to_packed_tensors_ each routed expert runs torch's int4 GEMM once (the
+    whole-stack dequantize took ~300x bf16's time on Qwen3-30B-A3B's stacks)."""
+    from int4tensor import Int4CPUTensor, convert_model_to_packed_tensors_
+    from int4tensor.kernels import cpu, reference
+
+    model = _quantized_on_load(moe_dir)
+    dense = dequantized_copy(moe_dir, model)
+    prompt = torch.randint(0, LLAMA["vocab_size"], (1, 5))
+    convert_model_to_packed_tensors_(model)
+    stack = model.model.layers[0].mlp.experts.gate_up_proj
+    converted = cpu.why_not_available() is None
+    assert isinstance(stack, Int4CPUTensor) == converted
+    spy = (cpu, "grouped_mm_experts") if converted else (reference, "grouped_mm_by_expert")
+    real = getattr(*spy)
+    with torch.no_grad(), mock.patch.object(*spy, side_effect=real) as per_expert:
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        assert sqnr(dense(out).logits, model(out).logits) > 30
+    assert per_expert.call_count >= 2 * LLAMA["num_hidden_layers"] * 6  # both stacks, each step
+    with torch.no_grad():
+        ref = dense.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert (out == ref).float().mean() > 0.8
+
+
 @pytest.mark.gpu
 def test_cuda_moe_grouped_mm_and_packed_conversion(moe_dir):
     from int4tensor import convert_model_to_packed_tensors_
