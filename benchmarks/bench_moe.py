@@ -82,6 +82,21 @@ def routing(tokens: int, e: int, top_k: int, gen: torch.Generator) -> torch.Tens
     return torch.cumsum(counts, 0).to(torch.int32).cuda()
 
 
+def expert_stacks(e: int, n: int, k: int, g: int):
+    """(bf16 ``[E, N, K]`` stack, its Int4Tensor), seeded: the same weights in every run."""
+    torch.manual_seed(0)
+    w = torch.randn(e, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    return w, quantized_stack(w, g)
+
+
+def routed_inputs(tokens: int, e: int, k: int, top_k: int, gen: torch.Generator):
+    """ROUTINGS pairs of (offs, x sorted by expert) for ``tokens`` tokens routed top-k."""
+    offs = [routing(tokens, e, top_k, gen) for _ in range(ROUTINGS)]
+    xs = [torch.randn(tokens * top_k, k, dtype=torch.bfloat16, device="cuda")
+          for _ in range(ROUTINGS)]
+    return offs, xs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 2048])
@@ -100,9 +115,7 @@ def main() -> None:
     for key in args.shapes:
         model, e, n, k, top_k = SHAPES[key]
         g = group_size_for(k)
-        torch.manual_seed(0)
-        w = torch.randn(e, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-        t = quantized_stack(w, g)
+        w, t = expert_stacks(e, n, k, g)
         wt, tt = w.transpose(-2, -1), t.transpose(-2, -1)
         p = None
         if fbgemm.is_available() and not args.no_preshuffled:
@@ -113,9 +126,7 @@ def main() -> None:
         expert_bytes = n * k // 2 + 2 * 2 * n * (k // g)
         gen = torch.Generator().manual_seed(1)
         for tokens in args.tokens:
-            offs = [routing(tokens, e, top_k, gen) for _ in range(ROUTINGS)]
-            xs = [torch.randn(tokens * top_k, k, dtype=torch.bfloat16, device="cuda")
-                  for _ in range(ROUTINGS)]
+            offs, xs = routed_inputs(tokens, e, k, top_k, gen)
             active = sum(int((torch.diff(o, prepend=o.new_zeros(1)) > 0).sum()) for o in offs)
             active_bytes = active / ROUTINGS * expert_bytes
             backend = kernels.explain_call("grouped_mm", xs[0], t).backend
@@ -205,15 +216,11 @@ def sweep(args) -> None:
     for key in args.shapes:
         model, e, n, k, top_k = SHAPES[key]
         g = group_size_for(k)
-        torch.manual_seed(0)
-        w = torch.randn(e, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-        t = quantized_stack(w, g)
+        w, t = expert_stacks(e, n, k, g)
         wt = w.transpose(-2, -1)
         gen = torch.Generator().manual_seed(1)
         for tokens in args.tokens:
-            offs = [routing(tokens, e, top_k, gen) for _ in range(ROUTINGS)]
-            xs = [torch.randn(tokens * top_k, k, dtype=torch.bfloat16, device="cuda")
-                  for _ in range(ROUTINGS)]
+            offs, xs = routed_inputs(tokens, e, k, top_k, gen)
             dq = reference.grouped_mm(xs[0], t, offs[0])
             bf16_us = graph_time_us([lambda x=x, o=o: torch._grouped_mm(x, wt, offs=o)
                                      for x, o in zip(xs, offs)])

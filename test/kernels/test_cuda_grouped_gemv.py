@@ -173,11 +173,12 @@ def test_cuda_graph_replays_read_new_offsets():
         assert torch.equal(out, ref), counts
 
 
-@gpu
-def test_compiled_grouped_mm_matches_eager_without_graph_breaks():
-    _, t = experts(8, 512, 1024)
-    x = torch.randn(10, 1024, dtype=torch.bfloat16, device="cuda")
-    offs = counts_to_offs([1, 0, 4, 0, 0, 3, 2, 0])
+def assert_compiled_matches_eager(counts, k=1024):
+    """``torch.compile(fullgraph=True)`` of transformers' grouped_mm call on an int4 stack
+    equals the eager call, for the routing ``counts`` (which sets the backend)."""
+    _, t = experts(len(counts), 512, k)
+    x = torch.randn(sum(counts), k, dtype=torch.bfloat16, device="cuda")
+    offs = counts_to_offs(counts)
 
     def f(x, w, offs):
         return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
@@ -188,20 +189,31 @@ def test_compiled_grouped_mm_matches_eager_without_graph_breaks():
     assert torch.equal(compiled(x, t, offs), eager)
 
 
-@gpu
-def test_custom_op_passes_opcheck_and_gives_the_activation_gradient():
-    _, t = experts(4, 256, 512)
-    x = torch.randn(6, 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
-    offs = counts_to_offs([1, 2, 0, 3])
+def assert_opcheck_and_gradient(op, counts, forward):
+    """``op`` (a grouped custom op) passes opcheck, and ``forward(x, t, offs)`` gives the
+    activation gradient of the dense grouped matmul."""
+    _, t = experts(len(counts), 256, 512)
+    x = torch.randn(sum(counts), 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    offs = counts_to_offs(counts)
     args = (x.detach(), t.qdata, t.scale, t.zero_point, offs, 128)
-    torch.library.opcheck(custom_ops.int4_grouped_gemv_cuda, args,
-                          test_utils=("test_schema", "test_faketensor"))
-    out = F.grouped_mm(x, t.transpose(-2, -1), offs=offs)
-    out.float().square().sum().backward()
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    forward(x, t, offs).float().square().sum().backward()
     xr = x.detach().float().requires_grad_()
     reference.grouped_mm_padded(xr, t.dequantize(torch.float32).transpose(-2, -1),
                                 offs).square().sum().backward()
     assert rel_error(xr.grad, x.grad) < 2e-2
+
+
+@gpu
+def test_compiled_grouped_mm_matches_eager_without_graph_breaks():
+    assert_compiled_matches_eager([1, 0, 4, 0, 0, 3, 2, 0])
+
+
+@gpu
+def test_custom_op_passes_opcheck_and_gives_the_activation_gradient():
+    assert_opcheck_and_gradient(custom_ops.int4_grouped_gemv_cuda, [1, 2, 0, 3],
+                                lambda x, t, offs: F.grouped_mm(x, t.transpose(-2, -1),
+                                                                offs=offs))
 
 
 # ---- the preshuffled layout (convert_model_to_packed_tensors_ on Hopper) -----------------------

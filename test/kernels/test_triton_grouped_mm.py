@@ -12,7 +12,9 @@ from int4tensor.kernels import (
     GROUPED_GEMV_MAX_ROWS, TRITON_GROUPED_MAX_ROWS, custom_ops, reference)
 from int4tensor.kernels.dispatch import decide, describe
 from test.helpers import rel_error
-from test.kernels.test_cuda_grouped_gemv import check, counts_to_offs, experts, routing
+from test.kernels.test_cuda_grouped_gemv import (
+    assert_compiled_matches_eager, assert_opcheck_and_gradient, check, counts_to_offs, experts,
+    routing)
 
 gpu = pytest.mark.gpu
 H200 = dict(device_type="cuda", capability=(9, 0), features=frozenset({"nvrtc", "triton"}))
@@ -163,30 +165,12 @@ def test_cuda_graph_replays_read_new_offsets():
 
 @gpu
 def test_compiled_grouped_mm_matches_eager_without_graph_breaks():
-    _, t = experts(8, 512, 1024)
-    x = torch.randn(800, 1024, dtype=torch.bfloat16, device="cuda")
-    offs = counts_to_offs([100, 0, 400, 0, 0, 150, 150, 0])
-
-    def f(x, w, offs):
-        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
-
-    eager = f(x, t, offs)
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
-    assert torch.equal(compiled(x, t, offs), eager)
+    assert_compiled_matches_eager([100, 0, 400, 0, 0, 150, 150, 0])  # ~100 rows per expert
 
 
 @gpu
 def test_custom_op_passes_opcheck_and_gives_the_activation_gradient():
-    _, t = experts(4, 256, 512)
-    x = torch.randn(600, 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
-    offs = counts_to_offs([100, 200, 0, 300])
-    args = (x.detach(), t.qdata, t.scale, t.zero_point, offs, 128)
-    torch.library.opcheck(custom_ops.int4_grouped_mm_triton, args,
-                          test_utils=("test_schema", "test_faketensor"))
-    out = custom_ops.int4_grouped_mm_triton(x, *args[1:])
-    out.float().square().sum().backward()
-    xr = x.detach().float().requires_grad_()
-    reference.grouped_mm_padded(xr, t.dequantize(torch.float32).transpose(-2, -1),
-                                offs).square().sum().backward()
-    assert rel_error(xr.grad, x.grad) < 2e-2
+    assert_opcheck_and_gradient(
+        custom_ops.int4_grouped_mm_triton, [100, 200, 0, 300],
+        lambda x, t, offs: custom_ops.int4_grouped_mm_triton(x, t.qdata, t.scale, t.zero_point,
+                                                             offs, 128))
