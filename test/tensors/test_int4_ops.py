@@ -264,6 +264,15 @@ class TestMatmul:
             assert out.shape == (3, 256, m) and out.dtype == torch.bfloat16
             assert sqnr(torch.bmm(d, x.float()), out) > 30
             assert calls[-1][0] == (3, m, 512) and calls[-1][1] is picked
+        # compiled (transformers compiles its static-cache decode step): the same route
+        calls.clear()
+        torch._dynamo.reset()
+        step = torch.compile(lambda w, ids, x: torch.bmm(w[ids], x.unsqueeze(-1)).squeeze(-1),
+                             backend="aot_eager", fullgraph=True)
+        x1 = torch.randn(3, 512, dtype=torch.bfloat16)
+        out = step(t, ids, x1)
+        assert calls and calls[-1][0] == (3, 1, 512)
+        assert sqnr(torch.bmm(d, x1.float().unsqueeze(-1)).squeeze(-1), out) > 30
         # the rows the kernels get: what our GEMV takes on an H100 (row stride K, not 1)
         from int4tensor.kernels.dispatch import decide, describe
         from int4tensor.tensors.int4_tensor import weight_first_activation
