@@ -389,6 +389,11 @@ def _triton_grouped_why_not(call: Call) -> str | None:
     return None
 
 
+def _triton_grouped_op(x, w, offs):
+    return custom_ops.int4_grouped_mm_triton(x, w.qdata, w.scale, w.zero_point, offs,
+                                             w.group_size)
+
+
 def _triton_grouped(x, w, offs):
     from int4tensor.kernels import triton_int4
 
@@ -414,18 +419,17 @@ _PLAIN_GROUPED_GEMV, _SHUFFLED_GROUPED_GEMV = _grouped_gemv(False), _grouped_gem
 PLAIN_GROUPED_MM = [
     Candidate("cuda", _grouped_gemv_refusal(GROUPED_GEMV_MAX_ROWS), *_PLAIN_GROUPED_GEMV[:2],
               bind=_PLAIN_GROUPED_GEMV[2]),
-    Candidate("triton", _triton_grouped_why_not,
-              lambda x, w, offs: custom_ops.int4_grouped_mm_triton(
-                  x, w.qdata, w.scale, w.zero_point, offs, w.group_size),
-              _triton_grouped),
+    Candidate("triton", _triton_grouped_why_not, _triton_grouped_op, _triton_grouped),
+    # eager CPU calls read offs on the host; traced ones cannot, and dequantize the stack
     Candidate("cpu_experts", _cpu_experts_why_not, reference.grouped_mm,
-              lambda x, w, offs: reference.grouped_mm_active_experts(x, w, offs)),
+              reference.grouped_mm_active_experts),
     Candidate("reference", _always, reference.grouped_mm),
 ]
 #: the same on a bf16 preshuffled stack (output [T, Np]), our GEMV at every T: the reference
 #: path would unshuffle the stack on every call (3-11x slower than the GEMV at T = 2048,
-#: bench_moe.csv, the forced-GEMV column). fbgemm's bf16i4bf16_shuffled_grouped is no candidate: it ignores zero
-#: points (symmetric weights only; relative error 0.34 on ours, H200), see docs/kernels.md
+#: bench_moe_session8.csv, the forced-GEMV column). fbgemm's bf16i4bf16_shuffled_grouped is
+#: no candidate: it ignores zero points (symmetric weights only; relative error 0.34 on ours,
+#: H200), see docs/kernels.md
 PRESHUFFLED_GROUPED_MM = [
     Candidate("cuda", _grouped_gemv_refusal(None), *_SHUFFLED_GROUPED_GEMV[:2],
               bind=_SHUFFLED_GROUPED_GEMV[2]),
