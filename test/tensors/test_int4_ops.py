@@ -284,6 +284,13 @@ class TestMatmul:
         w2 = quantized((256, 512))
         y = torch.randn(512, 3, dtype=torch.bfloat16)
         assert sqnr(w2.dequantize().float() @ y.float(), torch.mm(w2, y)) > 30
+        # an act_pre_scale [E, K] goes along with the gather and multiplies the rows
+        pre = torch.rand(8, 512, dtype=torch.bfloat16) + 0.5
+        scaled = Int4Tensor(t.qdata, t.scale, t.zero_point, t.block_size, t.shape,
+                            act_pre_scale=pre)
+        y3 = torch.randn(3, 512, 2, dtype=torch.bfloat16)
+        assert sqnr(torch.bmm(scaled.dequantize().float()[ids], y3.float()),
+                    torch.bmm(scaled[ids], y3)) > 30
 
     def test_products_without_a_kernel_use_the_dense_value(self):
         t = quantized((256, 512))
