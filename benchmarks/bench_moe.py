@@ -225,7 +225,7 @@ def sweep(args) -> None:
             bf16_us = graph_time_us([lambda x=x, o=o: torch._grouped_mm(x, wt, offs=o)
                                      for x, o in zip(xs, offs)])
             default = triton_int4.pick_grouped_config(
-                cuda_gemv.rows_per_expert(tokens * top_k, e), n, k, g)
+                cuda_gemv.rows_per_expert(tokens * top_k, e))
             times = {}
             for bm, bn, warps, stages, split in SWEEP:
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,

@@ -17,27 +17,16 @@ import pstats
 import time
 
 import torch
-from torch import nn
 
 from int4tensor import Int4WeightOnlyConfig, prepare_for_compile, quantize_
-
-
-class Stack(nn.Module):
-    def __init__(self, layers: int):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(256, 256, bias=False) for _ in range(layers))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
+from test.helpers import LinearStack  # the test suite's model, so the probe measures the same
 
 
 def measure(mode: str, layers: int, device: str) -> dict:
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     torch.manual_seed(0)
-    model = Stack(layers).to(device=device, dtype=torch.bfloat16)
+    model = LinearStack(layers).to(device=device, dtype=torch.bfloat16)
     if mode != "bf16":
         quantize_(model, Int4WeightOnlyConfig())
     if mode == "prepared":
@@ -53,7 +42,7 @@ def measure(mode: str, layers: int, device: str) -> dict:
         for _ in range(50):
             compiled(x)
         profiler.disable()
-        (entry,) = _debug_get_cache_entry_list(Stack.forward.__code__)
+        (entry,) = _debug_get_cache_entry_list(LinearStack.forward.__code__)
         frame = {"self": model, "x": x}
         checked = entry.guard_manager.check_verbose(frame)
         start = time.perf_counter()

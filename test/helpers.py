@@ -52,3 +52,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class LinearStack(torch.nn.Module):
+    """``layers`` bias-free 256x256 linears applied in turn: the smallest model whose compiled
+    graph holds one weight per layer (guard counts, host cost per weight)."""
+
+    def __init__(self, layers: int):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Linear(256, 256, bias=False) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x

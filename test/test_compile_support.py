@@ -10,6 +10,7 @@ from torch import nn
 from int4tensor import (Int4Tensor, Int4WeightOnlyConfig, explain, load_file,
                         prepare_for_compile, quantize_, save_file)
 from int4tensor.compile_support import is_prepared_for_compile
+from test.helpers import LinearStack
 
 
 def model_and_input(seed=0):
@@ -130,23 +131,12 @@ def test_compiled_fullgraph_matches_eager_and_explain_names_the_weights():
     assert all(e.backend == "reference" for e in report)  # on this CPU
 
 
-class _Stack(nn.Module):
-    def __init__(self, layers: int):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(256, 256, bias=False) for _ in range(layers))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
 def _guards_per_call(layers: int, mode: str) -> int:
     """Guards dynamo evaluates per call of a compiled stack of ``layers`` linears."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     torch.manual_seed(0)
-    model = _Stack(layers).to(torch.bfloat16)
+    model = LinearStack(layers).to(torch.bfloat16)
     if mode != "bf16":
         quantize_(model, Int4WeightOnlyConfig())
     if mode == "prepared":
@@ -155,7 +145,7 @@ def _guards_per_call(layers: int, mode: str) -> int:
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(model, backend="eager", fullgraph=True)(x)
-        (entry,) = _debug_get_cache_entry_list(_Stack.forward.__code__)
+        (entry,) = _debug_get_cache_entry_list(LinearStack.forward.__code__)
         checked = entry.guard_manager.check_verbose({"self": model, "x": x})
         assert checked.result, checked.verbose_code_parts  # all guards ran and passed
         return checked.num_guards_executed

@@ -216,8 +216,7 @@ def int4_grouped_gemv_cuda(
     return cuda_gemv.int4_grouped_gemv(x, qdata, scale, zero_point, offs, group_size)
 
 
-@int4_grouped_gemv_cuda.register_fake
-def _(x, qdata, scale, zero_point, offs, group_size):
+def _grouped_fake(x, qdata, scale, zero_point, offs, group_size):  # x [T, K], W [E, N, K]
     return x.new_empty(x.shape[0], qdata.shape[-2])
 
 
@@ -251,11 +250,6 @@ def int4_grouped_mm_triton(
     return triton_int4.int4_grouped_matmul(x, qdata, scale, zero_point, offs, group_size)
 
 
-@int4_grouped_mm_triton.register_fake
-def _(x, qdata, scale, zero_point, offs, group_size):
-    return x.new_empty(x.shape[0], qdata.shape[-2])
-
-
 int4_grouped_mm_triton.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
 
 
@@ -270,9 +264,6 @@ def int4_grouped_gemv_cuda_preshuffled(
                                        shuffled=True)
 
 
-@int4_grouped_gemv_cuda_preshuffled.register_fake
-def _(x, qdata, group_scale, group_zero, offs, group_size):
-    return x.new_empty(x.shape[0], qdata.shape[-2])
 
 
 def _fake(x, qdata, scale, zero_point, group_size):  # x [M, K] or [B, M, K]
@@ -298,3 +289,5 @@ for _op in (int4_matmul_triton, int4_gemv_cuda, int4_gemm_cuda, int4_matmul_fbge
     _op.register_autograd(_backward, setup_context=_setup_context)
 for _op in (int4_gemv_cuda_preshuffled, int4_gemm_cuda_preshuffled):
     _op.register_fake(_fake)  # like fbgemm's shuffled ops: no autograd
+for _op in (int4_grouped_gemv_cuda, int4_grouped_mm_triton, int4_grouped_gemv_cuda_preshuffled):
+    _op.register_fake(_grouped_fake)

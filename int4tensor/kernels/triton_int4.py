@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from int4tensor.kernels import cuda_gemv
+
 
 @triton.jit
 def _int4_gemv_kernel(
@@ -265,7 +267,7 @@ def _int4_grouped_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def pick_grouped_config(rows_per_expert: int, n: int, k: int, group_size: int) -> dict:
+def pick_grouped_config(rows_per_expert: int) -> dict:
     """Launch configuration of the grouped kernel by the rows an active expert gets on
     average (the host never reads offs), chosen from device sweeps
     (``benchmarks/bench_moe.py --sweep``)."""
@@ -299,8 +301,7 @@ def int4_grouped_matmul(
     """
     t, k = x.shape
     e, n = qdata.shape[0], qdata.shape[1]
-    rows = -(-t // max(1, min(e, t)))
-    cfg = dict(config or pick_grouped_config(rows, n, k, group_size))
+    cfg = dict(config or pick_grouped_config(cuda_gemv.rows_per_expert(t, e)))
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t == 0:
         return out

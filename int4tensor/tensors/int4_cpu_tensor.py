@@ -17,7 +17,7 @@ from int4tensor.kernels import cpu
 from int4tensor.quant_primitives import pack_int4
 from int4tensor.tensors.base import Int4BaseTensor, linear_operands, op_args
 from int4tensor.tensors.int4_tensor import (
-    Int4Tensor, grouped_mm_impl, pre_scaled_rows, weight_first_activation)
+    Int4Tensor, check_grouped, grouped_mm_impl, pre_scaled_rows, weight_first_activation)
 
 aten = torch.ops.aten
 
@@ -227,13 +227,7 @@ def _(func, args, kwargs):
             and a.ndim == 2 and len(_shape(b)) == 3 and offs is not None and bias is None
             and out_dtype in (None, a.dtype) and cpu.is_eager(a)):
         _check_activation(a, "grouped_mm")
-        e, k = b.qdata.shape[0], _shape(b)[-2]
-        if a.shape[-1] != k:
-            raise ValueError(f"grouped_mm: activation {list(a.shape)} has K = {a.shape[-1]}, "
-                             f"the expert weights {list(_shape(b))} K = {k}")
-        if offs.dtype != torch.int32 or offs.ndim != 1 or offs.numel() != e:
-            raise ValueError(f"grouped_mm: offs must be int32 [{e}] (cumulative rows per "
-                             f"expert), got {offs.dtype} {list(offs.shape)}")
+        check_grouped(a, _shape(b), offs)
         stored = b._stored_weight(_transposed)
         return cpu.grouped_mm_experts(pre_scaled_rows(a, stored.act_pre_scale, offs), stored,
                                       offs)

@@ -18,7 +18,7 @@ from int4tensor import kernels
 from int4tensor.tensors.base import Int4BaseTensor, op_args
 from int4tensor.quant_primitives import pack_int4
 from int4tensor.tensors.int4_tensor import ACTIVATION_DTYPES, Int4Tensor, _block_problem, \
-    _check_grouped, _stored_shape, grouped_mm_impl
+    _stored_shape, check_grouped, grouped_mm_impl
 
 aten = torch.ops.aten
 
@@ -372,7 +372,7 @@ def _(func, args, kwargs):
             and a.ndim == 2 and b.qdata.ndim == 3 and offs is not None and bias is None
             and out_dtype in (None, torch.bfloat16) and a.numel() and b.qdata.numel()):
         b._require_fbgemm("grouped_mm")
-        _check_grouped(a, b, offs)
+        check_grouped(a, tuple(b.shape), offs)
         stored = b._stored_weight(_transposed) if kernels.is_eager(a) else _transposed(b)
         return kernels.int4_grouped_mm(a, stored, offs)
     return grouped_mm_impl(func, args, kwargs)

@@ -736,13 +736,13 @@ def _(func, args, kwargs):
 # reference); every other combination has dense semantics on the dequantized weights.
 
 
-def _check_grouped(x: torch.Tensor, b: "Int4Tensor", offs: torch.Tensor) -> None:
-    """What ``_grouped_mm(x [T, K], b [E, K, N], offs [E])`` needs (the dense op's own errors,
-    raised before a kernel reads ``offs``)."""
-    e, k = b.qdata.shape[0], 2 * b.qdata.shape[-1]
+def check_grouped(x: torch.Tensor, weight_shape, offs: torch.Tensor) -> None:
+    """What ``_grouped_mm(x [T, K], b [E, K, N], offs [E])`` needs, for ``b`` of logical shape
+    ``weight_shape`` (the dense op's own errors, raised before a kernel reads ``offs``)."""
+    e, k = weight_shape[0], weight_shape[-2]
     if x.shape[-1] != k:
         raise ValueError(f"grouped_mm: activation {list(x.shape)} has K = {x.shape[-1]}, the "
-                         f"expert weights {list(_shape(b))} K = {k}")
+                         f"expert weights {list(weight_shape)} K = {k}")
     if offs.dtype != torch.int32 or offs.ndim != 1 or offs.numel() != e \
             or offs.device != x.device:
         raise ValueError(f"grouped_mm: offs must be int32 [{e}] on {x.device} (cumulative rows "
@@ -781,7 +781,7 @@ def grouped_mm_impl(func, args, kwargs):
             and b.activation_dtype == "bf16" and a.dtype == torch.bfloat16 and a.ndim == 2
             and len(_shape(b)) == 3 and offs is not None and bias is None
             and out_dtype in (None, torch.bfloat16) and a.numel() and b.qdata.numel()):
-        _check_grouped(a, b, offs)
+        check_grouped(a, _shape(b), offs)
         return kernels.int4_grouped_mm(pre_scaled_rows(a, b.act_pre_scale, offs), _stored(b),
                                        offs)
     dense = a if not isinstance(a, Int4BaseTensor) else b

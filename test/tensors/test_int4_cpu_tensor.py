@@ -168,6 +168,15 @@ class TestCompute:
         big = sum(c > cpu.INT4MM_MAX_M for c in counts)
         assert len(dequantized) == big and all(len(s) == 2 for s in dequantized)
 
+    def test_grouped_mm_refuses_bad_operands_by_name(self):
+        _, t = pair((4, 96, 256), 64)
+        x = torch.randn(6, 256, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match=r"offs must be int32 \[4\]"):
+            F.grouped_mm(x, t.transpose(-2, -1), offs=torch.tensor([1, 2, 3, 6]))
+        with pytest.raises(ValueError, match="K = 128, the expert weights"):
+            F.grouped_mm(x[:, :128], t.transpose(-2, -1),
+                         offs=torch.tensor([1, 2, 3, 6], dtype=torch.int32))
+
     def test_grouped_mm_applies_each_experts_pre_scale(self):
         plain, _ = pair((4, 96, 256), 64)
         pre = torch.rand(4, 256, dtype=torch.bfloat16) + 0.5
