@@ -20,6 +20,9 @@ rest is the host's.
 Modes: ``bf16``; ``int4``: ``quantize_(model, Int4WeightOnlyConfig(group_size=128))`` on every
 ``nn.Linear``; ``int4-prepared``: the same after ``int4tensor.prepare_for_compile(model)``;
 ``preshuffled`` / ``preshuffled-prepared``: after ``convert_model_to_packed_tensors_``.
+MoE models: ``quantize_`` keeps int4 expert stacks on transformers' grouped experts forward
+while decoding (bf16 decodes with ``batched_mm``, transformers' own switch);
+``--experts batched_mm`` makes the int4 model decode with ``batched_mm`` too.
 """
 
 from __future__ import annotations
@@ -140,6 +143,8 @@ def prepared_model(args, mode: str, cache: str):
     model = build_model(args.layers, args.model)
     if mode != "bf16":
         quantize_model(model)
+    if mode != "bf16" and args.experts != "default":
+        model.set_experts_implementation(args.experts)
     if mode.startswith("preshuffled"):
         convert_model_to_packed_tensors_(model)
     if mode.endswith("prepared"):
@@ -150,16 +155,18 @@ def prepared_model(args, mode: str, cache: str):
     return model
 
 
-def measure_one(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
-    """One (mode, cache, batch) in this process: build, quantize, time, profile."""
-    return per_token(prepared_model(args, mode, cache), batch, cache, args.tokens,
-                     not args.no_profile)
+def measure_one(args, mode: str, cache: str, batch: int) -> tuple[float, float, str]:
+    """One (mode, cache, batch) in this process: build, quantize, time, profile; and the
+    experts implementation it decoded with."""
+    model = prepared_model(args, mode, cache)
+    return (*per_token(model, batch, cache, args.tokens, not args.no_profile),
+            decode_experts(model))
 
 
 def measure_ab(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
     """bf16 and ``mode`` in one process, their timed runs interleaved (bf16, mode, bf16, ...):
     the host's speed, which differs between processes on a shared machine, changes both alike.
-    Returns (bf16 ms, mode ms) per token; no profiling."""
+    Returns (bf16 ms, mode ms) per token and each one's experts implementation; no profiling."""
     models = {"bf16": prepared_model(args, "bf16", cache), mode: prepared_model(args, mode, cache)}
     n = args.tokens
     for model in models.values():  # warm-up, as per_token does
@@ -172,7 +179,7 @@ def measure_ab(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
                 times[name][tokens].append(wall_s(lambda: generate(model, batch, tokens, cache)))
     med = {name: {t: sorted(v)[len(v) // 2] for t, v in ts.items()} for name, ts in times.items()}
     per = {name: (m[n] - m[8]) / (n - 8) * 1e3 for name, m in med.items()}
-    return per["bf16"], per[mode]
+    return per["bf16"], per[mode], {name: decode_experts(m) for name, m in models.items()}
 
 
 def main() -> None:
@@ -186,9 +193,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+",
                         default=["bf16", "int4", "int4-prepared", "preshuffled-prepared"])
     parser.add_argument("--user-compile", action="store_true")
+    parser.add_argument("--experts", default="default", choices=["default", "batched_mm"],
+                        help="MoE: the int4 model's experts implementation (default: ours)")
     parser.add_argument("--tokens", type=int, default=72)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="bench_generate", help="CSV file name, no suffix")
     parser.add_argument("--one", nargs=3, metavar=("MODE", "CACHE", "BATCH"),
                         help=argparse.SUPPRESS)  # a child process's single measurement
     parser.add_argument("--ab", action="store_true",
@@ -199,8 +209,8 @@ def main() -> None:
         return _main_ab(args)
     if args.one:
         mode, cache, batch = args.one
-        wall, gpu = measure_one(args, mode, cache, int(batch))
-        print("RESULT " + json.dumps({"wall": wall, "gpu": gpu}), flush=True)
+        wall, gpu, experts = measure_one(args, mode, cache, int(batch))
+        print("RESULT " + json.dumps({"wall": wall, "gpu": gpu, "experts": experts}), flush=True)
         return
     caches = list(dict.fromkeys(list(args.cache) + (["user-compile"] if args.user_compile else [])))
     rows, bf16 = [], {}
@@ -212,12 +222,13 @@ def main() -> None:
                 # A fresh process per measurement: nothing compiled, cached or profiled before
                 # (a profiler pass or an earlier model in the same process could change the
                 # host cost of what is timed after it).
-                wall, gpu = _child(args, mode, cache, batch)
+                wall, gpu, experts = _child(args, mode, cache, batch)
                 key = (cache, batch)
                 if mode == "bf16":
                     bf16[key] = wall
                 speedup = bf16[key] / wall if key in bf16 else float("nan")
-                rows.append(dict(mode=mode, cache=cache, batch=batch, ms_per_token=round(wall, 3),
+                rows.append(dict(mode=mode, cache=cache, batch=batch, experts=experts,
+                                 ms_per_token=round(wall, 3),
                                  gpu_ms_per_token=round(gpu, 3),
                                  tokens_per_s=round(batch * 1e3 / wall, 1),
                                  speedup_vs_bf16=round(speedup, 3)))
@@ -235,9 +246,10 @@ def _main_ab(args) -> None:
             if mode.endswith("prepared") and cache == "dynamic":
                 continue
             for batch in args.batch:
-                bf16, wall = measure_ab(args, mode, cache, batch)
+                bf16, wall, experts = measure_ab(args, mode, cache, batch)
                 for name, ms in (("bf16", bf16), (mode, wall)):
-                    rows.append(dict(mode=name, cache=cache, batch=batch, ms_per_token=round(ms, 3),
+                    rows.append(dict(mode=name, cache=cache, batch=batch,
+                                     experts=experts[name], ms_per_token=round(ms, 3),
                                      gpu_ms_per_token=float("nan"),
                                      tokens_per_s=round(batch * 1e3 / ms, 1),
                                      speedup_vs_bf16=round(bf16 / ms, 3), same_process=True))
@@ -247,15 +259,23 @@ def _main_ab(args) -> None:
                 torch.cuda.empty_cache()
 
 
-def _child(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
+def decode_experts(model) -> str:
+    """The experts implementation ``model`` decodes with on a GPU ("" without experts)."""
+    if not any(name.endswith(".experts") for name, _ in model.named_modules()):
+        return ""
+    with model._optimize_model_for_decode():  # transformers' switch, as generate() applies it
+        return model.config._experts_implementation
+
+
+def _child(args, mode: str, cache: str, batch: int) -> tuple[float, float, str]:
     command = [sys.executable, os.path.abspath(__file__), "--layers", str(args.layers),
-               "--model", args.model, "--tokens", str(args.tokens),
-               "--one", mode, cache, str(batch)] + (["--no-profile"] if args.no_profile else [])
+               "--model", args.model, "--tokens", str(args.tokens), "--experts", args.experts,
+               "--one", mode, cache, str(batch), "--name", args.name] + (["--no-profile"] if args.no_profile else [])
     done = subprocess.run(command, capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
-            return result["wall"], result["gpu"]
+            return result["wall"], result["gpu"], result["experts"]
     raise RuntimeError(f"{mode} {cache} batch {batch} failed (exit {done.returncode}):\n"
                        f"{done.stderr[-4000:]}")
 
@@ -267,7 +287,7 @@ def _write(args, rows: list[dict]) -> None:
     comment = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
                f"{transformers.__version__}, {args.model} shape with {args.layers} layers, "
                f"prompt {PROMPT}, {args.tokens} new tokens, {datetime.date.today()}")
-    write_csv(os.path.join(args.out, "bench_generate.csv"), comment, rows)
+    write_csv(os.path.join(args.out, args.name + ".csv"), comment, rows)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ from int4tensor.serialization import (
 )
 from int4tensor.tensors import Int4BaseTensor
 
-__all__ = ["Int4TensorConfig", "Int4TensorHfQuantizer"]
+__all__ = ["Int4TensorConfig", "Int4TensorHfQuantizer", "EXPERTS_IMPLEMENTATION",
+           "keep_grouped_experts_"]
 
 QUANT_METHOD = native_format.QUANT_METHOD
 _SEP = native_format.FIELD_SEPARATOR
@@ -312,6 +313,7 @@ class Int4TensorHfQuantizer(HfQuantizer):
             module._parameters[pname] = nn.Parameter(t, requires_grad=False)
         self._pending = []
         _describe_quantization(model)
+        keep_grouped_experts_(model)
         return model
 
     # -- saving --------------------------------------------------------------------------------
@@ -347,6 +349,7 @@ class Int4TensorHfQuantizer(HfQuantizer):
             if "extra_repr" in module.__dict__:
                 del module.extra_repr
         model.__dict__.pop("get_memory_footprint", None)
+        _restore_grouped_experts(model)
         return model
 
 
@@ -461,6 +464,60 @@ def attach_quantizer_(model: nn.Module, config=None) -> None:
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     _describe_quantization(model)
+    keep_grouped_experts_(model)
+
+
+# ---- MoE experts: keep the grouped kernels while decoding --------------------------------------
+EXPERTS_IMPLEMENTATION = "int4tensor_grouped_mm"
+"""The name under which transformers' own ``grouped_mm`` experts forward is registered for
+models whose expert stacks are int4 (see :func:`keep_grouped_experts_`)."""
+
+
+def _has_int4_expert_stacks(model: nn.Module) -> bool:
+    return any(isinstance(p, Int4BaseTensor) and p.ndim == 3 for p in model.parameters())
+
+
+def keep_grouped_experts_(model: nn.Module) -> bool:
+    """Keep a model with int4 expert stacks on the grouped experts path while it decodes.
+
+    transformers' ``generate()`` replaces ``experts_implementation="grouped_mm"`` with
+    ``"batched_mm"`` for its decoding loop on any non-CPU device. ``batched_mm`` runs
+    ``torch.bmm(W[expert_ids], x)``: it copies every selected expert's weights (one copy per
+    routed token) before the product, three weight reads where the grouped kernels make one
+    (``aten._grouped_mm`` on an int4 stack reads only the active experts). This renames the
+    model's ``"grouped_mm"`` entries to :data:`EXPERTS_IMPLEMENTATION`, the same transformers
+    function registered under our name, which the decode switch leaves alone; an explicit
+    choice (``batched_mm``, ``eager``, ...) is kept. Called by ``from_pretrained`` with
+    :class:`Int4TensorConfig` and by ``quantize_`` on a transformers model; undone by
+    ``model.dequantize()``. Returns whether anything changed.
+    """
+    current = getattr(model, "get_experts_implementation", None)
+    if current is None or not _has_int4_expert_stacks(model):
+        return False
+    current = current()
+    if "grouped_mm" not in current.values() or not _register_experts_implementation():
+        return False
+    model.set_experts_implementation(
+        {k: EXPERTS_IMPLEMENTATION if v == "grouped_mm" else v for k, v in current.items()})
+    return True
+
+
+def _restore_grouped_experts(model: nn.Module) -> None:
+    current = getattr(model, "get_experts_implementation", None)
+    if current is not None and EXPERTS_IMPLEMENTATION in current().values():
+        model.set_experts_implementation(
+            {k: "grouped_mm" if v == EXPERTS_IMPLEMENTATION else v for k, v in current().items()})
+
+
+def _register_experts_implementation() -> bool:
+    """Whether this transformers has the experts interface (5.x) and now knows our name."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+    except ImportError:
+        return False
+    if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, grouped_mm_experts_forward)
+    return True
 
 
 def _register() -> None:
@@ -472,6 +529,7 @@ def _register() -> None:
     if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not Int4TensorHfQuantizer:
         auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         register_quantizer(QUANT_METHOD)(Int4TensorHfQuantizer)
+    _register_experts_implementation()
 
 
 _register()

@@ -520,6 +520,45 @@ def test_moe_runs_with_each_experts_implementation(moe_dir, implementation):
     assert grouped.called == (implementation == "grouped_mm")
 
 
+def _decode_implementation(model) -> str:
+    """The experts implementation generate() would decode with on a GPU (transformers swaps
+    ``grouped_mm`` for ``batched_mm`` on any non-CPU device; the device is faked here)."""
+    with mock.patch.object(type(model), "device", torch.device("cuda")), \
+            model._optimize_model_for_decode():
+        return model.config._experts_implementation
+
+
+def test_moe_int4_stacks_keep_the_grouped_experts_while_decoding(moe_dir):
+    """batched_mm would copy each selected expert (W[expert_ids]) every decode step; the grouped
+    kernels read only the active experts, so int4 stacks stay on transformers' grouped forward."""
+    from int4tensor.integrations.transformers import EXPERTS_IMPLEMENTATION
+
+    dense = _load(moe_dir)
+    assert _decode_implementation(dense) == "batched_mm"  # what transformers does to bf16
+    model = _quantized_on_load(moe_dir)
+    assert model.config._experts_implementation == EXPERTS_IMPLEMENTATION
+    assert _decode_implementation(model) == EXPERTS_IMPLEMENTATION
+    x = torch.randint(0, LLAMA["vocab_size"], (1, 5))
+    with torch.no_grad():
+        assert sqnr(dequantized_copy(moe_dir, model)(x).logits, model(x).logits) > 40
+    model.dequantize()
+    assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_moe_quantized_with_quantize_keeps_grouped_experts_but_not_an_explicit_choice(moe_dir):
+    from int4tensor.integrations.transformers import EXPERTS_IMPLEMENTATION
+
+    stacks = {"re:.*experts\\.(gate_up_proj|down_proj)": CFG}
+    model = _load(moe_dir)
+    quantize_(model, CFG, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != "lm_head")
+    assert model.config._experts_implementation == "grouped_mm"  # no int4 stacks yet
+    quantize_(model, stacks)
+    assert _decode_implementation(model) == EXPERTS_IMPLEMENTATION
+    chosen = _load(moe_dir, experts_implementation="batched_mm")
+    quantize_(chosen, stacks)
+    assert chosen.config._experts_implementation == "batched_mm"
+
+
 # ---- compressed-tensors exports as transformers loads them ------------------------------------
 def _dense_with(path, weights):
     dense = _load(path)
