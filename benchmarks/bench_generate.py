@@ -21,8 +21,12 @@ Modes: ``bf16``; ``int4``: ``quantize_(model, Int4WeightOnlyConfig(group_size=12
 ``nn.Linear``; ``int4-prepared``: the same after ``int4tensor.prepare_for_compile(model)``;
 ``preshuffled`` / ``preshuffled-prepared``: after ``convert_model_to_packed_tensors_``.
 MoE models: ``quantize_`` keeps int4 expert stacks on transformers' grouped experts forward
-while decoding (bf16 decodes with ``batched_mm``, transformers' own switch);
-``--experts batched_mm`` makes the int4 model decode with ``batched_mm`` too.
+while decoding; bf16 decodes with ``batched_mm`` (transformers' own switch on a GPU).
+``--experts grouped_mm`` sets the int4 model back to plain ``grouped_mm``, so transformers
+switches it to ``batched_mm`` for decoding too (what the package did before);
+``--bf16-experts grouped`` keeps bf16 on the grouped forward while decoding as well (the
+stronger bf16 baseline at batch 8, not what transformers does by default). The CSV's
+``experts`` column says what each row decoded with.
 """
 
 from __future__ import annotations
@@ -145,6 +149,10 @@ def prepared_model(args, mode: str, cache: str):
         quantize_model(model)
     if mode != "bf16" and args.experts != "default":
         model.set_experts_implementation(args.experts)
+    if mode == "bf16" and args.bf16_experts == "grouped" and decode_experts(model):
+        from int4tensor.integrations.transformers import EXPERTS_IMPLEMENTATION
+
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)  # grouped, no decode switch
     if mode.startswith("preshuffled"):
         convert_model_to_packed_tensors_(model)
     if mode.endswith("prepared"):
@@ -193,8 +201,10 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+",
                         default=["bf16", "int4", "int4-prepared", "preshuffled-prepared"])
     parser.add_argument("--user-compile", action="store_true")
-    parser.add_argument("--experts", default="default", choices=["default", "batched_mm"],
+    parser.add_argument("--experts", default="default", choices=["default", "grouped_mm"],
                         help="MoE: the int4 model's experts implementation (default: ours)")
+    parser.add_argument("--bf16-experts", default="default", choices=["default", "grouped"],
+                        help="MoE: bf16 decodes with batched_mm (default) or grouped_mm")
     parser.add_argument("--tokens", type=int, default=72)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
@@ -270,6 +280,7 @@ def decode_experts(model) -> str:
 def _child(args, mode: str, cache: str, batch: int) -> tuple[float, float, str]:
     command = [sys.executable, os.path.abspath(__file__), "--layers", str(args.layers),
                "--model", args.model, "--tokens", str(args.tokens), "--experts", args.experts,
+               "--bf16-experts", args.bf16_experts,
                "--one", mode, cache, str(batch), "--name", args.name] + (["--no-profile"] if args.no_profile else [])
     done = subprocess.run(command, capture_output=True, text=True)
     for line in done.stdout.splitlines():

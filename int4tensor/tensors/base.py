@@ -112,8 +112,8 @@ class Int4BaseTensor(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             try:
                 return func(*args, **kwargs)
-            except NotImplementedError:
-                raise
+            except (NotImplementedError, torch.OutOfMemoryError):
+                raise  # an OOM inside a supported op is not an unsupported op
             except RuntimeError as e:
                 # Composite functions (torch.fft.fft, ...) check dtypes in C++ before any aten
                 # op reaches __torch_dispatch__; name the op instead of torch's internal error.

@@ -402,6 +402,16 @@ class TestGarbageIsRefused:
         with pytest.raises(NotImplementedError, match="Int4Tensor does not support .*fft"):
             torch.fft.fft(t)
 
+    def test_out_of_memory_in_a_supported_op_stays_out_of_memory(self):
+        """Not reported as an unsupported op: the user must see that memory ran out."""
+        from unittest import mock
+
+        t = Int4Tensor.from_hp(torch.randn(4, 16, 128), (1, 1, 128))
+        oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.00 GiB")
+        with mock.patch("int4tensor.tensors.int4_tensor._replace", side_effect=oom), \
+                pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+            t[torch.tensor([0, 2])]
+
 
 class TestEmptyOperands:
     """Dense torch returns empty results for empty operands; so do we (no kernel crash)."""
