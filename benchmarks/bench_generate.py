@@ -11,7 +11,7 @@ process, its wall time measured before the profiler runs. ``cache dynamic`` is t
 DynamicCache in eager mode; ``cache static`` is ``cache_implementation="static"``, for which
 transformers compiles the decode step itself (``mode="reduce-overhead"``, CUDA graphs);
 ``--user-compile`` adds ``model.forward = torch.compile(model.forward, mode="reduce-overhead",
-fullgraph=True)`` with a static cache. ``--ab`` times each int4 mode against bf16 in one
+fullgraph=True)`` with a StaticCache allocated before the first call (``user_compile_cache``). ``--ab`` times each int4 mode against bf16 in one
 process, their runs interleaved, for host-bound cases (the dynamic cache) where the host's
 speed differs between processes. The GPU time per token comes from the profiler (the
 sum of the device time of a decode's kernels); when the wall time per token is larger, the
@@ -96,15 +96,35 @@ def quantize_model(model) -> None:
 
 
 def generate(model, batch: int, new_tokens: int, cache: str):
-    ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=model.device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=0, attention_mask=torch.ones_like(ids))
-    if cache in ("static", "user-compile"):
+    if cache == "static":
         kwargs["cache_implementation"] = "static"
     if cache == "user-compile":
         kwargs["disable_compile"] = True
+        kwargs["past_key_values"] = user_compile_cache(model, batch)
     with torch.no_grad():
         return model.generate(ids, **kwargs)
+
+
+def user_compile_cache(model, batch: int, max_len: int = PROMPT + 512):
+    """A StaticCache allocated before the user-compiled forward first runs, reset for each
+    generate(). With ``cache_implementation="static"`` the cache is allocated lazily inside
+    the first (compiled, CUDA-graphed) forward, and the next replay fails for bf16 as for int4
+    ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run",
+    H200, torch 2.11, transformers 5.17); transformers' own compile runs the prefill eagerly."""
+    from transformers import StaticCache
+
+    caches = model.__dict__.setdefault("_bench_static_caches", {})
+    if batch not in caches:
+        cache = StaticCache(config=model.config, max_cache_len=max_len)
+        num_heads, head_dim = model._get_static_cache_init_shape()
+        cache.early_initialization(batch_size=batch, num_heads=num_heads, head_dim=head_dim,
+                                   dtype=model.dtype, device=model.device)
+        caches[batch] = cache
+    caches[batch].reset()
+    return caches[batch]
 
 
 def wall_s(fn) -> float:
