@@ -679,6 +679,26 @@ def test_cuda_moe_grouped_mm_and_packed_conversion(moe_dir):
         assert sqnr(dense(x).logits, model(x).logits) > 30
 
 
+@pytest.mark.gpu
+def test_cuda_generate_decodes_int4_experts_with_the_grouped_kernels(moe_dir):
+    """On a GPU transformers decodes grouped_mm experts with batched_mm (a copy of each selected
+    expert per token); int4 stacks stay on the grouped kernels for every step."""
+    from int4tensor import kernels
+
+    model = _load(moe_dir, device_map="cuda", quantization_config=Int4TensorConfig(CFG))
+    dense = dequantized_copy(moe_dir, model).cuda()
+    prompt = torch.randint(0, LLAMA["vocab_size"], (1, 5), device="cuda")
+    new_tokens = 6
+    with torch.no_grad(), \
+            mock.patch.object(kernels, "int4_grouped_mm", side_effect=kernels.int4_grouped_mm) \
+            as grouped, mock.patch.object(kernels, "int4_bmm", side_effect=kernels.int4_bmm) as bmm:
+        out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+    assert grouped.call_count == 2 * LLAMA["num_hidden_layers"] * new_tokens  # both stacks
+    assert not bmm.called
+    with torch.no_grad():
+        assert sqnr(dense(out).logits, model(out).logits) > 30
+
+
 # ---- prepare_for_compile on a transformers model ---------------------------------------------
 def test_prepared_model_generates_saves_and_reloads_the_same(llama_dir, tmp_path):
     from int4tensor import explain, prepare_for_compile
