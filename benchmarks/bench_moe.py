@@ -18,7 +18,9 @@ called directly at every T. Times are medians inside
 CUDA graphs, rotating over 8 routings (different experts and inputs per call, so the active
 experts' weights come from HBM; the stacks are larger than L2). ``%copy`` counts only the
 active experts' int4 bytes (weights, scales, zero points) against the copy bandwidth measured
-in the same run. Writes bench_moe.csv.
+in the same run. Writes bench_moe.csv and bench_moe.png (speedup vs bf16 against T, a panel
+per stack); ``python benchmarks/bench_moe.py --plot CSV PNG`` redraws the plot from a CSV
+(needs matplotlib).
 
     python benchmarks/bench_moe.py --sweep [--tokens 64 256 2048]
 
@@ -106,7 +108,11 @@ def main() -> None:
                         help="skip the preshuffled-layout columns")
     parser.add_argument("--sweep", action="store_true",
                         help="time the Triton grouped kernel's launch configurations")
+    parser.add_argument("--plot", nargs=2, metavar=("CSV", "PNG"),
+                        help="only redraw the plot of a bench_moe.csv")
     args = parser.parse_args()
+    if args.plot:
+        return plot(read_csv(args.plot[0]), args.plot[1])
     if args.sweep:
         return sweep(args)
     copy_bw = copy_bandwidth_gbs()
@@ -201,6 +207,53 @@ def main() -> None:
         write_csv(os.path.join(args.out, "bench_moe.csv"),
                   f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth "
                   f"{copy_bw:.0f} GB/s, {datetime.date.today()}", rows)
+    plot(rows, os.path.join(args.out, "bench_moe.png"))
+
+
+#: (CSV column, label) of the int4 paths the plot shows against bf16 grouped_mm
+PLOTTED = [("int4_us", "int4 F.grouped_mm (dispatch)"), ("grouped_gemv_us", "our grouped GEMV"),
+           ("triton_us", "our Triton grouped kernel"), ("preshuffled_us", "int4 preshuffled")]
+
+
+def read_csv(path: str) -> list[dict]:
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Speedup over bf16 ``torch._grouped_mm`` against tokens, a panel per expert stack (rows as
+    written to the CSV; strings are fine). Missing values (nan) are left out."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    stacks = list(dict.fromkeys(r["model"] for r in rows))
+    cols = -(-len(stacks) // 2)
+    fig, axes = plt.subplots(2, cols, figsize=(4.5 * cols, 7.5), squeeze=False)
+    for ax, stack in zip(axes.T.flat, stacks):
+        mine = [r for r in rows if r["model"] == stack]
+        for i, (column, label) in enumerate(PLOTTED):
+            pts = [(int(r["tokens"]), float(r["bf16_grouped_mm_us"]) / float(r[column]))
+                   for r in mine if column in r and float(r[column]) == float(r[column])]
+            if pts:
+                ax.plot(*zip(*pts), marker="osD^"[i], color=f"C{i}", label=label,
+                        lw=2 if i == 0 else 1)
+        ax.axhline(1.0, color="gray", lw=0.8, label="bf16 grouped_mm")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{stack} [{mine[0]['E']}x{mine[0]['N']}x{mine[0]['K']}], "
+                     f"top {mine[0]['top_k']}", fontsize=9)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("speedup vs bf16")
+    for ax in list(axes.T.flat)[len(stacks):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def _call(x, t):
