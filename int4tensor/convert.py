@@ -41,7 +41,7 @@ def convert_to_packed_tensor_based_on_current_hardware(tensor: torch.Tensor) -> 
       (bf16 activations; linear outputs are bit-identical before and after);
     * an Int4Tensor on a CPU becomes an Int4CPUTensor (torch's CPU int4 GEMM layout, exact:
       ``to_int4_tensor()`` gives the same weight back; bf16 activation_dtype, a CPU whose
-      torch runs the AVX512 int4 kernels);
+      torch runs its int4 GEMM in a layout int4tensor reads: AVX512 or AVX2);
     * anything else is returned unchanged.
 
     Never raises: a failed conversion warns and keeps the tensor.

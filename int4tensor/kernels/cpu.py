@@ -10,13 +10,15 @@ prefill sizes it stays close to the bf16 GEMM (benchmarks/bench_cpu.py). Beyond
 :data:`INT4MM_MAX_M` rows the layer dequantizes the weight (vectorized, :func:`dequantize_t`)
 and runs the dense GEMM.
 
-The packed layout is torch's for AVX512 CPUs: N in blocks of 64, each block ``[K, 32]`` bytes
-where byte ``j`` holds ``u[j]`` in its low nibble and ``u[j + 32]`` in its high nibble (torch's
-``weight_to_int4pack_kernel``). We build and read it with torch ops (:func:`pack`,
+The packed layout is torch's (``weight_to_int4pack_kernel``), which depends on the CPU: N in
+blocks of ``B`` output features, each block ``[K, B/2]`` bytes where byte ``j`` holds ``u[j]``
+in its low nibble and ``u[j + B/2]`` in its high nibble; ``B`` = 64 on AVX512 CPUs and 32 on
+AVX2 ones. :func:`block_n` finds this machine's ``B`` once per process by packing a small
+random weight with torch's own op and comparing (:func:`why_not_available` says why not when
+no block size matches). We build and read the layout with torch ops (:func:`pack`,
 :func:`unpack`), so 3D expert stacks pack at once and the weight can go back to the plain
-layout exactly; :func:`why_not_available` checks once per process that torch's own packing on
-this machine is this layout (it differs on AVX2-only CPUs, where we keep the plain layout).
-N is zero-padded to a multiple of 64 (:data:`N_ALIGN`); outputs are sliced back to N.
+layout exactly; files always hold the plain layout, so a packed weight never leaves the
+process that packed it. N is zero-padded to a multiple of ``B``; outputs are sliced back to N.
 
 The candidates are registered in :mod:`int4tensor.kernels.dispatch` as the ``"cpu"`` layout's
 tables (:data:`LINEAR_CANDIDATES`, :data:`BMM_CANDIDATES`), so ``int4tensor.explain`` reports
@@ -34,13 +36,12 @@ from int4tensor.kernels.dispatch import (
 from int4tensor.kernels.reference import grouped_mm_by_expert
 from int4tensor.quant_primitives import pack_int4, unpack_int4
 
-__all__ = ["BMM_CANDIDATES", "INT4MM_MAX_M", "LINEAR_CANDIDATES", "N_ALIGN", "choose",
-           "cpu_bmm", "cpu_linear", "dequantize_t", "explain", "grouped_mm_experts", "pack",
-           "unpack",
-           "why_not_available"]
+__all__ = ["BLOCK_SIZES", "BMM_CANDIDATES", "INT4MM_MAX_M", "LINEAR_CANDIDATES", "block_n",
+           "choose", "cpu_bmm", "cpu_linear", "dequantize_t", "explain", "grouped_mm_experts",
+           "pack", "unpack", "why_not_available"]
 
-#: torch's AVX512 packing works on blocks of 64 output features.
-N_ALIGN = 64
+#: The blocks of output features torch's CPU int4 packing uses: 64 on AVX512, 32 on AVX2.
+BLOCK_SIZES = (64, 32)
 
 #: Up to this many activation rows (per expert for bmm) run torch's int4 GEMM; more rows run
 #: dequantize + dense GEMM. From benchmarks/bench_cpu.py on the project's 2-core CPU machine
@@ -54,65 +55,69 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---- layout ---------------------------------------------------------------------------------
-def pack(qdata: torch.Tensor, scale: torch.Tensor,
-         zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+         block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain fields in torch's CPU int4 layout.
 
     Args:
         qdata: int8 ``[..., N, K/2]`` (:func:`int4tensor.quant_primitives.pack_int4`).
         scale, zero_point: ``[..., K/G, N]``.
+        block: output features per block (:data:`BLOCK_SIZES`); this machine's
+            :func:`block_n` by default.
 
     Returns:
         ``(packed uint8 [..., Np, K/2], scale_and_zero [..., K/G, Np, 2])`` in scale's dtype,
-        ``Np`` = N rounded up to :data:`N_ALIGN` (padded rows are zero: ``u = 0``, scale 0,
-        zero 0).
+        ``Np`` = N rounded up to ``block`` (padded rows are zero: ``u = 0``, scale 0, zero 0).
     """
+    block = block or block_n()
     *lead, n, half = qdata.shape
-    k, pad = 2 * half, -n % N_ALIGN
+    k, pad = 2 * half, -n % block
     u = (unpack_int4(qdata) + 8).to(torch.uint8)                  # [..., N, K] in [0, 15]
     u = torch.nn.functional.pad(u, (0, 0, 0, pad))
-    blocks = u.view(*lead, (n + pad) // N_ALIGN, 2, N_ALIGN // 2, k)
-    packed = blocks[..., 0, :, :] | (blocks[..., 1, :, :] << 4)   # [..., NB, 32, K]
+    blocks = u.view(*lead, (n + pad) // block, 2, block // 2, k)
+    packed = blocks[..., 0, :, :] | (blocks[..., 1, :, :] << 4)   # [..., NB, B/2, K]
     packed = packed.transpose(-1, -2).contiguous().view(*lead, n + pad, half)
     scale_and_zero = torch.stack([scale, zero_point], dim=-1)
     scale_and_zero = torch.nn.functional.pad(scale_and_zero, (0, 0, 0, pad)).contiguous()
     return packed, scale_and_zero
 
 
-def unpack(packed: torch.Tensor) -> torch.Tensor:
+def unpack(packed: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """Inverse of :func:`pack` on the weight values: uint8 ``[..., Np, K/2]`` -> int8 ``q``
     ``[..., Np, K]`` in ``[-8, 7]`` (padded rows included)."""
+    block = block or block_n()
     *lead, np_, half = packed.shape
     k = 2 * half
-    b = packed.view(*lead, np_ // N_ALIGN, k, N_ALIGN // 2)
-    u = torch.stack([b & 0xF, b >> 4], dim=-3)                    # [..., NB, 2, K, 32]
+    b = packed.view(*lead, np_ // block, k, block // 2)
+    u = torch.stack([b & 0xF, b >> 4], dim=-3)                    # [..., NB, 2, K, B/2]
     q = u.transpose(-1, -2).reshape(*lead, np_, k).view(torch.int8) - 8
     return q
 
 
 def dequantize_t(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int,
-                 dtype: torch.dtype) -> torch.Tensor:
+                 dtype: torch.dtype, block: int | None = None) -> torch.Tensor:
     """``W.T`` as a dense ``dtype`` ``[..., K, Np]``: ``W[n, k] = q * scale + zero``, the
     product and the sum each rounded to float32, then cast: bit for bit the plain layout's
     :func:`~int4tensor.quant_primitives.dequantize_int4`, transposed.
 
-    Computed in the packed layout's own order (64 output features contiguous per k), so every
-    pass runs over contiguous rows of 64 with the scales broadcast along K, and the last one
-    writes the dense GEMM's ``[K, N]`` operand directly.
+    Computed in the packed layout's own order (a block's output features contiguous per k), so
+    every pass runs over contiguous rows of the block with the scales broadcast along K, and the
+    last one writes the dense GEMM's ``[K, N]`` operand directly.
     """
+    bn = block or block_n()
     *lead, np_, half = packed.shape
-    k, nb, g = 2 * half, np_ // N_ALIGN, group_size
-    b = packed.view(*lead, nb, k, N_ALIGN // 2)
+    k, nb, g = 2 * half, np_ // bn, group_size
+    b = packed.view(*lead, nb, k, bn // 2)
     if torch.compiler.is_compiling():
         return _dequantize_t_formula(b, scale_and_zero, g, dtype)
-    u = torch.empty(*lead, nb, k, 2, N_ALIGN // 2, dtype=torch.uint8, device=packed.device)
+    u = torch.empty(*lead, nb, k, 2, bn // 2, dtype=torch.uint8, device=packed.device)
     torch.bitwise_and(b, 0xF, out=u[..., 0, :])
     torch.bitwise_right_shift(b, 4, out=u[..., 1, :])
-    q = u.view(torch.int8).sub_(8).view(*lead, nb, k // g, g, N_ALIGN)
-    out = torch.empty(*lead, k, nb, N_ALIGN, dtype=dtype, device=packed.device)
-    blocks = out.view(*lead, k // g, g, nb, N_ALIGN).movedim(-2, -4)  # [..., NB, K/G, G, 64]
-    # scale_and_zero [..., K/G, NB*64, 2] -> scale, zero [..., NB, K/G, 1, 64]
-    sz = scale_and_zero.view(*lead, k // g, nb, N_ALIGN, 2).movedim(-3, -4).unsqueeze(-3)
+    q = u.view(torch.int8).sub_(8).view(*lead, nb, k // g, g, bn)
+    out = torch.empty(*lead, k, nb, bn, dtype=dtype, device=packed.device)
+    blocks = out.view(*lead, k // g, g, nb, bn).movedim(-2, -4)  # [..., NB, K/G, G, B]
+    # scale_and_zero [..., K/G, NB*B, 2] -> scale, zero [..., NB, K/G, 1, B]
+    sz = scale_and_zero.view(*lead, k // g, nb, bn, 2).movedim(-3, -4).unsqueeze(-3)
     scale, zero = sz[..., 0], sz[..., 1]
     if dtype == scale_and_zero.dtype and dtype in (torch.bfloat16, torch.float16):
         # One pass: q * scale is exact in float32 (at most 4 + 11 significant bits), so
@@ -131,38 +136,48 @@ def _dequantize_t_formula(b: torch.Tensor, scale_and_zero: torch.Tensor, group_s
                           dtype: torch.dtype) -> torch.Tensor:
     """:func:`dequantize_t` as one expression, for torch.compile (Inductor fuses it; the
     in-place passes above write through permuted views, which its graphs do not keep)."""
-    *lead, nb, k, _ = b.shape
+    *lead, nb, k, half_block = b.shape
+    bn = 2 * half_block
     shifts = torch.tensor([0, 4], dtype=torch.uint8, device=b.device).view(2, 1)
-    u = (b.unsqueeze(-2) >> shifts) & 0xF                         # [..., NB, K, 2, 32]
-    q = u.view(torch.int8).reshape(*lead, nb, k // group_size, group_size, N_ALIGN) - 8
-    sz = scale_and_zero.to(torch.float32).reshape(*lead, k // group_size, nb, N_ALIGN, 2)
+    u = (b.unsqueeze(-2) >> shifts) & 0xF                         # [..., NB, K, 2, B/2]
+    q = u.view(torch.int8).reshape(*lead, nb, k // group_size, group_size, bn) - 8
+    sz = scale_and_zero.to(torch.float32).reshape(*lead, k // group_size, nb, bn, 2)
     sz = sz.movedim(-3, -4).unsqueeze(-3)
     w = (q.to(torch.float32) * sz[..., 0] + sz[..., 1]).to(dtype)
-    return w.reshape(*lead, nb, k, N_ALIGN).movedim(-3, -2).reshape(*lead, k, nb * N_ALIGN)
+    return w.reshape(*lead, nb, k, bn).movedim(-3, -2).reshape(*lead, k, nb * bn)
 
 
 @functools.lru_cache(maxsize=None)
-def why_not_available() -> str | None:
-    """None when torch's CPU int4 GEMM runs here and reads the layout :func:`pack` writes,
-    else why not (checked once per process on a small random weight)."""
+def _probe() -> tuple[int | None, str | None]:
+    """(this machine's block size, None) or (None, why torch's CPU int4 GEMM cannot be used)."""
     op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
     if op is None or not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
-        return f"torch {torch.__version__} has no CPU int4 GEMM (_weight_int4pack_mm_for_cpu)"
-    capability = torch.backends.cpu.get_cpu_capability()
-    if "AVX512" not in capability:
-        return (f"this CPU runs torch's int4 GEMM with its {capability} layout; int4tensor "
-                "reads the AVX512 one")
+        return None, f"torch {torch.__version__} has no CPU int4 GEMM (_weight_int4pack_mm_for_cpu)"
+    n = 2 * max(BLOCK_SIZES)
     generator = torch.Generator().manual_seed(0)
-    u = torch.randint(0, 16, (2 * N_ALIGN, 64), generator=generator, dtype=torch.int32)
+    u = torch.randint(0, 16, (n, 64), generator=generator, dtype=torch.int32)
     try:
-        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1).view(torch.uint8)
     except RuntimeError as e:
-        return f"torch's CPU int4 packing failed: {e}"
-    ones = torch.ones(1, 2 * N_ALIGN)
-    ours, _ = pack(pack_int4((u - 8).to(torch.int8)), ones, ones)
-    if not torch.equal(theirs.view(torch.uint8), ours):
-        return "torch's CPU int4 packing on this machine is not the layout int4tensor reads"
-    return None
+        return None, f"torch's CPU int4 packing failed: {e}"
+    q, ones = pack_int4((u - 8).to(torch.int8)), torch.ones(1, n)
+    for block in BLOCK_SIZES:
+        if torch.equal(theirs.reshape(-1), pack(q, ones, ones, block)[0].reshape(-1)):
+            return block, None
+    return None, (f"torch's CPU int4 packing on this {torch.backends.cpu.get_cpu_capability()} "
+                  f"CPU is none of the layouts int4tensor reads (blocks of {BLOCK_SIZES})")
+
+
+def why_not_available() -> str | None:
+    """None when torch's CPU int4 GEMM runs here in a layout :func:`pack` writes, else why not
+    (checked once per process on a small random weight)."""
+    return _probe()[1]
+
+
+def block_n() -> int:
+    """The output features per block of torch's CPU int4 layout on this machine; 64 where torch's
+    GEMM cannot be used (:func:`why_not_available`; then only int4tensor's own ops read it)."""
+    return _probe()[0] or BLOCK_SIZES[0]
 
 
 # ---- kernels --------------------------------------------------------------------------------

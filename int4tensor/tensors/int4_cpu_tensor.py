@@ -26,11 +26,13 @@ __all__ = ["Int4CPUTensor"]
 
 class Int4CPUTensor(Int4BaseTensor):
     """A weight ``W [..., N, K]`` packed for torch's CPU int4 GEMM (``Np`` = N rounded up to a
-    multiple of 64; rows past N are zero and sliced off outputs).
+    multiple of the layout's block, 64 on AVX512 and 32 on AVX2 CPUs; rows past N are zero and
+    sliced off outputs).
 
     Fields:
-        qdata: uint8 ``[..., Np, K/2]``, ``u = q + 8`` in torch's AVX512 CPU int4 layout
-            (:func:`int4tensor.kernels.cpu.pack`).
+        qdata: uint8 ``[..., Np, K/2]``, ``u = q + 8`` in torch's CPU int4 layout of this
+            machine (:func:`int4tensor.kernels.cpu.pack`; never saved: files hold the plain
+            layout).
         scale_and_zero: ``[..., K/G, Np, 2]`` in the weight's dtype: ``[..., 0]`` the scale,
             ``[..., 1]`` the zero point of the plain layout.
         act_pre_scale: optional ``[..., K]``, as for Int4Tensor (multiplies the activation).

@@ -37,21 +37,33 @@ def weight(shape, group_size, dtype=torch.bfloat16) -> Weight:
     return Weight(Int4Tensor.from_hp(w, (1,) * (len(shape) - 1) + (group_size,)))
 
 
+@needs_cpu_int4
 def test_pack_is_torchs_cpu_layout():
-    """Our packing is byte for byte what torch's own op writes on an AVX512 CPU."""
-    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        pytest.skip("torch packs another layout on CPUs without AVX512")
+    """Our packing is byte for byte what torch's own op writes on this CPU (blocks of 64 on
+    AVX512, 32 on AVX2)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert cpu.block_n() == (64 if "AVX512" in capability else 32)
     u = torch.randint(0, 16, (192, 96), dtype=torch.int32)
     theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
     ours, _ = cpu.pack(pack_int4((u - 8).to(torch.int8)), torch.ones(3, 192), torch.ones(3, 192))
-    assert torch.equal(theirs.view(torch.uint8), ours)
-    assert cpu.why_not_available() is None
+    assert torch.equal(theirs.view(torch.uint8).reshape(-1), ours.reshape(-1))
+
+
+@pytest.mark.parametrize("block", cpu.BLOCK_SIZES)
+def test_both_block_layouts_round_trip_and_dequantize(block):
+    """Either CPU layout (whichever torch uses here) unpacks and dequantizes exactly."""
+    w = Int4Tensor.from_hp(torch.randn(100, 256, dtype=torch.bfloat16), (1, 64))
+    packed, sz = cpu.pack(w.qdata, w.scale, w.zero_point, block)
+    assert packed.shape == (-(-100 // block) * block, 128)
+    assert torch.equal(pack_int4(cpu.unpack(packed, block)[:100].contiguous()), w.qdata)
+    ref = _dequantize_int4_formula(w.qdata, w.scale, w.zero_point, 64, torch.bfloat16)
+    assert torch.equal(cpu.dequantize_t(packed, sz, 64, torch.bfloat16, block)[:, :100], ref.T)
 
 
 @pytest.mark.parametrize("n,k,g", SHAPES)
 def test_pack_pads_n_and_unpack_inverts_it(n, k, g):
     w = weight((n, k), g)
-    np_ = -(-n // cpu.N_ALIGN) * cpu.N_ALIGN
+    np_ = -(-n // cpu.block_n()) * cpu.block_n()
     assert w.qdata.shape == (np_, k // 2) and w.qdata.dtype == torch.uint8
     assert w.scale_and_zero.shape == (k // g, np_, 2)
     assert torch.equal(w.scale_and_zero[:, :n, 0], w.plain.scale)
@@ -170,6 +182,6 @@ def test_int4mm_matches_f_linear_of_the_plain_tensor():
 def test_compiled_dequantize_t_formula_is_the_eager_one(dtype):
     """The expression torch.compile traces computes the same bits as the in-place passes."""
     w = weight((2, 130, 256), 64)
-    b = w.qdata.view(2, -1, 256, cpu.N_ALIGN // 2)
+    b = w.qdata.view(2, -1, 256, cpu.block_n() // 2)
     assert torch.equal(cpu._dequantize_t_formula(b, w.scale_and_zero, 64, dtype),
                        cpu.dequantize_t(w.qdata, w.scale_and_zero, 64, dtype))
