@@ -304,6 +304,7 @@ def main() -> None:
                         choices=["linear", "generate", "moe", "moe-generate"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     print(f"# bench_cpu: {_comment()}")
     if "linear" in args.part:
         bench_linear(args.out)

@@ -5,10 +5,9 @@ torch ships ``aten._weight_int4pack_mm_for_cpu(x [M, K], packed, G, scale_and_ze
 computes ``x @ W.T`` with ``W[n, k] = (u[n, k] - 8) * scale[k // G, n] + zero[k // G, n]``,
 ``u`` in ``[0, 15]``, in float32 (the same dequantization as ours with ``q = u - 8`` and
 ``zero = zero_point``, so a plain weight converts exactly). It reads the weight once per 4
-activation rows: at M = 1 it is 1.9-3.6x faster than a bf16 ``F.linear`` on 2 cores, and at
-prefill sizes it stays close to the bf16 GEMM (benchmarks/bench_cpu.py). Beyond
-:data:`INT4MM_MAX_M` rows the layer dequantizes the weight (vectorized, :func:`dequantize_t`)
-and runs the dense GEMM.
+activation rows (benchmarks/bench_cpu.py; figures in docs/performance.md). Beyond
+:func:`int4mm_max_m` rows (512 on AVX512 CPUs, no limit on AVX2 ones) the layer dequantizes
+the weight (vectorized, :func:`dequantize_t`) and runs the dense GEMM.
 
 The packed layout is torch's (``weight_to_int4pack_kernel``), which depends on the CPU: N in
 blocks of ``B`` output features, each block ``[K, B/2]`` bytes where byte ``j`` holds ``u[j]``
@@ -36,7 +35,8 @@ from int4tensor.kernels.dispatch import (
 from int4tensor.kernels.reference import grouped_mm_by_expert
 from int4tensor.quant_primitives import pack_int4, unpack_int4
 
-__all__ = ["BLOCK_SIZES", "BMM_CANDIDATES", "INT4MM_MAX_M", "LINEAR_CANDIDATES", "block_n",
+__all__ = ["BLOCK_SIZES", "BMM_CANDIDATES", "INT4MM_MAX_M", "INT4MM_MAX_M_BY_BLOCK",
+           "LINEAR_CANDIDATES", "block_n", "int4mm_max_m",
            "choose", "cpu_bmm", "cpu_linear", "dequantize_t", "explain", "grouped_mm_experts",
            "pack", "unpack", "why_not_available"]
 
@@ -50,6 +50,17 @@ BLOCK_SIZES = (64, 32)
 #: many rows' worth of GEMM; on all three Llama shapes the int4 GEMM was the faster of the two
 #: at every M measured up to 512, and the two met around 512-1024.
 INT4MM_MAX_M = 512
+#: The same limit by layout block (this machine's :func:`block_n`). On an AVX2 CPU (blocks of 32)
+#: torch's int4 GEMM stayed 2.2-2.8x faster than the bf16 GEMM and than dequantize + dense GEMM
+#: at every M measured (1-512 on three Llama shapes, results/bench_cpu_avx2.txt; 4096 x 4096 at
+#: M = 2048: 2.2 s against 6.4 s dense and 6.3 s bf16): no limit there.
+INT4MM_MAX_M_BY_BLOCK = {64: INT4MM_MAX_M, 32: None}
+
+
+def int4mm_max_m() -> int | None:
+    """The most activation rows torch's int4 GEMM takes on this machine (None: any number)."""
+    return INT4MM_MAX_M_BY_BLOCK.get(block_n(), INT4MM_MAX_M)
+
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -224,14 +235,15 @@ def bmm_int4mm(x: torch.Tensor, weight) -> torch.Tensor:
 def grouped_mm_experts(x: torch.Tensor, weight, offs: torch.Tensor) -> torch.Tensor:
     """``out[t] = x[t] @ W[e].T -> [T, N]`` for the rows of each expert (``offs [E]``
     cumulative ends, read on the host: eager CPU calls), one call per active expert: torch's
-    CPU int4 GEMM up to INT4MM_MAX_M rows, else that expert dequantized + the dense GEMM."""
+    CPU int4 GEMM up to :func:`int4mm_max_m` rows, else that expert dequantized + the dense
+    GEMM."""
     sz = _scale_and_zero_for(weight, x.dtype)
     n, g = weight.stored_n, weight.group_size
-    fast = why_not_available() is None
+    fast, limit = why_not_available() is None, int4mm_max_m()
     x = x.contiguous()
 
     def expert_matmul(rows: torch.Tensor, e: int) -> torch.Tensor:
-        if fast and rows.shape[0] <= INT4MM_MAX_M:
+        if fast and (limit is None or rows.shape[0] <= limit):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight.qdata[e], g,
                                                               sz[e])[:, :n]
         return torch.mm(rows, gemm_operand(dequantize_t(weight.qdata[e],
@@ -248,16 +260,17 @@ def bmm_dense(x: torch.Tensor, weight) -> torch.Tensor:
 
 # ---- dispatch -------------------------------------------------------------------------------
 def why_not_int4mm(call: Call) -> str | None:
-    """torch's int4 GEMM takes CPU calls with 1 to :data:`INT4MM_MAX_M` rows."""
+    """torch's int4 GEMM takes CPU calls with 1 to :func:`int4mm_max_m` rows."""
     if call.device_type != "cpu":
         return f"runs on CPU only, the activation is on {call.device_type}"
     if call.x.dtype not in ACTIVATION_DTYPES:
         return f"takes fp32/bf16/fp16 activations, got {call.x.dtype}"
     if call.rows == 0:
         return "no activation rows"
-    if call.rows > INT4MM_MAX_M:
+    limit = int4mm_max_m()
+    if limit is not None and call.rows > limit:
         what = " rows per expert" if call.op == "bmm" else ""
-        return (f"M = {call.rows}{what} > {INT4MM_MAX_M}: dequantize + dense GEMM is faster on "
+        return (f"M = {call.rows}{what} > {limit}: dequantize + dense GEMM is faster on "
                 "CPU")
     return why_not_available()
 

@@ -138,6 +138,24 @@ def test_bmm_paths_match_the_reference(run, dtype):
     assert rel_error(ref, out) < TOLERANCE[dtype]
 
 
+@pytest.fixture
+def avx512_row_limit(monkeypatch):
+    """The AVX512 layout's row limit on any machine, so both CPU paths are dispatched to."""
+    monkeypatch.setattr(cpu, "int4mm_max_m", lambda: cpu.INT4MM_MAX_M)
+
+
+@pytest.mark.parametrize("block,limit", [(64, cpu.INT4MM_MAX_M), (32, None)])
+def test_int4mm_row_limit_follows_the_layout(block, limit, monkeypatch):
+    """AVX512 (blocks of 64): dequantize + dense GEMM from 513 rows; AVX2 (blocks of 32):
+    torch's int4 GEMM at every M (it stayed the faster one there up to 2048 rows)."""
+    monkeypatch.setattr(cpu, "_probe", lambda: (block, None))
+    assert cpu.int4mm_max_m() == limit
+    w = weight((128, 256), 128)
+    big = cpu.choose("linear", torch.randn(2048, 256), w).name
+    assert big == ("cpu_dense" if limit else "cpu_int4mm")
+
+
+@pytest.mark.usefixtures("avx512_row_limit")
 class TestDispatch:
     def test_small_m_runs_int4mm_large_m_dense(self):
         w = weight((128, 256), 128)
