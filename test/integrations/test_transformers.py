@@ -467,9 +467,15 @@ def test_moe_quantize_on_load_quantizes_expert_stacks(moe_dir):
 
 
 def test_moe_save_and_reload_is_exact(moe_dir, tmp_path):
+    from int4tensor.integrations.transformers import EXPERTS_IMPLEMENTATION
+
     model = _quantized_on_load(moe_dir)
     model.save_pretrained(tmp_path / "q")
-    assert_same_state(model, AutoModelForCausalLM.from_pretrained(tmp_path / "q"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert_same_state(model, reloaded)
+    # the grouped experts are chosen again on load, never written to the config
+    assert reloaded.config._experts_implementation == EXPERTS_IMPLEMENTATION
+    assert EXPERTS_IMPLEMENTATION not in (tmp_path / "q" / "config.json").read_text()
 
 
 def test_moe_prepared_for_compile_keeps_outputs_state_and_compiles_without_breaks(moe_dir,
