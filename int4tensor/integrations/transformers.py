@@ -503,10 +503,12 @@ def keep_grouped_experts_(model: nn.Module) -> bool:
 
 
 def _restore_grouped_experts(model: nn.Module) -> None:
-    current = getattr(model, "get_experts_implementation", None)
-    if current is not None and EXPERTS_IMPLEMENTATION in current().values():
+    """Undo :func:`keep_grouped_experts_` (the weights are dense again)."""
+    current = model.get_experts_implementation() \
+        if hasattr(model, "get_experts_implementation") else {}
+    if EXPERTS_IMPLEMENTATION in current.values():
         model.set_experts_implementation(
-            {k: "grouped_mm" if v == EXPERTS_IMPLEMENTATION else v for k, v in current().items()})
+            {k: "grouped_mm" if v == EXPERTS_IMPLEMENTATION else v for k, v in current.items()})
 
 
 def _register_experts_implementation() -> bool:

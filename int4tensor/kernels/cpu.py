@@ -113,7 +113,8 @@ def dequantize_t(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size:
 
     Computed in the packed layout's own order (a block's output features contiguous per k), so
     every pass runs over contiguous rows of the block with the scales broadcast along K, and the
-    last one writes the dense GEMM's ``[K, N]`` operand directly.
+    last one writes ``[K, N]`` directly (the fp32 GEMM's operand; :func:`gemm_operand` re-lays
+    it for the half-precision one).
     """
     bn = block or block_n()
     *lead, np_, half = packed.shape
