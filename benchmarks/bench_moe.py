@@ -10,7 +10,8 @@ top-k experts drawn uniformly (k of the model), the columns are: bf16 ``torch._g
 GEMV or the reference path, named in ``int4_backend``), our grouped GEMV called directly at
 every T (to show where it stops paying), our Triton tensor-core grouped kernel called directly
 at every T (``triton_us``: what dispatch runs above GROUPED_GEMV_MAX_ROWS rows per expert and
-for G = 64), and today's ``torch.bmm`` path with the rows spread
+for G = 64), our Triton grouped GEMV up to 4 rows per expert (``triton_gemv_us``: what
+dispatch runs for G = 64 up to TRITON_GROUPED_GEMV_MAX_ROWS), and today's ``torch.bmm`` path with the rows spread
 evenly over all experts where that fits (M <= 64 rows per expert). With fbgemm-gpu-genai, the
 same for the stack in fbgemm's preshuffled layout (``convert_model_to_packed_tensors_`` on
 Hopper): ``F.grouped_mm`` on it (``preshuffled_backend``) and our grouped GEMV reading it,
@@ -171,6 +172,13 @@ def main() -> None:
                 triton_us = graph_time_us([
                     lambda x=x, o=o, f=(t.qdata, t.scale, t.zero_point):
                     triton_int4.int4_grouped_matmul(x, *f, o, g) for x, o in zip(xs, offs)])
+            triton_gemv_us = float("nan")  # up to 4 rows per expert: where it stops paying
+            if kernels._triton_grouped_refusal(4, "")(_call(xs[0], t)) is None:
+                assert rel_error(dq, triton_int4.int4_grouped_gemv(
+                    xs[0], t.qdata, t.scale, t.zero_point, offs[0], g)) < 1e-2
+                triton_gemv_us = graph_time_us([
+                    lambda x=x, o=o, f=(t.qdata, t.scale, t.zero_point):
+                    triton_int4.int4_grouped_gemv(x, *f, o, g) for x, o in zip(xs, offs)])
             bmm_us = float("nan")
             per_expert = -(-tokens * top_k // e)
             if per_expert <= 64:
@@ -184,6 +192,8 @@ def main() -> None:
                        grouped_gemv_us=round(gemv_us, 1),
                        gemv_speedup=round(bf16_us / gemv_us, 2),
                        triton_us=round(triton_us, 1), triton_speedup=round(bf16_us / triton_us, 2),
+                       triton_gemv_us=round(triton_gemv_us, 1),
+                       triton_gemv_speedup=round(bf16_us / triton_gemv_us, 2),
                        bmm_all_experts_us=round(bmm_us, 1),
                        preshuffled_us=round(shuffled["preshuffled_us"], 1),
                        preshuffled_backend=shuffled["preshuffled_backend"],
@@ -195,7 +205,8 @@ def main() -> None:
             print(f"{model:26s} T={tokens:5d} rows={tokens * top_k:6d} active={active / ROUTINGS:6.1f}"
                   f"  bf16 {bf16_us:8.1f} us  int4[{backend}] {int4_us:8.1f} us "
                   f"({bf16_us / int4_us:5.2f}x, {row['int4_pct_copy']:5.1f}% copy)"
-                  f"  gemv {gemv_us:8.1f}  triton {triton_us:8.1f}  bmm {bmm_us:8.1f}"
+                  f"  gemv {gemv_us:8.1f}  triton {triton_us:8.1f}  triton_gemv {triton_gemv_us:8.1f}"
+                  f"  bmm {bmm_us:8.1f}"
                   f"  preshuffled[{shuffled['preshuffled_backend']}] "
                   f"{shuffled['preshuffled_us']:8.1f} ({row['preshuffled_speedup']:5.2f}x)"
                   f" gemv {shuffled['preshuffled_gemv_us']:8.1f}"
@@ -212,7 +223,8 @@ def main() -> None:
 
 #: (CSV column, label) of the int4 paths the plot shows against bf16 grouped_mm
 PLOTTED = [("int4_us", "int4 F.grouped_mm (dispatch)"), ("grouped_gemv_us", "our grouped GEMV"),
-           ("triton_us", "our Triton grouped kernel"), ("preshuffled_us", "int4 preshuffled")]
+           ("triton_us", "our Triton grouped kernel"), ("triton_gemv_us", "our Triton grouped GEMV"),
+           ("preshuffled_us", "int4 preshuffled")]
 
 
 def read_csv(path: str) -> list[dict]:
@@ -241,7 +253,7 @@ def plot(rows: list[dict], path: str) -> None:
             pts = [(int(r["tokens"]), float(r["bf16_grouped_mm_us"]) / float(r[column]))
                    for r in mine if column in r and float(r[column]) == float(r[column])]
             if pts:
-                ax.plot(*zip(*pts), marker="osD^"[i], color=f"C{i}", label=label,
+                ax.plot(*zip(*pts), marker="osDv^"[i], color=f"C{i}", label=label,
                         lw=2 if i == 0 else 1)
         ax.axhline(1.0, color="gray", lw=0.8, label="bf16 grouped_mm")
         ax.set_xscale("log", base=2)

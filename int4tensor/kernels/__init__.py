@@ -55,6 +55,10 @@ FP8_ROWWISE_MIN_M = 64
 #: the Triton kernel up to the same size.
 GROUPED_GEMV_MAX_ROWS = 16
 TRITON_GROUPED_MAX_ROWS = 128
+#: our Triton grouped GEMV (one row at a time, any power-of-two group size) up to this many
+#: rows per active expert, for stacks the CUDA GEMV refuses (groups of 64: gpt-oss's K = 2880)
+TRITON_GROUPED_GEMV_MAX_ROWS = 1
+TRITON_GROUPED_GEMV_MAX_EXPERTS = 4096
 
 __all__ = ["bmm_backend", "dequantize_int4", "explain_call", "int4_bmm", "int4_grouped_mm",
            "int4_linear", "is_eager",
@@ -361,32 +365,62 @@ def _grouped_gemv(shuffled: bool):
     return run, run_eager, bind
 
 
-def _triton_grouped_why_not(call: Call) -> str | None:
-    problem = _not_cuda(call, (8, 0), "triton")
-    if problem:
-        return problem
-    x, w = call.x, call.weight
-    qdata, scale, zero = w.qdata, w.scale, w.zero_point
-    if x.ndim != 2 or qdata.ndim != 3:
-        return f"x {x.ndim}D with a {qdata.ndim}D weight: it takes x [T, K], W [E, N, K]"
-    if x.dtype != torch.bfloat16 or scale.dtype != torch.bfloat16 \
-            or zero.dtype != torch.bfloat16:
-        return f"activations {x.dtype}, scales {scale.dtype}: it takes bf16"
-    g = w.group_size
-    if g < 32 or g & (g - 1) or x.shape[1] % g:
-        return f"group size {g} with K = {x.shape[1]}: it takes a power of two >= 32 dividing K"
-    if x.stride(-1) != 1 or qdata.stride(-1) != 1 or scale.stride(-1) != 1 \
-            or zero.stride() != scale.stride():
-        return ("it needs last-dim-contiguous x, qdata and scales, zero points strided like "
-                "the scales (a sliced weight may not be)")
-    if x.shape[0] * max(x.stride(0), qdata.shape[1]) >= 2**31:
-        return "activations or output too large for the kernel's 32-bit row offsets"
-    rows = cuda_gemv.rows_per_expert(x.shape[0], qdata.shape[0])
-    if rows > TRITON_GROUPED_MAX_ROWS:
-        return (f"{x.shape[0]} rows over {qdata.shape[0]} experts: ~{rows} per active expert, "
-                f"it takes up to {TRITON_GROUPED_MAX_ROWS} (dequantizing for bf16 grouped_mm "
-                f"is faster above)")
-    return None
+def _triton_grouped_refusal(max_rows: int, above: str):
+    """Refusal of a Triton grouped kernel for more than ``max_rows`` rows per active expert
+    (``above``: what is faster then)."""
+    def why_not(call: Call) -> str | None:
+        problem = _not_cuda(call, (8, 0), "triton")
+        if problem:
+            return problem
+        x, w = call.x, call.weight
+        qdata, scale, zero = w.qdata, w.scale, w.zero_point
+        if x.ndim != 2 or qdata.ndim != 3:
+            return f"x {x.ndim}D with a {qdata.ndim}D weight: it takes x [T, K], W [E, N, K]"
+        if x.dtype != torch.bfloat16 or scale.dtype != torch.bfloat16 \
+                or zero.dtype != torch.bfloat16:
+            return f"activations {x.dtype}, scales {scale.dtype}: it takes bf16"
+        g = w.group_size
+        if g < 32 or g & (g - 1) or x.shape[1] % g:
+            return (f"group size {g} with K = {x.shape[1]}: it takes a power of two >= 32 "
+                    f"dividing K")
+        if x.stride(-1) != 1 or qdata.stride(-1) != 1 or scale.stride(-1) != 1 \
+                or zero.stride() != scale.stride():
+            return ("it needs last-dim-contiguous x, qdata and scales, zero points strided like "
+                    "the scales (a sliced weight may not be)")
+        if x.shape[0] * max(x.stride(0), qdata.shape[1]) >= 2**31:
+            return "activations or output too large for the kernel's 32-bit row offsets"
+        rows = cuda_gemv.rows_per_expert(x.shape[0], qdata.shape[0])
+        if rows > max_rows:
+            return (f"{x.shape[0]} rows over {qdata.shape[0]} experts: ~{rows} per active "
+                    f"expert, it takes up to {max_rows} ({above} is faster above)")
+        return None
+    return why_not
+
+
+def _triton_grouped_gemv_why_not(call: Call) -> str | None:
+    problem = _triton_grouped_refusal(TRITON_GROUPED_GEMV_MAX_ROWS,
+                                      "the tensor-core kernel")(call)
+    experts = call.weight.qdata.shape[0]
+    if problem is None and experts > TRITON_GROUPED_GEMV_MAX_EXPERTS:
+        return (f"{experts} experts: its offset scan holds up to "
+                f"{TRITON_GROUPED_GEMV_MAX_EXPERTS} in registers")
+    return problem
+
+
+def _triton_grouped_gemv_op(x, w, offs):
+    return custom_ops.int4_grouped_gemv_triton(x, w.qdata, w.scale, w.zero_point, offs,
+                                               w.group_size)
+
+
+def _triton_grouped_gemv(x, w, offs):
+    from int4tensor.kernels import triton_int4
+
+    return triton_int4.int4_grouped_gemv(x, w.qdata, w.scale, w.zero_point, offs,
+                                         w.group_size)
+
+
+_triton_grouped_why_not = _triton_grouped_refusal(
+    TRITON_GROUPED_MAX_ROWS, "dequantizing for bf16 grouped_mm")
 
 
 def _triton_grouped_op(x, w, offs):
@@ -419,6 +453,8 @@ _PLAIN_GROUPED_GEMV, _SHUFFLED_GROUPED_GEMV = _grouped_gemv(False), _grouped_gem
 PLAIN_GROUPED_MM = [
     Candidate("cuda", _grouped_gemv_refusal(GROUPED_GEMV_MAX_ROWS), *_PLAIN_GROUPED_GEMV[:2],
               bind=_PLAIN_GROUPED_GEMV[2]),
+    Candidate("triton_gemv", _triton_grouped_gemv_why_not, _triton_grouped_gemv_op,
+              _triton_grouped_gemv),
     Candidate("triton", _triton_grouped_why_not, _triton_grouped_op, _triton_grouped),
     # eager CPU calls read offs on the host; traced ones cannot, and dequantize the stack
     Candidate("cpu_experts", _cpu_experts_why_not, reference.grouped_mm,

@@ -320,25 +320,62 @@ extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS, MIN_BLOCKS)
          const int* __restrict__ offs,
 #endif
          int M, int N, int K, int ldx, int lds, int ldo,
-         int group_shift, int x_batch, int q_batch, int s_batch, int o_batch) {
-  // block (32, WARPS_N, SLICES): lane, R 16-row tiles, K slice; grid (row tiles, batch entry
-  // or expert); strides in elements (q: uint4)
-  extern __shared__ float partial[];  // K-slice partial sums (SLICES > 1)
-  const int b = blockIdx.y;
-  q += (size_t)b * q_batch; scale += (size_t)b * s_batch; zero += (size_t)b * s_batch;
+         int group_shift, int x_batch, int q_batch, int s_batch, int o_batch
 #if GROUPED
-  // Expert b owns rows [offs[b - 1], offs[b]) of x and out (M: all rows), read here on the
-  // device; an empty expert's blocks return without touching its weights. Rows from
-  // offs[E - 1] on belong to no expert: the last expert's blocks write them as zeros.
-  const int row_end = min(max(offs[b], 0), M);
-  const int row_begin = b ? min(max(offs[b - 1], 0), row_end) : 0;
-  if (b == gridDim.y - 1 && row_end < M) {
+         , int experts
+#endif
+         ) {
+  // block (32, WARPS_N, SLICES): lane, R 16-row tiles, K slice; grid (row tiles, batch entry
+  // or active-expert slot); strides in elements (q: uint4)
+  extern __shared__ float partial[];  // K-slice partial sums (SLICES > 1)
+#if GROUPED
+  // Expert e owns rows [offs[e - 1], offs[e]) of x and out (M: all rows), read here on the
+  // device. Every active expert has a row, so at most min(E, M) are active: slot y of the
+  // grid takes the y-th expert that has rows (found by one warp scanning offs, E / 32 ballots)
+  // and a slot past the last active expert returns, so no block is spent on an empty
+  // expert. Rows from offs[E - 1] on belong to no expert: the last slot writes them as zeros.
+  __shared__ int slot[3];  // expert, its first row, its row end
+  if (threadIdx.y == 0 && threadIdx.z == 0) {
+    const int lane = threadIdx.x;
+    int wanted = blockIdx.y, e_found = -1, begin_found = 0, end_found = 0;
+    for (int e0 = 0; e0 < experts && e_found < 0; e0 += 32) {
+      const int e = e0 + lane;
+      int end = 0, begin = 0;
+      if (e < experts) {
+        end = min(max(offs[e], 0), M);
+        begin = e ? min(max(offs[e - 1], 0), end) : 0;
+      }
+      const unsigned active = __ballot_sync(0xffffffffu, end > begin);
+      const int count = __popc(active);
+      if (wanted < count) {
+        unsigned rest = active;
+        for (int i = 0; i < wanted; ++i) rest &= rest - 1;  // drop the first `wanted` bits
+        const int src = __ffs(rest) - 1;
+        e_found = e0 + src;
+        begin_found = __shfl_sync(0xffffffffu, begin, src);
+        end_found = __shfl_sync(0xffffffffu, end, src);
+      }
+      wanted -= count;
+    }
+    if (lane == 0) { slot[0] = e_found; slot[1] = begin_found; slot[2] = end_found; }
+  }
+  __syncthreads();
+  const int b = slot[0], row_begin = slot[1];
+  const int row_end = b < 0 ? 0 : slot[2];
+  if (blockIdx.y == gridDim.y - 1) {
+    const int tail = min(max(offs[experts - 1], 0), M);
     const int n0 = blockIdx.x * WARPS_N * 16 * R, width = min(WARPS_N * 16 * R, N - n0);
     const int tid = (threadIdx.z * blockDim.y + threadIdx.y) * 32 + threadIdx.x;
     const int threads = 32 * blockDim.y * blockDim.z;
-    for (int i = tid; i < (M - row_end) * width; i += threads)
-      out[(size_t)(row_end + i / width) * ldo + n0 + i %% width] = 0;
+    for (int i = tid; i < (M - tail) * width; i += threads)
+      out[(size_t)(tail + i / width) * ldo + n0 + i %% width] = 0;
   }
+  if (b < 0) return;
+#else
+  const int b = blockIdx.y;
+#endif
+  q += (size_t)b * q_batch; scale += (size_t)b * s_batch; zero += (size_t)b * s_batch;
+#if GROUPED
   for (int m0 = row_begin; m0 < row_end; m0 += 8 * M_TILES)
     gemv_rows(x + (size_t)m0 * ldx, q, scale, zero, out + (size_t)m0 * ldo, partial,
               min(8 * M_TILES, row_end - m0), N, K, ldx, lds, ldo, group_shift);
@@ -656,11 +693,12 @@ def _grouped_launch_plan(x_shape: tuple, x_stride: tuple, q_shape: tuple, q_expe
     m_tiles = 1 if rows <= 8 else 2
     kernel = _compiled(m_tiles, cfg["WARPS_N"], cfg["U"], (props.major, props.minor),
                        cfg["MIN_BLOCKS"], cfg["R"], shuffled, True)
-    grid = (-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), experts, 1)
+    # one grid row per expert that can have rows (slots past the active ones return at once)
+    grid = (-(-n // (16 * cfg["R"] * cfg["WARPS_N"])), max(1, min(experts, tokens)), 1)
     block = (32, cfg["WARPS_N"], cfg["SLICES"])
     shared = _smem_bytes(m_tiles, cfg["WARPS_N"], cfg["SLICES"], cfg["R"])
     ints = (tokens, n, k, x_stride[0], s_stride[-2], n, group_size.bit_length() - 1,
-            0, q_expert_stride // 16, s_stride[0], 0)
+            0, q_expert_stride // 16, s_stride[0], 0, experts)
     launch = nvrtc.Launcher(kernel, grid, block, shared, 6, ints, device_index)
     return _LaunchPlan(launch=launch, kernel=kernel, grid=grid, block=block, shared_mem=shared,
                        ints=ints, out_shape=(tokens, n))

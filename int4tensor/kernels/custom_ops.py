@@ -253,6 +253,22 @@ def int4_grouped_mm_triton(
 int4_grouped_mm_triton.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
 
 
+@torch.library.custom_op("int4tensor::int4_grouped_gemv_triton", mutates_args=())
+def int4_grouped_gemv_triton(
+    x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+    offs: torch.Tensor, group_size: int,
+) -> torch.Tensor:
+    """:func:`int4_grouped_gemv_cuda` through our Triton CUDA-core GEMV, one row at a time, for
+    decode with group sizes the CUDA GEMV does not take (see triton_int4.int4_grouped_gemv)."""
+    from int4tensor.kernels import triton_int4
+
+    return triton_int4.int4_grouped_gemv(x, qdata, scale, zero_point, offs, group_size)
+
+
+int4_grouped_gemv_triton.register_autograd(_grouped_backward,
+                                           setup_context=_grouped_setup_context)
+
+
 @torch.library.custom_op("int4tensor::int4_grouped_gemv_cuda_preshuffled", mutates_args=())
 def int4_grouped_gemv_cuda_preshuffled(
     x: torch.Tensor, qdata: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor,
@@ -289,5 +305,6 @@ for _op in (int4_matmul_triton, int4_gemv_cuda, int4_gemm_cuda, int4_matmul_fbge
     _op.register_autograd(_backward, setup_context=_setup_context)
 for _op in (int4_gemv_cuda_preshuffled, int4_gemm_cuda_preshuffled):
     _op.register_fake(_fake)  # like fbgemm's shuffled ops: no autograd
-for _op in (int4_grouped_gemv_cuda, int4_grouped_mm_triton, int4_grouped_gemv_cuda_preshuffled):
+for _op in (int4_grouped_gemv_cuda, int4_grouped_mm_triton, int4_grouped_gemv_triton,
+            int4_grouped_gemv_cuda_preshuffled):
     _op.register_fake(_grouped_fake)

@@ -27,36 +27,24 @@ from int4tensor.kernels import cuda_gemv
 
 
 @triton.jit
-def _int4_gemv_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
-    M, N, K,
-    stride_xm, stride_qn, stride_sg, stride_om,
-    G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUPS_PER_ITER: tl.constexpr,
-):
-    """One activation row per program (grid axis 2), CUDA-core FMAs: for M of 1 to a few.
+def _gemv_row(x_row, q_rows, s_cols, z_cols, stride_sg, i_start, i_end,
+              G: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_ITER: tl.constexpr):
+    """One activation row (``x_row``) times BLOCK_N weight rows over the iterations ``[i_start,
+    i_end)`` of GROUPS_PER_ITER groups: float32 ``[BLOCK_N]``. ``q_rows [BLOCK_N, 1, 1]``
+    points at the rows' packed bytes, ``s_cols, z_cols [BLOCK_N, 1]`` at their group-0 scales
+    and zero points.
 
     Each iteration reads GROUPS_PER_ITER consecutive groups of BLOCK_N rows as one 3D tile
     ``[BLOCK_N, GROUPS_PER_ITER, G/2]`` (long contiguous runs per row). Nibbles become float32
     without an int->float conversion: the bits 0x4B000000 | u are the float 2**23 + u, so
     subtracting 2**23 + 8 leaves q = u - 8 exactly."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_n = tl.where(mask_n, offs_n, 0)  # rows past N re-read row 0 instead of masking
     offs_g = tl.arange(0, GROUPS_PER_ITER)
     tile_b = offs_g[:, None] * (G // 2) + tl.arange(0, G // 2)[None, :]  # bytes in an iteration
     tile_k = offs_g[:, None] * G + tl.arange(0, G)[None, :]  # K positions in an iteration
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    num_iters = K // (G * GROUPS_PER_ITER)
-    iters_per_split = tl.cdiv(num_iters, SPLIT_K)
-    i_start = pid_k * iters_per_split
-    i_end = tl.minimum(i_start + iters_per_split, num_iters)
-    x_row = x_ptr + m * stride_xm
     for i in range(i_start, i_end):
         byte0 = i * (GROUPS_PER_ITER * G // 2)
-        q = tl.load(q_ptr + offs_n[:, None, None] * stride_qn + byte0 + tile_b[None, :, :])
+        q = tl.load(q_rows + byte0 + tile_b[None, :, :])
         q32 = q.to(tl.int32)
         lo = ((q32 & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
         hi = (((q32 >> 4) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
@@ -65,10 +53,34 @@ def _int4_gemv_kernel(
         x = tl.load(x_row + 2 * byte0 + tile_k).to(tl.float32)  # [GPI, G]
         dot = tl.sum(w * x[None, :, :], axis=2)  # [BN, GPI]
         x_sum = tl.sum(x, axis=1)  # [GPI]
-        g = i * GROUPS_PER_ITER + offs_g
-        s = tl.load(s_ptr + g[None, :] * stride_sg + offs_n[:, None]).to(tl.float32)
-        z = tl.load(z_ptr + g[None, :] * stride_sg + offs_n[:, None]).to(tl.float32)
+        g = (i * GROUPS_PER_ITER + offs_g)[None, :] * stride_sg
+        s = tl.load(s_cols + g).to(tl.float32)  # [BN, GPI]
+        z = tl.load(z_cols + g).to(tl.float32)
         acc += tl.sum(s * dot + z * x_sum[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_qn, stride_sg, stride_om,
+    G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUPS_PER_ITER: tl.constexpr,
+):
+    """One activation row per program (grid axis 2), CUDA-core FMAs: for M of 1 to a few."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_n = tl.where(mask_n, offs_n, 0)  # rows past N re-read row 0 instead of masking
+    num_iters = K // (G * GROUPS_PER_ITER)
+    iters_per_split = tl.cdiv(num_iters, SPLIT_K)
+    i_start = pid_k * iters_per_split
+    i_end = tl.minimum(i_start + iters_per_split, num_iters)
+    acc = _gemv_row(x_ptr + m * stride_xm, q_ptr + offs_n[:, None, None] * stride_qn,
+                    s_ptr + offs_n[:, None], z_ptr + offs_n[:, None], stride_sg, i_start, i_end,
+                    G, BLOCK_N, GROUPS_PER_ITER)
     out_ptrs = out_ptr + m * stride_om + offs_n
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
@@ -127,29 +139,36 @@ def _int4_matmul_kernel(
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
 
 
-def pick_config(m: int, n: int, k: int, group_size: int = 128) -> dict:
-    """Kernel and launch configuration by shape, chosen from device sweeps
-    (``benchmarks/bench_linear.py --sweep``)."""
-    groups = k // group_size
-    if m <= GEMV_MAX_M:
-        # best on an H200 for 8192x8192 and 4096x4096 (sweep of 96 configs): 32-64 rows,
-        # two groups per iteration, split K as far as 16 ways
-        gpi = 2 if groups % 2 == 0 else 1
-        cfg = dict(kernel="gemv", BLOCK_N=32, GROUPS_PER_ITER=gpi, num_warps=2, num_stages=3)
-        programs = triton.cdiv(n, cfg["BLOCK_N"]) * m
-        iters = groups // gpi
-        target = 4096
-    else:
-        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-        cfg = dict(kernel="mma", BLOCK_M=block_m, BLOCK_N=128 if m <= 16 else 64,
-                   GROUPS_PER_ITER=1, num_warps=4, num_stages=3)
-        programs = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, block_m)
-        iters = groups
-        target = 1024
+def _split_k(programs: int, iters: int, target: int) -> int:
+    """K split (a power of two up to 16, at least two iterations each) that brings the
+    programs towards ``target``."""
     split_k = 1
     while programs * split_k < target and split_k < 16 and iters >= 2 * split_k:
         split_k *= 2
-    cfg["SPLIT_K"] = split_k
+    return split_k
+
+
+def gemv_config(rows: int, n: int, k: int, group_size: int = 128) -> dict:
+    """The CUDA-core GEMV's launch for ``rows`` activation rows (one program row each) of an
+    ``[N, K]`` weight. Best on an H200 for 8192x8192 and 4096x4096 (sweep of 96 configs):
+    32 weight rows, two groups per iteration, K split until ~4096 programs."""
+    groups = k // group_size
+    gpi = 2 if groups % 2 == 0 else 1
+    cfg = dict(kernel="gemv", BLOCK_N=32, GROUPS_PER_ITER=gpi, num_warps=2, num_stages=3)
+    cfg["SPLIT_K"] = _split_k(triton.cdiv(n, cfg["BLOCK_N"]) * rows, groups // gpi, 4096)
+    return cfg
+
+
+def pick_config(m: int, n: int, k: int, group_size: int = 128) -> dict:
+    """Kernel and launch configuration by shape, chosen from device sweeps
+    (``benchmarks/bench_linear.py --sweep``)."""
+    if m <= GEMV_MAX_M:
+        return gemv_config(m, n, k, group_size)
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    cfg = dict(kernel="mma", BLOCK_M=block_m, BLOCK_N=128 if m <= 16 else 64,
+               GROUPS_PER_ITER=1, num_warps=4, num_stages=3)
+    programs = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, block_m)
+    cfg["SPLIT_K"] = _split_k(programs, k // group_size, 1024)
     return cfg
 
 
@@ -314,3 +333,83 @@ def int4_grouped_matmul(
         x.stride(0), qdata.stride(0), qdata.stride(1), scale.stride(0), scale.stride(1),
         out.stride(0), G=group_size, E_POW2=triton.next_power_of_2(e + 1), **cfg)
     return out
+
+
+@triton.jit
+def _int4_grouped_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, offs_ptr, out_ptr,
+    T, N, K, E,
+    stride_xm, stride_qe, stride_qn, stride_se, stride_sg, stride_om,
+    G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUPS_PER_ITER: tl.constexpr, E_POW2: tl.constexpr,
+):
+    """Row m of x (grid axis 2) times its expert's weights, CUDA-core FMAs: for about one row
+    per active expert (decode). The expert is the number of offsets <= m, read here on the
+    device; a row past offs[E-1] belongs to no expert and comes out 0."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    e_idx = tl.arange(0, E_POW2)
+    ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=2147483647)
+    e = tl.sum((ends <= m).to(tl.int32))
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_n = tl.where(mask_n, offs_n, 0)
+    out_ptrs = out_ptr + m * stride_om + offs_n
+    if e >= E:
+        if SPLIT_K == 1:  # else the output starts zeroed
+            tl.store(out_ptrs, tl.zeros((BLOCK_N,), dtype=out_ptr.dtype.element_ty), mask=mask_n)
+        return
+    num_iters = K // (G * GROUPS_PER_ITER)
+    iters_per_split = tl.cdiv(num_iters, SPLIT_K)
+    i_start = pid_k * iters_per_split
+    i_end = tl.minimum(i_start + iters_per_split, num_iters)
+    expert = e.to(tl.int64)
+    acc = _gemv_row(x_ptr + m * stride_xm,
+                    q_ptr + expert * stride_qe + offs_n[:, None, None] * stride_qn,
+                    s_ptr + expert * stride_se + offs_n[:, None],
+                    z_ptr + expert * stride_se + offs_n[:, None], stride_sg, i_start, i_end,
+                    G, BLOCK_N, GROUPS_PER_ITER)
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask_n, sem="relaxed")
+
+
+def int4_grouped_gemv(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    offs: torch.Tensor,
+    group_size: int,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """:func:`int4_grouped_matmul` one activation row at a time (each row reads its expert's
+    weights), for decode: about one row per active expert, any power-of-two group size.
+
+    Args:
+        x: bf16 ``[T, K]`` sorted by expert, last dim contiguous.
+        qdata: int8 ``[E, N, K/2]``, last dim contiguous; scale, zero_point: ``[E, K/G, N]``,
+            last dim contiguous, the same strides; ``W[e] = q * scale[e] + zero_point[e]``.
+        offs: int32 ``[E]`` cumulative row counts, on x's device (read there only).
+        config: launch parameters (default: :func:`gemv_config` for T rows).
+
+    Returns:
+        bf16 ``[T, N]``; rows from ``offs[E-1]`` on are 0.
+    """
+    t, k = x.shape
+    e, n = qdata.shape[0], qdata.shape[1]
+    cfg = dict(config or gemv_config(t, n, k, group_size))
+    cfg.pop("kernel", None)
+    if t == 0:
+        return torch.empty(0, n, dtype=x.dtype, device=x.device)
+    split_k = cfg["SPLIT_K"]
+    out = (torch.empty(t, n, dtype=x.dtype, device=x.device) if split_k == 1 else
+           torch.zeros(t, n, dtype=torch.float32, device=x.device))
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, t)
+    _int4_grouped_gemv_kernel[grid](
+        x, qdata, scale, zero_point, offs, out, t, n, k, e,
+        x.stride(0), qdata.stride(0), qdata.stride(1), scale.stride(0), scale.stride(1),
+        out.stride(0), G=group_size, E_POW2=triton.next_power_of_2(e), **cfg)
+    return out if split_k == 1 else out.to(x.dtype)

@@ -140,6 +140,57 @@ def test_empty_and_crowded_experts(counts):
     check(torch.randn(sum(counts), 768, dtype=torch.bfloat16, device="cuda"), t, offs)
 
 
+def sparse_counts(e, rows_of):
+    counts = [0] * e
+    for expert, rows in rows_of.items():
+        counts[expert] = rows
+    return counts
+
+
+@gpu
+@pytest.mark.parametrize("rows_of, extra_rows", [
+    ({3: 1, 40: 2, 69: 1}, 2),            # active experts in three 32-expert words, tail rows
+    ({10: 1, 33: 1, 34: 1, 65: 1, 69: 1}, 0),  # as many active experts as grid slots
+    ({69: 6}, 1),                          # only the last expert
+    ({}, 3),                               # no expert has rows: all zeros
+])
+def test_many_experts_with_few_active_ones(rows_of, extra_rows):
+    """The grid has min(E, T) expert slots, each finding its active expert from offs on the
+    GPU: which experts are active must not matter."""
+    _, t = experts(70, 200, 512)
+    counts = sparse_counts(70, rows_of)
+    x = torch.randn(sum(counts) + extra_rows, 512, dtype=torch.bfloat16, device="cuda")
+    offs = counts_to_offs(counts)
+    gemv = cuda_gemv.bind_grouped(x, t.qdata, t.scale, t.zero_point, 128)
+    out = gemv(x, offs)
+    ref = reference.grouped_mm_padded(x.float(), t.dequantize(torch.float32).transpose(-2, -1),
+                                      offs)
+    used = sum(counts)
+    if used:
+        assert rel_error(ref[:used], out[:used]) < 1e-2
+    assert not out[used:].any()
+
+
+@gpu
+def test_cuda_graph_replays_find_newly_active_experts():
+    _, t = experts(64, 256, 512)
+    x = torch.randn(4, 512, dtype=torch.bfloat16, device="cuda")
+    offs = counts_to_offs(sparse_counts(64, {0: 4}))
+    w = t.transpose(-2, -1)
+    F.grouped_mm(x, w, offs=offs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = F.grouped_mm(x, w, offs=offs)
+    for rows_of in ({63: 4}, {5: 1, 31: 1, 32: 1, 63: 1}, {40: 2, 41: 1}):
+        offs.copy_(counts_to_offs(sparse_counts(64, rows_of)))
+        graph.replay()
+        ref = reference.grouped_mm_padded(x.float(), t.dequantize(torch.float32)
+                                          .transpose(-2, -1), offs)
+        used = sum(rows_of.values())
+        assert rel_error(ref[:used], out[:used]) < 1e-2, rows_of
+        assert not out[used:].any()
+
+
 @gpu
 def test_rows_past_the_last_offset_are_zero():
     _, t = experts(4, 256, 512)
@@ -173,10 +224,10 @@ def test_cuda_graph_replays_read_new_offsets():
         assert torch.equal(out, ref), counts
 
 
-def assert_compiled_matches_eager(counts, k=1024):
+def assert_compiled_matches_eager(counts, k=1024, g=128):
     """``torch.compile(fullgraph=True)`` of transformers' grouped_mm call on an int4 stack
     equals the eager call, for the routing ``counts`` (which sets the backend)."""
-    _, t = experts(len(counts), 512, k)
+    _, t = experts(len(counts), 512, k, g)
     x = torch.randn(sum(counts), k, dtype=torch.bfloat16, device="cuda")
     offs = counts_to_offs(counts)
 
@@ -189,13 +240,13 @@ def assert_compiled_matches_eager(counts, k=1024):
     assert torch.equal(compiled(x, t, offs), eager)
 
 
-def assert_opcheck_and_gradient(op, counts, forward):
+def assert_opcheck_and_gradient(op, counts, forward, g=128):
     """``op`` (a grouped custom op) passes opcheck, and ``forward(x, t, offs)`` gives the
     activation gradient of the dense grouped matmul."""
-    _, t = experts(len(counts), 256, 512)
+    _, t = experts(len(counts), 256, 512, g)
     x = torch.randn(sum(counts), 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     offs = counts_to_offs(counts)
-    args = (x.detach(), t.qdata, t.scale, t.zero_point, offs, 128)
+    args = (x.detach(), t.qdata, t.scale, t.zero_point, offs, g)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     forward(x, t, offs).float().square().sum().backward()
     xr = x.detach().float().requires_grad_()

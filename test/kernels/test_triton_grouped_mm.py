@@ -35,10 +35,11 @@ def test_many_rows_per_expert_take_triton_after_the_gemv_refuses():
     assert _decide(8 * GROUPED_GEMV_MAX_ROWS).backend == "cuda"
 
 
-def test_group_size_64_takes_triton_at_every_size():
-    for tokens in (1, 16, 8 * TRITON_GROUPED_MAX_ROWS):
+def test_group_size_64_takes_triton_above_one_row_per_expert():
+    for tokens in (9, 16, 8 * TRITON_GROUPED_MAX_ROWS):
         d = _decide(tokens, g=64)
         assert d.backend == "triton", tokens
+        assert "2 per active expert" in dict(d.refused)["triton_gemv"] or tokens > 16
     assert "G = 64" in dict(_decide(1, g=64).refused)["cuda"]
 
 
