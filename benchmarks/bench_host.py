@@ -6,7 +6,9 @@ For every path (bf16 ``F.linear``; ``F.linear`` on the plain and preshuffled lay
 and fp8 activations, 2D and 3D ``x``; ``torch.bmm`` on 3D expert stacks of both layouts) and
 M = 1, 8, 32 rows: the eager wall time per call of a Python loop of calls (synchronized once
 at the end, so a path bound by its host work shows that work) and the GPU time per call of
-the same call replayed in a CUDA graph (no host work at all). A path is host-bound when its
+the same call replayed in a CUDA graph (no host work at all); and a chain of 225
+``nn.Linear`` modules (1024x1024) called in turn, bf16 and int4, per call, as a decode step
+meets a new weight on every call. A path is host-bound when its
 wall time exceeds its GPU time. Writes bench_host.csv to --out and prints a table last.
 """
 
@@ -83,6 +85,33 @@ def paths(n: int, k: int, m: int, experts: int) -> dict:
     return out
 
 
+def layer_sequence_paths(m: int, count: int = 225, size: int = 1024) -> dict:
+    """``count`` ``nn.Linear`` modules called in turn, as a decode step calls a model's 225
+    linears (Llama-3-8B): each call meets another weight, so what a path keeps per weight is
+    not in the CPU's caches the way a loop over one weight keeps it. Timed per pass, reported
+    per call."""
+    from torch import nn
+
+    from int4tensor import Int4WeightOnlyConfig, quantize_
+
+    def chain():
+        return nn.Sequential(*[nn.Linear(size, size, bias=False) for _ in range(count)]).to(
+            device="cuda", dtype=torch.bfloat16)
+
+    torch.manual_seed(0)
+    bf16, int4 = chain(), chain()
+    quantize_(int4, Int4WeightOnlyConfig(group_size=128))
+    x = torch.randn(m, size, dtype=torch.bfloat16, device="cuda")
+
+    def each(modules):
+        def run():
+            for module in modules:
+                module(x)  # the same input for all: no dependency, only host cost
+        return run
+    return {f"bf16 nn.Linear, {count} weights in turn": (each(bf16), count),
+            f"int4 plain nn.Linear, {count} weights in turn": (each(int4), count)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -94,10 +123,15 @@ def main() -> None:
     with torch.no_grad():
         for m in MS:
             bf16 = {}
-            for name, fn in paths(args.n, args.k, m, args.experts).items():
-                wall, gpu = eager_us(fn), graph_time_us([fn])
+            timed = {name: (fn, 1) for name, fn in paths(args.n, args.k, m, args.experts).items()}
+            timed.update(layer_sequence_paths(m))
+            for name, (fn, per) in timed.items():
+                wall = eager_us(fn, calls=2000 // per + 5) / per
+                gpu = graph_time_us([fn]) / per
                 base = ("bf16 bmm (experts)" if "bmm" in name else
-                        "bf16 grouped_mm (experts)" if "grouped_mm" in name else "bf16 F.linear")
+                        "bf16 grouped_mm (experts)" if "grouped_mm" in name else
+                        next(b for b in timed if b.startswith("bf16 nn.Linear"))
+                        if "weights in turn" in name else "bf16 F.linear")
                 if name.startswith("bf16"):
                     bf16[name] = wall
                 rows.append(dict(M=m, path=name, eager_us=round(wall, 1), gpu_us=round(gpu, 1),

@@ -23,7 +23,8 @@ scripts/probe_cuda_gemv.py, scripts/probe_cuda_gemm.py, scripts/probe_fp8.py):
   read dominates there);
 * the preshuffled layout: our GEMV and GEMM reading it, then fbgemm's shuffled kernels;
 * grouped matmul (``aten._grouped_mm``, MoE experts) on the plain layout: our grouped GEMV up
-  to GROUPED_GEMV_MAX_ROWS rows per active expert (offsets read on the GPU), our Triton
+  to GROUPED_GEMV_MAX_ROWS rows per active expert (offsets read on the GPU); for the group
+  sizes it refuses our Triton grouped GEMV up to TRITON_GROUPED_GEMV_MAX_ROWS; our Triton
   tensor-core grouped kernel up to TRITON_GROUPED_MAX_ROWS, else the reference path
   (benchmarks/bench_moe.py); on the bf16 preshuffled layout our GEMV reading it at every T
   (its reference path would unshuffle the stack per call).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import struct
+import threading
 
 import torch
 
@@ -118,14 +119,31 @@ class Launcher:
         self._size = ctypes.c_size_t(self._pointers.size + len(tail))  # read-only after this
         self._size_address = ctypes.addressof(self._size)
         self._device_index = device_index
+        # The creating thread refills one parameter buffer in place (cuLaunchKernel has copied
+        # the parameters when it returns): ~2 us less per call than building a buffer and its
+        # descriptor each time. ctypes releases the GIL during the launch, so another thread
+        # could refill the buffer under it: other threads build their own.
+        self._owner = threading.get_ident()
+        self._params = ctypes.create_string_buffer(self._pointers.size + len(tail))
+        self._params[self._pointers.size:] = tail
+        self._extra = self._descriptor(self._params)
+        self._pack_into = self._pointers.pack_into
+        self._launch = _cu_launch_kernel()
+
+    def _descriptor(self, params):
+        return _Extra(_PARAM_BUFFER_POINTER, ctypes.addressof(params), _PARAM_BUFFER_SIZE,
+                      self._size_address, _PARAM_END)
 
     def __call__(self, *tensors: torch.Tensor) -> None:
-        params = ctypes.create_string_buffer(
-            self._pointers.pack(*[t.data_ptr() for t in tensors]) + self._tail)
-        extra = _Extra(_PARAM_BUFFER_POINTER, ctypes.addressof(params), _PARAM_BUFFER_SIZE,
-                       self._size_address, _PARAM_END)
+        if threading.get_ident() == self._owner:
+            self._pack_into(self._params, 0, *[t.data_ptr() for t in tensors])
+            extra = self._extra
+        else:
+            params = ctypes.create_string_buffer(
+                self._pointers.pack(*[t.data_ptr() for t in tensors]) + self._tail)
+            extra = self._descriptor(params)
         stream = torch._C._cuda_getCurrentRawStream(self._device_index)
-        status = _cu_launch_kernel()(self._func, *self._dims, stream, None, extra)
+        status = self._launch(self._func, *self._dims, stream, None, extra)
         if status != 0:
             raise RuntimeError(f"cuLaunchKernel failed with CUDA error {status} (grid/block/"
                                f"shared memory {self._dims})")

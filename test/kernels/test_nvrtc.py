@@ -37,3 +37,46 @@ def test_ops_fall_back_to_torch_when_nvrtc_fails(broken_nvrtc):
     assert torch.equal(t.dequantize(), quant_primitives.dequantize_int4(
         t.qdata, t.scale, t.zero_point, 128, torch.bfloat16))
     assert torch.equal(kernels.round_fp8_rows(x), quant_primitives.round_fp8_rows(x))
+
+
+_ADD = r"""extern "C" __global__ void add_value(const float* x, float* out, int n, int value) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = x[i] + value;
+}"""
+
+
+@pytest.mark.gpu
+def test_a_launcher_reused_across_calls_and_threads_reads_each_calls_tensors():
+    """The launcher refills one parameter buffer on its own thread and builds one per call on
+    others: every launch must see the tensors it was given, not an earlier call's."""
+    import threading
+
+    kernel = nvrtc.compile_kernel(_ADD, "add_value", torch.cuda.get_device_capability())
+    n = 1000
+    launch = nvrtc.Launcher(kernel, (4, 1, 1), (256, 1, 1), 0, 2, (n, 3), torch.cuda.current_device())
+    xs = [torch.randn(n, device="cuda") for _ in range(4)]
+    outs = [torch.empty(n, device="cuda") for _ in range(4)]
+    for x, out in zip(xs, outs):
+        launch(x, out)
+    errors = []
+
+    def other_thread():
+        try:
+            x, out = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
+            for _ in range(50):
+                launch(x, out)
+            torch.cuda.synchronize()
+            assert torch.equal(out, x + 3)
+        except Exception as error:  # noqa: BLE001  (re-raised below)
+            errors.append(error)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    for _ in range(50):
+        for x, out in zip(xs, outs):
+            launch(x, out)
+    thread.join()
+    torch.cuda.synchronize()
+    assert not errors, errors
+    for x, out in zip(xs, outs):
+        assert torch.equal(out, x + 3)
