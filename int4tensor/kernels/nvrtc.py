@@ -149,6 +149,25 @@ class Launcher:
                                f"shared memory {self._dims})")
 
 
+@functools.lru_cache(maxsize=None)
+def _cu_memset_d32_async():
+    library = torch.cuda._utils._get_gpu_runtime_library()
+    prototype = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_uint, ctypes.c_size_t,
+                                 ctypes.c_void_p)
+    return prototype(("cuMemsetD32Async", library))
+
+
+def zero_async(t: torch.Tensor, device_index: int) -> None:
+    """Zero the 4-byte words of contiguous CUDA tensor ``t`` on the current stream
+    (``cuMemsetD32Async``, capturable): about a microsecond of host time, where ``torch.zeros``
+    or ``zero_()`` go through the dispatcher and a fill kernel."""
+    words = t.numel() * t.element_size() // 4
+    stream = torch._C._cuda_getCurrentRawStream(device_index)
+    status = _cu_memset_d32_async()(t.data_ptr(), 0, words, stream)
+    if status != 0:
+        raise RuntimeError(f"cuMemsetD32Async failed with CUDA error {status}")
+
+
 def launch(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list,
            shared_mem: int = 0) -> None:
     """Launch a kernel of :func:`compile_kernel` once: ``args`` are its parameters in order,

@@ -132,6 +132,23 @@ def test_custom_op_and_compiled_linear():
     assert rel_error(F.linear(x, p), fn(x, p)) < 1e-3
 
 
+@gpu
+def test_cuda_graph_replays_zero_the_sums_and_cast_each_time():
+    """The zero-fill (a driver memset) and the cast (our kernel) are captured with the GEMM:
+    each replay gives the result of its own inputs, not sums piled on the last ones."""
+    _, t = quantized_cuda(1000, 1024, 128)
+    x = torch.randn(24, 1024, dtype=torch.bfloat16, device="cuda")
+    gemm = cuda_gemm.bind(x, t.qdata, t.scale, t.zero_point, 128, shuffled=False)
+    gemm(x)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemm(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert rel_error(reference.linear(x, t, None), out) < 2e-3
+
+
 def test_contract_rejects_cpu_and_out_of_range_inputs_without_compiling():
     """Runs everywhere: the contract check never touches a GPU or compiles anything."""
     t = Int4Tensor.from_hp(torch.randn(64, 256, dtype=torch.bfloat16), (1, 128))
