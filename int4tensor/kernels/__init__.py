@@ -408,32 +408,22 @@ def _triton_grouped_gemv_why_not(call: Call) -> str | None:
     return problem
 
 
-def _triton_grouped_gemv_op(x, w, offs):
-    return custom_ops.int4_grouped_gemv_triton(x, w.qdata, w.scale, w.zero_point, offs,
-                                               w.group_size)
-
-
-def _triton_grouped_gemv(x, w, offs):
-    from int4tensor.kernels import triton_int4
-
-    return triton_int4.int4_grouped_gemv(x, w.qdata, w.scale, w.zero_point, offs,
-                                         w.group_size)
-
-
 _triton_grouped_why_not = _triton_grouped_refusal(
     TRITON_GROUPED_MAX_ROWS, "dequantizing for bf16 grouped_mm")
 
 
-def _triton_grouped_op(x, w, offs):
-    return custom_ops.int4_grouped_mm_triton(x, w.qdata, w.scale, w.zero_point, offs,
-                                             w.group_size)
+def _triton_grouped_calls(op, function_name: str):
+    """(run, run_eager) of a Triton grouped kernel on a plain stack: its custom op, and the
+    ``triton_int4`` function itself (imported at the first eager call: it imports triton)."""
+    def run(x, w, offs):
+        return op(x, w.qdata, w.scale, w.zero_point, offs, w.group_size)
 
+    def run_eager(x, w, offs):
+        from int4tensor.kernels import triton_int4
 
-def _triton_grouped(x, w, offs):
-    from int4tensor.kernels import triton_int4
-
-    return triton_int4.int4_grouped_matmul(x, w.qdata, w.scale, w.zero_point, offs,
-                                           w.group_size)
+        return getattr(triton_int4, function_name)(x, w.qdata, w.scale, w.zero_point, offs,
+                                                   w.group_size)
+    return run, run_eager
 
 
 def _cpu_experts_why_not(call: Call) -> str | None:
@@ -454,9 +444,10 @@ _PLAIN_GROUPED_GEMV, _SHUFFLED_GROUPED_GEMV = _grouped_gemv(False), _grouped_gem
 PLAIN_GROUPED_MM = [
     Candidate("cuda", _grouped_gemv_refusal(GROUPED_GEMV_MAX_ROWS), *_PLAIN_GROUPED_GEMV[:2],
               bind=_PLAIN_GROUPED_GEMV[2]),
-    Candidate("triton_gemv", _triton_grouped_gemv_why_not, _triton_grouped_gemv_op,
-              _triton_grouped_gemv),
-    Candidate("triton", _triton_grouped_why_not, _triton_grouped_op, _triton_grouped),
+    Candidate("triton_gemv", _triton_grouped_gemv_why_not,
+              *_triton_grouped_calls(custom_ops.int4_grouped_gemv_triton, "int4_grouped_gemv")),
+    Candidate("triton", _triton_grouped_why_not,
+              *_triton_grouped_calls(custom_ops.int4_grouped_mm_triton, "int4_grouped_matmul")),
     # eager CPU calls read offs on the host; traced ones cannot, and dequantize the stack
     Candidate("cpu_experts", _cpu_experts_why_not, reference.grouped_mm,
               reference.grouped_mm_active_experts),

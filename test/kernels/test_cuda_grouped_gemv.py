@@ -27,12 +27,20 @@ def routing(tokens, e, top_k, generator=None, device="cuda"):
     return torch.cumsum(counts, 0).to(torch.int32).to(device)
 
 
+def routed_activations(tokens, e, k, top_k):
+    """``(x [rows, K], offs)`` for ``tokens`` tokens routed to ``top_k`` of ``e`` experts
+    (seeded by the case)."""
+    offs = routing(tokens, e, min(top_k, e), torch.Generator().manual_seed(tokens * 1000 + e))
+    return torch.randn(int(offs[-1]), k, dtype=torch.bfloat16, device="cuda"), offs
+
+
 def counts_to_offs(counts, device="cuda"):
     return torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
 
 
-def check(x, t, offs, tol=1e-2):
-    out = F.grouped_mm(x, t.transpose(-2, -1), offs=offs)
+def assert_matches_reference(out, x, t, offs, tol=1e-2):
+    """``out`` is the grouped matmul of ``x`` and stack ``t`` over ``offs``: bf16 ``[T, N]``,
+    within ``tol`` of the float reference on the experts' rows, 0 on the rows of no expert."""
     ref = reference.grouped_mm_padded(x.float(), t.dequantize(torch.float32).transpose(-2, -1),
                                       offs)
     used = int(offs[-1])
@@ -41,6 +49,11 @@ def check(x, t, offs, tol=1e-2):
     assert err < tol, err
     assert not out[used:].any()  # rows of no expert
     return out
+
+
+def check(x, t, offs, tol=1e-2):
+    return assert_matches_reference(F.grouped_mm(x, t.transpose(-2, -1), offs=offs), x, t, offs,
+                                    tol)
 
 
 # ---- dispatch (CPU) ---------------------------------------------------------------------------
@@ -113,10 +126,8 @@ def test_wrong_k_is_refused_by_name():
                                         (4, 96, 1024, 256), (128, 1536, 256, 128)])
 @pytest.mark.parametrize("tokens, top_k", [(1, 2), (3, 2), (16, 4), (37, 2)])
 def test_random_routings_match_reference(e, n, k, g, tokens, top_k):
-    gen = torch.Generator().manual_seed(tokens * 1000 + e)
     _, t = experts(e, n, k, g)
-    offs = routing(tokens, e, min(top_k, e), gen)
-    x = torch.randn(int(offs[-1]), k, dtype=torch.bfloat16, device="cuda")
+    x, offs = routed_activations(tokens, e, k, top_k)
     rows = cuda_gemv.rows_per_expert(x.shape[0], e)
     assert kernels.explain_call("grouped_mm", x, t).backend == \
         ("cuda" if rows <= kernels.GROUPED_GEMV_MAX_ROWS else "triton")
@@ -162,13 +173,7 @@ def test_many_experts_with_few_active_ones(rows_of, extra_rows):
     x = torch.randn(sum(counts) + extra_rows, 512, dtype=torch.bfloat16, device="cuda")
     offs = counts_to_offs(counts)
     gemv = cuda_gemv.bind_grouped(x, t.qdata, t.scale, t.zero_point, 128)
-    out = gemv(x, offs)
-    ref = reference.grouped_mm_padded(x.float(), t.dequantize(torch.float32).transpose(-2, -1),
-                                      offs)
-    used = sum(counts)
-    if used:
-        assert rel_error(ref[:used], out[:used]) < 1e-2
-    assert not out[used:].any()
+    assert_matches_reference(gemv(x, offs), x, t, offs)
 
 
 @gpu
@@ -184,11 +189,7 @@ def test_cuda_graph_replays_find_newly_active_experts():
     for rows_of in ({63: 4}, {5: 1, 31: 1, 32: 1, 63: 1}, {40: 2, 41: 1}):
         offs.copy_(counts_to_offs(sparse_counts(64, rows_of)))
         graph.replay()
-        ref = reference.grouped_mm_padded(x.float(), t.dequantize(torch.float32)
-                                          .transpose(-2, -1), offs)
-        used = sum(rows_of.values())
-        assert rel_error(ref[:used], out[:used]) < 1e-2, rows_of
-        assert not out[used:].any()
+        assert_matches_reference(out, x, t, offs)
 
 
 @gpu
@@ -300,10 +301,8 @@ def _preshuffled(e, n, k, g=128):
 @pytest.mark.parametrize("tokens, top_k", [(1, 2), (3, 2), (37, 2), (300, 4), (1024, 2)])
 def test_preshuffled_random_routings_match_the_plain_layout(e, n, k, tokens, top_k):
     pytest.importorskip("fbgemm_gpu")
-    gen = torch.Generator().manual_seed(tokens * 1000 + e)
     plain, shuffled = _preshuffled(e, n, k)
-    offs = routing(tokens, e, min(top_k, e), gen)
-    x = torch.randn(int(offs[-1]), k, dtype=torch.bfloat16, device="cuda")
+    x, offs = routed_activations(tokens, e, k, top_k)
     assert kernels.explain_call("grouped_mm", x, shuffled).backend == "cuda"
     out = check(x, shuffled, offs)
     ref = F.grouped_mm(x, plain.transpose(-2, -1), offs=offs)

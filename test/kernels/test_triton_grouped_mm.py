@@ -9,12 +9,11 @@ import torch.nn.functional as F
 
 from int4tensor import kernels
 from int4tensor.kernels import (
-    GROUPED_GEMV_MAX_ROWS, TRITON_GROUPED_MAX_ROWS, custom_ops, reference)
+    GROUPED_GEMV_MAX_ROWS, TRITON_GROUPED_MAX_ROWS, custom_ops)
 from int4tensor.kernels.dispatch import decide, describe
-from test.helpers import rel_error
 from test.kernels.test_cuda_grouped_gemv import (
-    assert_compiled_matches_eager, assert_opcheck_and_gradient, check, counts_to_offs, experts,
-    routing)
+    assert_compiled_matches_eager, assert_matches_reference, assert_opcheck_and_gradient, check,
+    counts_to_offs, experts, routed_activations)
 
 gpu = pytest.mark.gpu
 H200 = dict(device_type="cuda", capability=(9, 0), features=frozenset({"nvrtc", "triton"}))
@@ -81,10 +80,8 @@ def _triton(x, t, offs, **config):
                                         (128, 1536, 256, 128)])
 @pytest.mark.parametrize("tokens, top_k", [(300, 2), (1025, 4), (77, 8)])
 def test_random_routings_match_reference(e, n, k, g, tokens, top_k):
-    gen = torch.Generator().manual_seed(tokens * 1000 + e)
     _, t = experts(e, n, k, g)
-    offs = routing(tokens, e, min(top_k, e), gen)
-    x = torch.randn(int(offs[-1]), k, dtype=torch.bfloat16, device="cuda")
+    x, offs = routed_activations(tokens, e, k, top_k)
     out = check(x, t, offs)
     assert torch.equal(out, _triton(x, t, offs)) or \
         kernels.explain_call("grouped_mm", x, t).backend != "triton"
@@ -92,14 +89,7 @@ def test_random_routings_match_reference(e, n, k, g, tokens, top_k):
 
 
 def check_direct(x, t, offs, **config):
-    out = _triton(x, t, offs, **config)
-    ref = reference.grouped_mm_padded(x.float(), t.dequantize(torch.float32).transpose(-2, -1),
-                                      offs)
-    used = int(offs[-1])
-    assert out.shape == (x.shape[0], t.shape[1]) and out.dtype == torch.bfloat16
-    if used:
-        assert rel_error(ref[:used], out[:used]) < 1e-2
-    assert not out[used:].any()
+    assert_matches_reference(_triton(x, t, offs, **config), x, t, offs)
 
 
 @gpu
