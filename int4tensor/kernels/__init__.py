@@ -366,9 +366,9 @@ def _grouped_gemv(shuffled: bool):
     return run, run_eager, bind
 
 
-def _triton_grouped_refusal(max_rows: int, above: str):
+def _triton_grouped_refusal(max_rows: int, above: str, max_experts: int | None = None):
     """Refusal of a Triton grouped kernel for more than ``max_rows`` rows per active expert
-    (``above``: what is faster then)."""
+    (``above``: what is faster then) or more than ``max_experts`` experts (None: any)."""
     def why_not(call: Call) -> str | None:
         problem = _not_cuda(call, (8, 0), "triton")
         if problem:
@@ -394,20 +394,15 @@ def _triton_grouped_refusal(max_rows: int, above: str):
         if rows > max_rows:
             return (f"{x.shape[0]} rows over {qdata.shape[0]} experts: ~{rows} per active "
                     f"expert, it takes up to {max_rows} ({above} is faster above)")
+        if max_experts is not None and qdata.shape[0] > max_experts:
+            return (f"{qdata.shape[0]} experts: its offset scan holds up to {max_experts} in "
+                    f"registers")
         return None
     return why_not
 
 
-def _triton_grouped_gemv_why_not(call: Call) -> str | None:
-    problem = _triton_grouped_refusal(TRITON_GROUPED_GEMV_MAX_ROWS,
-                                      "the tensor-core kernel")(call)
-    experts = call.weight.qdata.shape[0]
-    if problem is None and experts > TRITON_GROUPED_GEMV_MAX_EXPERTS:
-        return (f"{experts} experts: its offset scan holds up to "
-                f"{TRITON_GROUPED_GEMV_MAX_EXPERTS} in registers")
-    return problem
-
-
+_triton_grouped_gemv_why_not = _triton_grouped_refusal(
+    TRITON_GROUPED_GEMV_MAX_ROWS, "the tensor-core kernel", TRITON_GROUPED_GEMV_MAX_EXPERTS)
 _triton_grouped_why_not = _triton_grouped_refusal(
     TRITON_GROUPED_MAX_ROWS, "dequantizing for bf16 grouped_mm")
 
