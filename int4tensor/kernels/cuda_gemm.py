@@ -436,14 +436,16 @@ def int4_gemm(
 
 
 def bind(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-         group_size: int, shuffled: bool = True):
+         group_size: int, shuffled: bool = True, out_shape: tuple | None = None):
     """``f(x) -> int4_gemm(x, qdata, scale, zero_point, group_size, shuffled=shuffled)`` for
-    activations of ``x``'s shape, strides and device: the launch is planned here, once."""
+    activations of ``x``'s shape, strides and device: the launch is planned here, once.
+    ``out_shape`` as for :func:`cuda_gemv.bind`."""
     plan = _launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
                         scale.stride(), x.device.index, group_size, shuffled, ())
+    shape = cuda_gemv._checked_out_shape(out_shape, plan.sums_shape)
 
     def gemm(x: torch.Tensor) -> torch.Tensor:
-        return plan(x, qdata, scale, zero_point)
+        return plan(x, qdata, scale, zero_point, shape)
     return gemm
 
 
@@ -459,14 +461,14 @@ class _LaunchPlan(NamedTuple):
     device_index: int
 
     def __call__(self, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-                 zero_point: torch.Tensor) -> torch.Tensor:
+                 zero_point: torch.Tensor, out_shape: tuple | None = None) -> torch.Tensor:
         """One call: zero the fp32 sums, launch, cast them to the bf16 output. The fill and the
         cast go through the driver and our own launcher: ``torch.zeros`` and ``.to`` cost more
         host time than the GEMM's launch itself (bench_host.py, M = 32)."""
         sums = torch.empty(self.sums_shape, dtype=torch.float32, device=x.device)
         nvrtc.zero_async(sums, self.device_index)
         self.launch(x, qdata, scale, zero_point, sums)
-        out = torch.empty(self.sums_shape, dtype=torch.bfloat16, device=x.device)
+        out = torch.empty(out_shape or self.sums_shape, dtype=torch.bfloat16, device=x.device)
         self.cast(sums, out)
         return out
 

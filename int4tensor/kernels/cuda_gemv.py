@@ -46,6 +46,7 @@ or fails, the dispatcher uses the Triton kernels instead. This module imports no
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -549,18 +550,30 @@ def int4_gemv(
 
 
 def bind(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-         group_size: int, shuffled: bool = False):
+         group_size: int, shuffled: bool = False, out_shape: tuple | None = None):
     """``f(x) -> int4_gemv(x, qdata, scale, zero_point, group_size)`` for activations of
-    ``x``'s shape, strides and device: the launch is planned here, once."""
+    ``x``'s shape, strides and device: the launch is planned here, once. ``out_shape``: the
+    output's shape, any with as many elements as ``[M, N]`` (``[*, N]`` for ``x [*, K]``
+    with the rows of ``x``); ``f`` then also takes ``x`` in any shape with those rows."""
     plan = _launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
                         scale.stride(), x.device.index, group_size, shuffled, ())
-    shape, launch, device = plan.out_shape, plan.launch, x.device
+    shape, launch, device = _checked_out_shape(out_shape, plan.out_shape), plan.launch, x.device
 
     def gemv(x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(shape, dtype=torch.bfloat16, device=device)
         launch(x, qdata, scale, zero_point, out)
         return out
     return gemv
+
+
+def _checked_out_shape(out_shape: tuple | None, planned: tuple) -> tuple:
+    """``out_shape`` where given (it must hold the planned output's elements), else ``planned``."""
+    if out_shape is None:
+        return planned
+    if math.prod(out_shape) != math.prod(planned) or out_shape[-1] != planned[-1]:
+        raise ValueError(f"output shape {list(out_shape)} does not hold the kernel's "
+                         f"{list(planned)}")
+    return tuple(out_shape)
 
 
 class _LaunchPlan(NamedTuple):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from int4tensor import Int4PreshuffledTensor, Int4Tensor, kernels
-from int4tensor.kernels import cuda_gemm, custom_ops, fbgemm, reference
+from int4tensor.kernels import cuda_gemm, cuda_gemv, custom_ops, fbgemm, reference
 from test.helpers import quantized_cuda, rel_error, sqnr
 
 gpu = pytest.mark.gpu
@@ -133,6 +133,21 @@ def test_custom_op_and_compiled_linear():
 
 
 @gpu
+def test_three_dim_input_and_bias_through_linear():
+    """Eager F.linear hands a contiguous x [*, K] to the kernel as it is and gets the output in
+    its final shape: repeated calls, with and without bias, equal the reference."""
+    _, t = quantized_cuda(1000, 1024, 128)
+    bias = torch.randn(1000, dtype=torch.bfloat16, device="cuda")
+    for _ in range(2):
+        x = torch.randn(4, 6, 1024, dtype=torch.bfloat16, device="cuda")  # 24 rows: the GEMM
+        assert kernels.linear_backend(x.view(-1, 1024), t) == "cuda_gemm"
+        out = F.linear(x, t, bias)
+        assert out.shape == (4, 6, 1000)
+        assert rel_error(reference.linear(x, t, bias), out) < 2e-3
+        assert rel_error(reference.linear(x, t, None), F.linear(x, t)) < 2e-3
+
+
+@gpu
 def test_cuda_graph_replays_zero_the_sums_and_cast_each_time():
     """The zero-fill (a driver memset) and the cast (our kernel) are captured with the GEMM:
     each replay gives the result of its own inputs, not sums piled on the last ones."""
@@ -147,6 +162,14 @@ def test_cuda_graph_replays_zero_the_sums_and_cast_each_time():
         x.copy_(torch.randn_like(x))
         graph.replay()
         assert rel_error(reference.linear(x, t, None), out) < 2e-3
+
+
+def test_an_output_shape_must_hold_the_kernels_output():
+    assert cuda_gemv._checked_out_shape(None, (6, 10)) == (6, 10)
+    assert cuda_gemv._checked_out_shape((2, 3, 10), (6, 10)) == (2, 3, 10)
+    for wrong in ((2, 2, 10), (6, 5, 2)):
+        with pytest.raises(ValueError, match="does not hold"):
+            cuda_gemv._checked_out_shape(wrong, (6, 10))
 
 
 def test_contract_rejects_cpu_and_out_of_range_inputs_without_compiling():
