@@ -8,7 +8,9 @@ M = 1, 8, 32 rows: the eager wall time per call of a Python loop of calls (synch
 at the end, so a path bound by its host work shows that work) and the GPU time per call of
 the same call replayed in a CUDA graph (no host work at all); and a chain of 225
 ``nn.Linear`` modules (1024x1024) called in turn, bf16 and int4, per call, as a decode step
-meets a new weight on every call. A path is host-bound when its
+meets a new weight on every call; at M = 1 that chain entered at each depth of the call
+(module, ``F.linear``, the op implementation, the plan, the bound kernel, the launch), over
+225 distinct weights and over one weight 225 times. A path is host-bound when its
 wall time exceeds its GPU time. Writes bench_host.csv to --out and prints a table last.
 """
 
@@ -31,9 +33,9 @@ from int4tensor.kernels import fbgemm  # noqa: E402
 MS = (1, 8, 32)
 
 
-def eager_us(fn, calls: int = 2000) -> float:
+def eager_us(fn, calls: int = 2000, warmup: int = 500) -> float:
     """Median over 5 rounds of the wall µs per call of ``calls`` back-to-back calls."""
-    for _ in range(500):  # warm-up: first-call planning, allocator, clocks
+    for _ in range(warmup):  # first-call planning, allocator, clocks
         fn()
     torch.cuda.synchronize()
     rounds = []
@@ -112,12 +114,69 @@ def layer_sequence_paths(m: int, count: int = 225, size: int = 1024) -> dict:
             f"int4 plain nn.Linear, {count} weights in turn": (each(int4), count)}
 
 
+def each(fn, items):
+    """A runner calling ``fn`` on every item in turn, results dropped (as a model's step)."""
+    def run():
+        for item in items:
+            fn(item)
+    return run
+
+
+def call_depth_paths(count: int = 225, size: int = 1024) -> dict:
+    """Where an eager int4 call's host time goes, M = 1: the chain of ``count`` int4 modules
+    entered at successive depths of the call (the module; ``F.linear``; the registered op
+    implementation; ``kernels.int4_linear``; the cached plan; the bound kernel; the launch
+    alone into a preallocated output), each over ``count`` distinct weights and over one
+    weight ``count`` times (what a per-weight object costs when it is not in the CPU caches)."""
+    from torch import nn
+
+    from int4tensor import Int4WeightOnlyConfig, kernels, quantize_
+    from int4tensor.kernels import cuda_gemv
+
+    torch.manual_seed(0)
+    bf16 = nn.Sequential(*[nn.Linear(size, size, bias=False) for _ in range(count)]).to(
+        device="cuda", dtype=torch.bfloat16)
+    int4 = nn.Sequential(*[nn.Linear(size, size, bias=False) for _ in range(count)]).to(
+        device="cuda", dtype=torch.bfloat16)
+    quantize_(int4, Int4WeightOnlyConfig(group_size=128))
+    x = torch.randn(1, size, dtype=torch.bfloat16, device="cuda")
+    impl = Int4Tensor._find_impl("_torch_function_impls", F.linear)
+    out = {}
+    for spread, pick in (("distinct", lambda ms: list(ms)), ("one", lambda ms: [ms[0]] * count)):
+        b_mods, mods = pick(bf16), pick(int4)
+        b_ws, ws = [m.weight for m in b_mods], [m.weight for m in mods]
+        for w in ws:
+            F.linear(x, w)  # plans made
+        plans = [next(iter(w.__dict__["_dispatch_plans"].values()))[1] for w in ws]
+        gemvs = [cuda_gemv.bind(x, w.qdata, w.scale, w.zero_point, w.group_size) for w in ws]
+        launch = cuda_gemv._launch_plan(tuple(x.shape), x.stride(), tuple(ws[0].qdata.shape),
+                                        ws[0].qdata.stride(0), ws[0].scale.stride(),
+                                        x.device.index, 128, False, ()).launch
+        y = torch.empty(1, size, dtype=torch.bfloat16, device="cuda")
+        depths = {
+            "bf16 module": each(lambda m: m(x), b_mods),
+            "bf16 F.linear": each(lambda w: F.linear(x, w), b_ws),
+            "int4 module": each(lambda m: m(x), mods),
+            "int4 F.linear": each(lambda w: F.linear(x, w), ws),
+            "int4 op implementation": each(lambda w: impl(F.linear, (x, w), {}), ws),
+            "int4 kernels.int4_linear": each(lambda w: kernels.int4_linear(x, w, None), ws),
+            "int4 cached plan": each(lambda p: p(x, None), plans),
+            "int4 bound kernel": each(lambda g: g(x), gemvs),
+            "int4 launch only": each(lambda w: launch(x, w.qdata, w.scale, w.zero_point, y), ws),
+        }
+        for name, fn in depths.items():
+            out[f"depth: {name}, {count} {spread} weights"] = (fn, count)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--no-depths", action="store_true",
+                        help="leave out the call-depth rows (M = 1)")
     args = parser.parse_args()
     rows = []
     with torch.no_grad():
@@ -125,14 +184,18 @@ def main() -> None:
             bf16 = {}
             timed = {name: (fn, 1) for name, fn in paths(args.n, args.k, m, args.experts).items()}
             timed.update(layer_sequence_paths(m))
+            if m == 1 and not args.no_depths:
+                timed.update(call_depth_paths())
             for name, (fn, per) in timed.items():
-                wall = eager_us(fn, calls=2000 // per + 5) / per
+                wall = eager_us(fn, calls=2000 // per + 5, warmup=max(3, 500 // per)) / per
                 gpu = graph_time_us([fn]) / per
                 base = ("bf16 bmm (experts)" if "bmm" in name else
                         "bf16 grouped_mm (experts)" if "grouped_mm" in name else
                         next(b for b in timed if b.startswith("bf16 nn.Linear"))
-                        if "weights in turn" in name else "bf16 F.linear")
-                if name.startswith("bf16"):
+                        if "weights in turn" in name else
+                        name.split(": ")[0] + ": bf16 module, " + name.split(", ")[-1]
+                        if name.startswith("depth") else "bf16 F.linear")
+                if name.startswith("bf16") or name.startswith("depth: bf16"):
                     bf16[name] = wall
                 rows.append(dict(M=m, path=name, eager_us=round(wall, 1), gpu_us=round(gpu, 1),
                                  eager_vs_bf16=round(wall / bf16[base], 2)))

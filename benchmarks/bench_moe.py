@@ -61,11 +61,15 @@ SHAPES = {
     "gpt-oss-down": ("gpt-oss-20b-like down", 32, 2880, 2880, 4),
 }
 ROUTINGS = 8
-#: launch configurations the sweep times: BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT_X
-SWEEP = [(16, 128, 4, 3, False), (64, 128, 4, 3, False), (16, 128, 4, 3, True),
-         (32, 128, 4, 3, True), (64, 64, 4, 3, True), (64, 128, 4, 3, True),
-         (64, 128, 8, 3, True), (128, 128, 8, 3, True), (128, 128, 4, 3, True),
-         (128, 256, 8, 3, True), (64, 256, 8, 3, True), (128, 64, 4, 4, True)]
+#: launch configurations the sweep times: BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT_X,
+#: DEQUANT, BLOCK_K (0: the group size); the integer-dot kernel first, the dequantizing one after
+SWEEP = [(16, 128, 4, 3, False, False, 0), (64, 128, 4, 3, True, False, 0),
+         (32, 128, 4, 3, True, True, 0), (64, 128, 4, 3, True, True, 0),
+         (64, 128, 4, 4, True, True, 64), (64, 256, 8, 3, True, True, 64),
+         (128, 128, 8, 3, True, True, 0), (128, 128, 4, 3, True, True, 64),
+         (128, 256, 8, 3, True, True, 64), (256, 128, 8, 3, True, True, 64)]
+#: the sweep's configuration fields, in SWEEP's order
+SWEEP_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLIT_X", "DEQUANT", "BLOCK_K")
 
 
 def group_size_for(k: int) -> int:
@@ -289,12 +293,17 @@ def sweep(args) -> None:
             dq = reference.grouped_mm(xs[0], t, offs[0])
             bf16_us = graph_time_us([lambda x=x, o=o: torch._grouped_mm(x, wt, offs=o)
                                      for x, o in zip(xs, offs)])
-            default = triton_int4.pick_grouped_config(
-                cuda_gemv.rows_per_expert(tokens * top_k, e))
+            default = dict(triton_int4.pick_grouped_config(
+                cuda_gemv.rows_per_expert(tokens * top_k, e)))
+            default.setdefault("SPLIT_X", False)
+            default.setdefault("DEQUANT", False)
+            default["BLOCK_K"] = min(default.get("BLOCK_K") or g, g)
+            dkey = tuple(default[f] for f in SWEEP_FIELDS)
             times = {}
-            for bm, bn, warps, stages, split in SWEEP:
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-                           SPLIT_X=split)
+            for entry in SWEEP:
+                cfg = dict(zip(SWEEP_FIELDS, entry))
+                cfg["BLOCK_K"] = min(cfg["BLOCK_K"] or g, g)
+                cfg_key = tuple(cfg[f] for f in SWEEP_FIELDS)
                 try:
                     out = triton_int4.int4_grouped_matmul(xs[0], t.qdata, t.scale, t.zero_point,
                                                           offs[0], g, cfg)
@@ -306,16 +315,15 @@ def sweep(args) -> None:
                 except Exception as error:  # noqa: BLE001  (out of resources: reported)
                     print(f"  {cfg}: {type(error).__name__} {str(error)[:80]}")
                     continue
-                times[(bm, bn, warps, stages, split)] = us
+                times[cfg_key] = us
+                tflops = 2 * tokens * top_k * n * k / us / 1e6
                 rows.append(dict(model=model, E=e, N=n, K=k, G=g, tokens=tokens,
-                                 rows=tokens * top_k, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                 num_stages=stages, split_x=split, us=round(us, 1),
+                                 rows=tokens * top_k, **{f.lower(): v for f, v in cfg.items()},
+                                 us=round(us, 1), tflops=round(tflops, 1),
                                  bf16_grouped_mm_us=round(bf16_us, 1),
                                  speedup=round(bf16_us / us, 2), rel_err=round(err, 5),
-                                 is_default=cfg == default))
+                                 is_default=cfg_key == dkey))
             best = min(times, key=times.get)
-            dkey = tuple(default.get(f, False) for f in
-                         ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLIT_X"))
             print(f"{model:26s} T={tokens:5d} bf16 {bf16_us:8.1f}  best {best} "
                   f"{times[best]:8.1f} ({bf16_us / times[best]:.2f}x)  default {dkey} "
                   f"{times.get(dkey, float('nan')):8.1f}", flush=True)

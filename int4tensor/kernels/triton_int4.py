@@ -218,9 +218,16 @@ def _int4_grouped_matmul_kernel(
     T, N, K, E,
     stride_xm, stride_qe, stride_qn, stride_se, stride_sg, stride_om,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_POW2: tl.constexpr,
-    SPLIT_X: tl.constexpr,
+    SPLIT_X: tl.constexpr, DEQUANT: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One BLOCK_M x BLOCK_N output tile of one expert per program, tensor-core dots per group.
+    """One BLOCK_M x BLOCK_N output tile of one expert per program, tensor-core dots per group
+    (``DEQUANT`` False) or per BLOCK_K slice of dequantized weights (True).
+
+    With ``DEQUANT`` the weight tile is scaled to bf16 (``q * scale + zero_point``, in fp32,
+    then rounded as the reference path rounds) before the dot, so every dot accumulates into
+    one fp32 tile: the long accumulation chain the tensor cores pipeline. Without it the dot
+    runs on the integers and each group's result is scaled into the accumulator, which costs
+    no per-weight arithmetic but ends the chain every group (faster for few rows per tile).
 
     Grid axis 0 walks the row tiles of all experts in order (expert e owns rows offs[e-1] ..
     offs[e]), then those of the rows past offs[E-1], which belong to no expert and are
@@ -265,6 +272,29 @@ def _int4_grouped_matmul_kernel(
     z_base = z_ptr + e.to(tl.int64) * stride_se + offs_n_safe
     x_base = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     x_half_base = x_ptr + offs_m[:, None] * stride_xm + offs_h[None, :]
+    if DEQUANT:
+        offs_hk = tl.arange(0, BLOCK_K // 2)
+        qk_base = q_ptr + e.to(tl.int64) * stride_qe + offs_n_safe[:, None] * stride_qn \
+            + offs_hk[None, :]
+        xk_base = x_ptr + offs_m[:, None] * stride_xm + offs_hk[None, :]
+        for kb in range(0, K // BLOCK_K):
+            # [BLOCK_N, BLOCK_K/2] int8 as stored; x arrives as [even k, odd k] halves of
+            # each BLOCK_K slice (SPLIT_X is implied)
+            q = tl.load(qk_base + kb * (BLOCK_K // 2)).to(tl.int16)
+            g = (kb * BLOCK_K) // G
+            s = tl.load(s_base + g * stride_sg).to(tl.float32)[:, None]
+            zs = tl.load(z_base + g * stride_sg).to(tl.float32)[:, None] - 136.0 * s
+            lo = ((q & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True).to(tl.float32)
+            hi = (((q >> 4) & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True).to(tl.float32)
+            w_lo = (lo * s + zs).to(tl.bfloat16)  # (136 + q) * s + z - 136 s = q * s + z
+            w_hi = (hi * s + zs).to(tl.bfloat16)
+            x_even = tl.load(xk_base + kb * BLOCK_K, mask=mask_m[:, None], other=0.0)
+            x_odd = tl.load(xk_base + kb * BLOCK_K + BLOCK_K // 2, mask=mask_m[:, None],
+                            other=0.0)
+            acc = tl.dot(x_even, tl.trans(w_lo), acc)
+            acc = tl.dot(x_odd, tl.trans(w_hi), acc)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        return
     for g in range(0, K // G):
         # packed weights as stored, [BLOCK_N, G/2] int8; even k in the low nibble
         q = tl.load(q_base + g * (G // 2)).to(tl.int16)
@@ -324,9 +354,15 @@ def int4_grouped_matmul(
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t == 0:
         return out
-    split_x = cfg.setdefault("SPLIT_X", False)
-    if split_x:  # each group's even K positions, then its odd ones
-        x = x.view(t, k // group_size, group_size // 2, 2).transpose(-1, -2).reshape(t, k)
+    dequant = cfg.setdefault("DEQUANT", False)
+    block_k = cfg.setdefault("BLOCK_K", group_size)
+    if dequant and (block_k > group_size or group_size % block_k or block_k < 32):
+        raise ValueError(f"BLOCK_K = {block_k} must divide the group size {group_size} (>= 32)")
+    split_x = cfg.setdefault("SPLIT_X", False) or dequant
+    cfg["SPLIT_X"] = split_x
+    if split_x:  # each slice's even K positions, then its odd ones (slice: a group, or BLOCK_K)
+        width = block_k if dequant else group_size
+        x = x.view(t, k // width, width // 2, 2).transpose(-1, -2).reshape(t, k)
     grid = (triton.cdiv(t, cfg["BLOCK_M"]) + e + 1, triton.cdiv(n, cfg["BLOCK_N"]))
     _int4_grouped_matmul_kernel[grid](
         x, qdata, scale, zero_point, offs, out, t, n, k, e,

@@ -133,16 +133,19 @@ def test_custom_op_and_compiled_linear():
 
 
 @gpu
-def test_three_dim_input_and_bias_through_linear():
+@pytest.mark.parametrize("lead,backend", [((4, 6), "cuda_gemm"), ((1, 1), "cuda"),
+                                          ((2, 3), "cuda")])
+def test_three_dim_input_and_bias_through_linear(lead, backend):
     """Eager F.linear hands a contiguous x [*, K] to the kernel as it is and gets the output in
-    its final shape: repeated calls, with and without bias, equal the reference."""
+    its final shape: repeated calls, with and without bias, equal the reference (GEMM and
+    GEMV, transformers' [batch, seq, K] activations)."""
     _, t = quantized_cuda(1000, 1024, 128)
     bias = torch.randn(1000, dtype=torch.bfloat16, device="cuda")
     for _ in range(2):
-        x = torch.randn(4, 6, 1024, dtype=torch.bfloat16, device="cuda")  # 24 rows: the GEMM
-        assert kernels.linear_backend(x.view(-1, 1024), t) == "cuda_gemm"
+        x = torch.randn(*lead, 1024, dtype=torch.bfloat16, device="cuda")
+        assert kernels.linear_backend(x.view(-1, 1024), t) == backend
         out = F.linear(x, t, bias)
-        assert out.shape == (4, 6, 1000)
+        assert out.shape == (*lead, 1000)
         assert rel_error(reference.linear(x, t, bias), out) < 2e-3
         assert rel_error(reference.linear(x, t, None), F.linear(x, t)) < 2e-3
 

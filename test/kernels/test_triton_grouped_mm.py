@@ -115,12 +115,26 @@ def test_empty_and_crowded_experts(counts):
     dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3),
     dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, SPLIT_X=True),
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, SPLIT_X=True),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, DEQUANT=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, DEQUANT=True, BLOCK_K=64),
+    dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3, DEQUANT=True, BLOCK_K=64),
+    dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=4, DEQUANT=True, BLOCK_K=32),
 ])
-def test_every_launch_config_is_right_with_rows_past_the_last_offset(config):
-    _, t = experts(8, 200, 1024)
+@pytest.mark.parametrize("g", [128, 64])
+def test_every_launch_config_is_right_with_rows_past_the_last_offset(config, g):
+    _, t = experts(8, 200, 1024, g)
     offs = counts_to_offs([3, 0, 150, 40, 0, 0, 90, 1])  # 284 of 300 rows; 16 of no expert
     check_direct(torch.randn(300, 1024, dtype=torch.bfloat16, device="cuda"), t, offs,
                  **config)
+
+
+@gpu
+def test_dequantizing_kernel_refuses_a_slice_wider_than_the_group():
+    _, t = experts(8, 200, 1024, 64)
+    x = torch.randn(30, 1024, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="BLOCK_K = 128 must divide the group size 64"):
+        _triton(x, t, counts_to_offs([30] + [0] * 7), BLOCK_M=64, BLOCK_N=128, num_warps=4,
+                num_stages=3, DEQUANT=True, BLOCK_K=128)
 
 
 @gpu
