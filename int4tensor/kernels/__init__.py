@@ -38,7 +38,7 @@ from int4tensor import quant_primitives
 from int4tensor.kernels import (
     cuda_dequant, cuda_fp8_rows, cuda_gemm, cuda_gemv, custom_ops, fbgemm, reference)
 from int4tensor.kernels.dispatch import (
-    Call, Candidate, decide, describe, eager_plan, is_eager, register)
+    Call, Candidate, cached_plan, decide, describe, eager_plan, is_eager, register)
 
 CUDA_GEMV_MAX_M = 16
 TRITON_ALWAYS_MAX_M = 1

@@ -442,10 +442,15 @@ def bind(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: 
     ``out_shape`` as for :func:`cuda_gemv.bind`."""
     plan = _launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
                         scale.stride(), x.device.index, group_size, shuffled, ())
-    shape = cuda_gemv._checked_out_shape(out_shape, plan.sums_shape)
+    out_like = nvrtc.empty_allocator(cuda_gemv._checked_out_shape(out_shape, plan.sums_shape),
+                                     torch.bfloat16, x.device)
+    run = plan.run
+    # the weight's addresses, read once (see cuda_gemv.bind); the tuple keeps them alive
+    weight = (qdata, scale, zero_point)
+    q_ptr, s_ptr, z_ptr = (t.data_ptr() for t in weight)
 
-    def gemm(x: torch.Tensor) -> torch.Tensor:
-        return plan(x, qdata, scale, zero_point, shape)
+    def gemm(x: torch.Tensor, _weight=weight) -> torch.Tensor:
+        return run(x.data_ptr(), q_ptr, s_ptr, z_ptr, out_like)
     return gemm
 
 
@@ -459,17 +464,23 @@ class _LaunchPlan(NamedTuple):
     ints: tuple[int, ...]
     sums_shape: tuple[int, ...]
     device_index: int
+    sums_like: object  # () -> fp32 [*, N], and the bf16 output (nvrtc.empty_allocator)
+    out_like: object
 
     def __call__(self, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-                 zero_point: torch.Tensor, out_shape: tuple | None = None) -> torch.Tensor:
-        """One call: zero the fp32 sums, launch, cast them to the bf16 output. The fill and the
-        cast go through the driver and our own launcher: ``torch.zeros`` and ``.to`` cost more
-        host time than the GEMM's launch itself (bench_host.py, M = 32)."""
-        sums = torch.empty(self.sums_shape, dtype=torch.float32, device=x.device)
+                 zero_point: torch.Tensor) -> torch.Tensor:
+        return self.run(x.data_ptr(), qdata.data_ptr(), scale.data_ptr(), zero_point.data_ptr())
+
+    def run(self, x_ptr: int, q_ptr: int, s_ptr: int, z_ptr: int, out_like=None) -> torch.Tensor:
+        """One call on the operands at these addresses: zero the fp32 sums, launch, cast them
+        to the bf16 output (``out_like()``: one of the same elements in another shape). The
+        fill and the cast go through the driver and our own launcher: ``torch.zeros`` and
+        ``.to`` cost more host time than the GEMM's launch itself (bench_host.py, M = 32)."""
+        sums = self.sums_like()
         nvrtc.zero_async(sums, self.device_index)
-        self.launch(x, qdata, scale, zero_point, sums)
-        out = torch.empty(out_shape or self.sums_shape, dtype=torch.bfloat16, device=x.device)
-        self.cast(sums, out)
+        self.launch.launch(x_ptr, q_ptr, s_ptr, z_ptr, sums.data_ptr())
+        out = (out_like or self.out_like)()
+        self.cast.launch(sums.data_ptr(), out.data_ptr())
         return out
 
 
@@ -521,4 +532,8 @@ def _with_launcher(device_index: int, **fields) -> _LaunchPlan:
     capability = torch.cuda.get_device_capability(device_index)
     cast = nvrtc.Launcher(_cast_kernel(capability), (-(-elements // _CAST_THREADS), 1, 1),
                           (_CAST_THREADS, 1, 1), 0, 2, (elements,), device_index)
-    return _LaunchPlan(launch=launch, cast=cast, device_index=device_index, **fields)
+    device = torch.device("cuda", device_index)
+    return _LaunchPlan(launch=launch, cast=cast, device_index=device_index,
+                       sums_like=nvrtc.empty_allocator(fields["sums_shape"], torch.float32, device),
+                       out_like=nvrtc.empty_allocator(fields["sums_shape"], torch.bfloat16, device),
+                       **fields)

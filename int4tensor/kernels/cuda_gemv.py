@@ -557,11 +557,17 @@ def bind(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: 
     with the rows of ``x``); ``f`` then also takes ``x`` in any shape with those rows."""
     plan = _launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
                         scale.stride(), x.device.index, group_size, shuffled, ())
-    shape, launch, device = _checked_out_shape(out_shape, plan.out_shape), plan.launch, x.device
+    allocate = nvrtc.empty_allocator(_checked_out_shape(out_shape, plan.out_shape),
+                                     torch.bfloat16, x.device)
+    launch = plan.launch.launch
+    # the weight's addresses, read once: its fields are fixed for the tensor's life (copy_
+    # writes into them; a new tensor gets new plans); the tuple keeps them alive
+    weight = (qdata, scale, zero_point)
+    q_ptr, s_ptr, z_ptr = (t.data_ptr() for t in weight)
 
-    def gemv(x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(shape, dtype=torch.bfloat16, device=device)
-        launch(x, qdata, scale, zero_point, out)
+    def gemv(x: torch.Tensor, _weight=weight) -> torch.Tensor:
+        out = allocate()
+        launch(x.data_ptr(), q_ptr, s_ptr, z_ptr, out.data_ptr())
         return out
     return gemv
 
@@ -681,11 +687,14 @@ def bind_grouped(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     activations of ``x``'s shape, strides and device, planned once."""
     plan = _grouped_launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
                                 scale.stride(), x.device.index, group_size, shuffled)
-    shape, launch, device = plan.out_shape, plan.launch, x.device
+    allocate = nvrtc.empty_allocator(plan.out_shape, torch.bfloat16, x.device)
+    launch = plan.launch.launch
+    weight = (qdata, scale, zero_point)  # as in bind: addresses read once, tensors kept alive
+    q_ptr, s_ptr, z_ptr = (t.data_ptr() for t in weight)
 
-    def grouped_gemv(x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(shape, dtype=torch.bfloat16, device=device)
-        launch(x, qdata, scale, zero_point, out, offs)
+    def grouped_gemv(x: torch.Tensor, offs: torch.Tensor, _weight=weight) -> torch.Tensor:
+        out = allocate()
+        launch(x.data_ptr(), q_ptr, s_ptr, z_ptr, out.data_ptr(), offs.data_ptr())
         return out
     return grouped_gemv
 

@@ -30,8 +30,8 @@ import torch
 
 from int4tensor.kernels import cuda_gemv, fbgemm
 
-__all__ = ["Call", "Candidate", "Decision", "describe", "decide", "device_features",
-           "eager_plan", "is_eager", "register", "tables"]
+__all__ = ["Call", "Candidate", "Decision", "cached_plan", "describe", "decide",
+           "device_features", "eager_plan", "is_eager", "register", "tables"]
 
 
 @dataclass(frozen=True)
@@ -172,16 +172,37 @@ def is_eager(x: torch.Tensor) -> bool:
             and not (x.requires_grad and torch.is_grad_enabled()))
 
 
+def _plan_key(op: str, x: torch.Tensor) -> tuple:
+    return (op, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15)
+
+
 def eager_plan(op: str, x: torch.Tensor, weight, build: Callable[[], tuple]) -> Callable:
     """The eager plan of ``op`` for this weight and activation signature: ``build()`` returns
     ``(Decision, plan)`` the first time, cached on the weight; later calls pay one lookup."""
     plans = weight.__dict__.get("_dispatch_plans")
     if plans is None:
         plans = weight.__dict__["_dispatch_plans"] = {}
-    key = (op, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15)
+    key = _plan_key(op, x)
     entry = plans.get(key)
     if entry is None:
         entry = plans[key] = build()
+    if _recording is not None:
+        _recording.append((weight, op, tuple(x.shape), entry[0]))
+    return entry[1]
+
+
+def cached_plan(op: str, x: torch.Tensor, weight) -> Callable | None:
+    """The plan :func:`eager_plan` made earlier for ``op`` on this weight and ``x``'s signature,
+    or None (none made yet, or the call is not eager): the first thing an op's eager call
+    asks, so that a repeated call skips its operand checks and decisions, which were made
+    with the plan and cannot change for the same weight and signature."""
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling() \
+            or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    plans = weight.__dict__.get("_dispatch_plans")
+    entry = plans.get(_plan_key(op, x)) if plans else None
+    if entry is None:
+        return None
     if _recording is not None:
         _recording.append((weight, op, tuple(x.shape), entry[0]))
     return entry[1]

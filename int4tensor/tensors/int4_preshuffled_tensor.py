@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from int4tensor import kernels
-from int4tensor.tensors.base import Int4BaseTensor, op_args
+from int4tensor.tensors.base import Int4BaseTensor, linear_operands, op_args
 from int4tensor.quant_primitives import pack_int4
 from int4tensor.tensors.int4_tensor import ACTIVATION_DTYPES, Int4Tensor, _block_problem, \
     _stored_shape, check_grouped, grouped_mm_impl
@@ -236,8 +236,10 @@ implements = Int4PreshuffledTensor.implements
 
 @implements([F.linear, aten.linear.default])
 def _(func, args, kwargs):
-    x, w = args[0], args[1]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    x, w, bias = linear_operands(Int4PreshuffledTensor, args, kwargs)
+    planned = kernels.cached_plan("linear", x, w)
+    if planned is not None:  # a repeated eager call: operands checked, kernel bound
+        return planned(x, bias)
     w._require_fbgemm("linear")
     if w.qdata.ndim != 2 or w.is_transposed:  # (the inner shape: w.ndim costs a dispatch)
         return F.linear(x, w.dequantize(x.dtype), bias)

@@ -629,6 +629,9 @@ def _check_linear(x: torch.Tensor, weight: "Int4Tensor") -> None:
 def _(func, args, kwargs):
     """``F.linear(x [*, K], W [N, K], bias [N] | None) -> [*, N]``."""
     x, weight, bias = linear_operands(Int4Tensor, args, kwargs)
+    planned = kernels.cached_plan("linear", x, weight)
+    if planned is not None:  # a repeated eager call: operands checked, kernel bound
+        return planned(x, bias)
     if weight.is_transposed or not x.numel() or not weight.qdata.numel():
         # transposed: contracts over the stored N, no int4 kernel for that; empty: nothing to
         # compute (dense semantics)

@@ -80,3 +80,37 @@ def test_a_launcher_reused_across_calls_and_threads_reads_each_calls_tensors():
     assert not errors, errors
     for x, out in zip(xs, outs):
         assert torch.equal(out, x + 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 4096), (1, 1, 4096), (3, 5, 7), (1,), (1, 1), (2, 1)])
+def test_the_output_allocator_gives_fresh_contiguous_tensors(shape):
+    allocate = nvrtc.empty_allocator(shape, torch.bfloat16, torch.device("cpu"))
+    a, b = allocate(), allocate()
+    assert a.shape == shape and a.dtype == torch.bfloat16 and a.is_contiguous()
+    assert a.stride() == torch.empty(shape).stride()
+    assert a.data_ptr() != b.data_ptr()  # not views of one buffer
+
+
+@pytest.mark.gpu
+def test_launches_and_memsets_go_to_the_current_stream():
+    """The raw stream handle travels as a pointer (None for the default stream): work issued
+    on a side stream runs there, not behind the busy default stream."""
+    kernel = nvrtc.compile_kernel(_ADD, "add_value", torch.cuda.get_device_capability())
+    n = 1 << 20
+    launch = nvrtc.Launcher(kernel, (n // 256, 1, 1), (256, 1, 1), 0, 2, (n, 1),
+                            torch.cuda.current_device())
+    x = torch.randn(n, device="cuda")
+    out = torch.full((n,), 7.0, device="cuda")
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # the default stream is busy for tens of ms
+    with torch.cuda.stream(side):  # work on the side stream does not wait for it
+        nvrtc.zero_async(out, torch.cuda.current_device())
+        launch.launch(x.data_ptr(), out.data_ptr())
+        done = torch.cuda.Event()
+        done.record()
+    done.synchronize()
+    assert torch.equal(out, x + 1)
+    nvrtc.zero_async(out, torch.cuda.current_device())  # the default stream (handle 0)
+    torch.cuda.synchronize()
+    assert not out.any()
