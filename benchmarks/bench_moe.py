@@ -62,14 +62,18 @@ SHAPES = {
 }
 ROUTINGS = 8
 #: launch configurations the sweep times: BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT_X,
-#: DEQUANT, BLOCK_K (0: the group size); the integer-dot kernel first, the dequantizing one after
-SWEEP = [(16, 128, 4, 3, False, False, 0), (64, 128, 4, 3, True, False, 0),
-         (32, 128, 4, 3, True, True, 0), (64, 128, 4, 3, True, True, 0),
-         (64, 128, 4, 4, True, True, 64), (64, 256, 8, 3, True, True, 64),
-         (128, 128, 8, 3, True, True, 0), (128, 128, 4, 3, True, True, 64),
-         (128, 256, 8, 3, True, True, 64), (256, 128, 8, 3, True, True, 64)]
+#: DEQUANT, BLOCK_K (0: the group size), SWAP_AB; the integer-dot kernel first, then the
+#: dequantizing one, then the dequantizing one computing W x^T
+SWEEP = [(16, 128, 4, 3, False, False, 0, False), (64, 128, 4, 3, True, False, 0, False),
+         (64, 128, 4, 3, True, True, 64, False), (128, 128, 4, 3, True, True, 64, False),
+         (256, 128, 8, 3, True, True, 64, False),
+         (32, 128, 4, 4, True, True, 64, True), (64, 128, 4, 3, True, True, 64, True),
+         (128, 128, 4, 3, True, True, 64, True), (128, 128, 8, 3, True, True, 64, True),
+         (128, 256, 8, 3, True, True, 64, True), (256, 128, 8, 3, True, True, 64, True),
+         (64, 256, 8, 3, True, True, 64, True), (128, 128, 4, 4, True, True, 128, True)]
 #: the sweep's configuration fields, in SWEEP's order
-SWEEP_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLIT_X", "DEQUANT", "BLOCK_K")
+SWEEP_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLIT_X", "DEQUANT", "BLOCK_K",
+                "SWAP_AB")
 
 
 def group_size_for(k: int) -> int:
@@ -297,6 +301,7 @@ def sweep(args) -> None:
                 cuda_gemv.rows_per_expert(tokens * top_k, e)))
             default.setdefault("SPLIT_X", False)
             default.setdefault("DEQUANT", False)
+            default.setdefault("SWAP_AB", False)
             default["BLOCK_K"] = min(default.get("BLOCK_K") or g, g)
             dkey = tuple(default[f] for f in SWEEP_FIELDS)
             times = {}

@@ -219,6 +219,7 @@ def _int4_grouped_matmul_kernel(
     stride_xm, stride_qe, stride_qn, stride_se, stride_sg, stride_om,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_POW2: tl.constexpr,
     SPLIT_X: tl.constexpr, DEQUANT: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile of one expert per program, tensor-core dots per group
     (``DEQUANT`` False) or per BLOCK_K slice of dequantized weights (True).
@@ -228,6 +229,9 @@ def _int4_grouped_matmul_kernel(
     one fp32 tile: the long accumulation chain the tensor cores pipeline. Without it the dot
     runs on the integers and each group's result is scaled into the accumulator, which costs
     no per-weight arithmetic but ends the chain every group (faster for few rows per tile).
+    ``SWAP_AB`` (with ``DEQUANT``) computes the tile transposed, ``W x^T``: the dequantized
+    weights, made in registers, are then the dot's first operand, which Hopper's wgmma reads
+    from registers, and only the loaded activations go through shared memory.
 
     Grid axis 0 walks the row tiles of all experts in order (expert e owns rows offs[e-1] ..
     offs[e]), then those of the rows past offs[E-1], which belong to no expert and are
@@ -277,6 +281,8 @@ def _int4_grouped_matmul_kernel(
         qk_base = q_ptr + e.to(tl.int64) * stride_qe + offs_n_safe[:, None] * stride_qn \
             + offs_hk[None, :]
         xk_base = x_ptr + offs_m[:, None] * stride_xm + offs_hk[None, :]
+        xt_base = x_ptr + offs_m[None, :] * stride_xm + offs_hk[:, None]  # [BLOCK_K/2, BLOCK_M]
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for kb in range(0, K // BLOCK_K):
             # [BLOCK_N, BLOCK_K/2] int8 as stored; x arrives as [even k, odd k] halves of
             # each BLOCK_K slice (SPLIT_X is implied)
@@ -288,11 +294,20 @@ def _int4_grouped_matmul_kernel(
             hi = (((q >> 4) & 0xF) ^ 0x4308).to(tl.bfloat16, bitcast=True).to(tl.float32)
             w_lo = (lo * s + zs).to(tl.bfloat16)  # (136 + q) * s + z - 136 s = q * s + z
             w_hi = (hi * s + zs).to(tl.bfloat16)
-            x_even = tl.load(xk_base + kb * BLOCK_K, mask=mask_m[:, None], other=0.0)
-            x_odd = tl.load(xk_base + kb * BLOCK_K + BLOCK_K // 2, mask=mask_m[:, None],
-                            other=0.0)
-            acc = tl.dot(x_even, tl.trans(w_lo), acc)
-            acc = tl.dot(x_odd, tl.trans(w_hi), acc)
+            if SWAP_AB:
+                xt_even = tl.load(xt_base + kb * BLOCK_K, mask=mask_m[None, :], other=0.0)
+                xt_odd = tl.load(xt_base + kb * BLOCK_K + BLOCK_K // 2, mask=mask_m[None, :],
+                                 other=0.0)
+                acc_t = tl.dot(w_lo, xt_even, acc_t)
+                acc_t = tl.dot(w_hi, xt_odd, acc_t)
+            else:
+                x_even = tl.load(xk_base + kb * BLOCK_K, mask=mask_m[:, None], other=0.0)
+                x_odd = tl.load(xk_base + kb * BLOCK_K + BLOCK_K // 2, mask=mask_m[:, None],
+                                other=0.0)
+                acc = tl.dot(x_even, tl.trans(w_lo), acc)
+                acc = tl.dot(x_odd, tl.trans(w_hi), acc)
+        if SWAP_AB:
+            acc = tl.trans(acc_t)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         return
     for g in range(0, K // G):
@@ -358,6 +373,8 @@ def int4_grouped_matmul(
     block_k = cfg.setdefault("BLOCK_K", group_size)
     if dequant and (block_k > group_size or group_size % block_k or block_k < 32):
         raise ValueError(f"BLOCK_K = {block_k} must divide the group size {group_size} (>= 32)")
+    if cfg.setdefault("SWAP_AB", False) and not dequant:
+        raise ValueError("SWAP_AB needs DEQUANT (the weights' tile made in registers)")
     split_x = cfg.setdefault("SPLIT_X", False) or dequant
     cfg["SPLIT_X"] = split_x
     if split_x:  # each slice's even K positions, then its odd ones (slice: a group, or BLOCK_K)

@@ -119,6 +119,11 @@ def test_empty_and_crowded_experts(counts):
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, DEQUANT=True, BLOCK_K=64),
     dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3, DEQUANT=True, BLOCK_K=64),
     dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=4, DEQUANT=True, BLOCK_K=32),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, DEQUANT=True, BLOCK_K=64,
+         SWAP_AB=True),
+    dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3, DEQUANT=True, SWAP_AB=True),
+    dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, DEQUANT=True, BLOCK_K=32,
+         SWAP_AB=True),
 ])
 @pytest.mark.parametrize("g", [128, 64])
 def test_every_launch_config_is_right_with_rows_past_the_last_offset(config, g):
