@@ -298,7 +298,7 @@ def sweep(args) -> None:
             bf16_us = graph_time_us([lambda x=x, o=o: torch._grouped_mm(x, wt, offs=o)
                                      for x, o in zip(xs, offs)])
             default = dict(triton_int4.pick_grouped_config(
-                cuda_gemv.rows_per_expert(tokens * top_k, e)))
+                cuda_gemv.rows_per_expert(tokens * top_k, e), g))
             default.setdefault("SPLIT_X", False)
             default.setdefault("DEQUANT", False)
             default.setdefault("SWAP_AB", False)

@@ -331,16 +331,28 @@ def _int4_grouped_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def pick_grouped_config(rows_per_expert: int) -> dict:
+def pick_grouped_config(rows_per_expert: int, group_size: int = 128) -> dict:
     """Launch configuration of the grouped kernel by the rows an active expert gets on
     average (the host never reads offs), chosen from device sweeps
-    (``benchmarks/bench_moe.py --sweep``)."""
-    # H200 (bench_moe_sweep.csv): 16-row tiles on the stored activations for few rows; from
-    # ~32 rows 64-row tiles on activations regrouped into even/odd halves (up to 1.2x faster
-    # than interleaving the weights); 8 warps and 128-row tiles were 1.5-4x slower everywhere
-    if rows_per_expert <= 16:
+    (``benchmarks/bench_moe.py --sweep``, bench_moe_sweep.csv)."""
+    # H200, session 12 sweeps: up to 8 rows the integer dot on 16-row tiles (gpt-oss T = 16:
+    # 229 vs 235 us for the next best); from 9 rows the dequantizing kernel, whose W x^T form
+    # (SWAP_AB) on 32-row tiles leads at 16 rows (Qwen3 gate_up 196 vs 238), the plain
+    # dequantizing one on 64-row tiles at 32 rows (gpt-oss down 198 vs 228 swapped), and
+    # W x^T on 128-row tiles from 64 rows (Mixtral gate_up 715 vs 811 for the integer dot,
+    # down 377 vs 494; Qwen3 at 128 rows 611 vs 715), on 256-row tiles from 256 (Mixtral
+    # 3000 vs 3198 at 512 rows)
+    if rows_per_expert <= 8:
         return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, SPLIT_X=False)
-    return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, SPLIT_X=True)
+    dequant = dict(DEQUANT=True, BLOCK_K=min(64, group_size), SPLIT_X=True)
+    if rows_per_expert <= 16:
+        return dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=4, SWAP_AB=True, **dequant)
+    if rows_per_expert <= 48:
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, **dequant)
+    if rows_per_expert <= 192:
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, SWAP_AB=True,
+                    **dequant)
+    return dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3, SWAP_AB=True, **dequant)
 
 
 def int4_grouped_matmul(
@@ -365,7 +377,7 @@ def int4_grouped_matmul(
     """
     t, k = x.shape
     e, n = qdata.shape[0], qdata.shape[1]
-    cfg = dict(config or pick_grouped_config(cuda_gemv.rows_per_expert(t, e)))
+    cfg = dict(config or pick_grouped_config(cuda_gemv.rows_per_expert(t, e), group_size))
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t == 0:
         return out

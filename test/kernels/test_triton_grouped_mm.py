@@ -77,9 +77,10 @@ def _triton(x, t, offs, **config):
 @gpu
 @pytest.mark.parametrize("e, n, k, g", [(8, 1024, 512, 128), (16, 200, 384, 128),
                                         (4, 96, 1024, 256), (32, 360, 576, 64),
-                                        (128, 1536, 256, 128)])
-@pytest.mark.parametrize("tokens, top_k", [(300, 2), (1025, 4), (77, 8)])
+                                        (128, 1536, 256, 128), (8, 256, 512, 32)])
+@pytest.mark.parametrize("tokens, top_k", [(300, 2), (1025, 4), (77, 8), (150, 1)])
 def test_random_routings_match_reference(e, n, k, g, tokens, top_k):
+    """Every default launch configuration (2 to 1025 rows per expert) on G = 32 to 256."""
     _, t = experts(e, n, k, g)
     x, offs = routed_activations(tokens, e, k, top_k)
     out = check(x, t, offs)
