@@ -51,9 +51,9 @@ FP8_ROWWISE_MIN_M = 64
 #: benchmarks/results/bench_moe.csv and bench_moe_sweep.csv: at 16 rows the GEMV beats the
 #: Triton kernel (Mixtral gate_up 341 vs 457 us), at 32 the Triton kernel beats the GEMV
 #: (Mixtral 547 vs 578, 279 vs 342), at 64 by more (782 vs 1085; DeepSeek-V3 down 3479 vs
-#: 4174); at 128 it still beats the reference (Qwen3 704 vs 795), at 256-512 it does not
-#: (gpt-oss 2024 vs 1155, Mixtral 4291 vs 2704). Groups of 64 (which the GEMV refuses) take
-#: the Triton kernel up to the same size.
+#: 4174); at 128 it still beats the reference (Qwen3 611 vs 795), at 256-512 it does not
+#: (session 12's dequantizing kernel: gpt-oss 1197 vs 1155, Mixtral 3000 vs 2716). Groups of
+#: 64 (which the GEMV refuses) take the Triton kernel up to the same size.
 GROUPED_GEMV_MAX_ROWS = 16
 TRITON_GROUPED_MAX_ROWS = 128
 #: our Triton grouped GEMV (one row at a time, any power-of-two group size) up to this many
