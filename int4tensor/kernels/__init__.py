@@ -502,16 +502,18 @@ def _plan(op: str, x: torch.Tensor, weight, layout: str, out_n: int | None = Non
     if layout == "plain" and weight.activation_dtype == "fp8" and candidate.name != "fbgemm_fp8":
         round_rows = _round_for(example.reshape(-1, k))
     n_kernel = weight.qdata.shape[-2]
-    if (op == "linear" and contiguous and round_rows is None and not candidate.takes_bias
+    rounds_by_pointer = round_rows is None or cuda_fp8_rows.can_run(example)
+    if (op == "linear" and contiguous and rounds_by_pointer and not candidate.takes_bias
             and candidate.bind is not None and out_n in (None, n_kernel)):
-        # Our kernels read x through its data pointer and row stride only: a contiguous
-        # x [*, K] goes in as it is and the output is allocated in its final shape [*, N]
-        # (a view of x and a reshape of the output cost ~2 us each, measured on the CPU
-        # machine, against one launch's few).
+        # Our kernels (and our fp8 rounding) read x through its data pointer and row stride
+        # only: a contiguous x [*, K] goes in as it is and the output is allocated in its
+        # final shape [*, N] (a view of x and a reshape of the output cost ~2 us each,
+        # measured on the CPU machine, against one launch's few).
         kernel = candidate.bind(example, weight, out_shape=(*lead, n_kernel))
+        rounded = round_rows
 
         def direct(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            out = kernel(x)
+            out = kernel(x if rounded is None else rounded(x))
             if bias is None:
                 return out
             return out.add_(bias) if bias.dtype == out.dtype else out + bias

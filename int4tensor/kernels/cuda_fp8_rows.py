@@ -158,12 +158,15 @@ def _launch(x2d: torch.Tensor, out: torch.Tensor, x_scale: torch.Tensor, rounded
 def bind_round(x2d: torch.Tensor):
     """``f(x) -> round_fp8_rows(x)`` for contiguous activations of ``x2d``'s shape and
     device, the launch planned once."""
-    launch, shape, device = _launcher(x2d, True), x2d.shape, x2d.device
-    no_scales = torch.empty(0, dtype=torch.float32, device=device)
+    launch = _launcher(x2d, True).launch
+    allocate = nvrtc.empty_allocator(tuple(x2d.shape), torch.bfloat16, x2d.device)
+    no_scales = torch.empty(0, dtype=torch.float32, device=x2d.device)
+    no_scales_ptr = no_scales.data_ptr()
 
-    def round_rows(x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(shape, dtype=torch.bfloat16, device=device)
-        launch(x, out, no_scales)
+    def round_rows(x: torch.Tensor, _keep=no_scales) -> torch.Tensor:
+        """``x``: contiguous, ``x2d``'s rows in any shape (read through its pointer)."""
+        out = allocate()
+        launch(x.data_ptr(), out.data_ptr(), no_scales_ptr)
         return out
     return round_rows
 

@@ -135,20 +135,28 @@ def test_custom_op_and_compiled_linear():
 @gpu
 @pytest.mark.parametrize("lead,backend", [((4, 6), "cuda_gemm"), ((1, 1), "cuda"),
                                           ((2, 3), "cuda")])
-def test_three_dim_input_and_bias_through_linear(lead, backend):
-    """Eager F.linear hands a contiguous x [*, K] to the kernel as it is and gets the output in
-    its final shape: repeated calls, with and without bias, equal the reference (GEMM and
-    GEMV, transformers' [batch, seq, K] activations)."""
+@pytest.mark.parametrize("activations", ["bf16", "fp8"])
+def test_three_dim_input_and_bias_through_linear(lead, backend, activations):
+    """Eager F.linear hands a contiguous x [*, K] to the kernel (and to the fp8 rounding) as it
+    is and gets the output in its final shape: repeated calls, with and without bias, equal
+    the reference (GEMM and GEMV, transformers' [batch, seq, K] activations)."""
+    from int4tensor import quant_primitives
+
     _, t = quantized_cuda(1000, 1024, 128)
+    if activations == "fp8":
+        t = Int4Tensor(t.qdata, t.scale, t.zero_point, t.block_size, t.shape,
+                       activation_dtype="fp8")
     bias = torch.randn(1000, dtype=torch.bfloat16, device="cuda")
     for _ in range(2):
         x = torch.randn(*lead, 1024, dtype=torch.bfloat16, device="cuda")
         assert kernels.linear_backend(x.view(-1, 1024), t) == backend
         out = F.linear(x, t, bias)
         assert out.shape == (*lead, 1000)
+        xr = x if activations == "bf16" else \
+            quant_primitives.round_fp8_rows(x.view(-1, 1024)).view(x.shape)
         # (bf16 outputs rounded apart: ~2.5e-3 from the reference path, a wrong row ~1)
-        assert rel_error(reference.linear(x, t, bias), out) < 5e-3
-        assert rel_error(reference.linear(x, t, None), F.linear(x, t)) < 5e-3
+        assert rel_error(reference.linear(xr, t, bias), out) < 5e-3
+        assert rel_error(reference.linear(xr, t, None), F.linear(x, t)) < 5e-3
 
 
 @gpu
