@@ -145,6 +145,29 @@ class TestCachedDecisions:
         loaded = torch.load(buf, weights_only=True)
         assert "_dispatch_plans" not in loaded.__dict__ and torch.equal(loaded.qdata, w.qdata)
 
+    def test_a_repeated_call_finds_its_plan_and_only_then(self):
+        """``cached_plan`` answers the plan made by an earlier eager call of the same weight
+        and activation signature, and None for anything else: a new signature, another
+        weight, an activation needing a gradient, a weight after ``copy_``."""
+        w, other = weight(), weight()
+        x = torch.randn(3, 512, dtype=torch.bfloat16)
+        assert dispatch.cached_plan("linear", x, w) is None  # nothing planned yet
+        ref = F.linear(x, w)
+        plan = dispatch.cached_plan("linear", x, w)
+        assert plan is not None and torch.equal(plan(x, None), ref)
+        assert dispatch.cached_plan("linear", x, other) is None
+        assert dispatch.cached_plan("bmm", x, w) is None
+        assert dispatch.cached_plan("linear", x[:2], w) is None  # another shape
+        strided = torch.randn(3, 1024, dtype=torch.bfloat16)[:, ::2]
+        assert dispatch.cached_plan("linear", strided, w) is None  # other strides
+        grad_x = x.clone().requires_grad_()
+        assert dispatch.cached_plan("linear", grad_x, w) is None
+        with torch.no_grad():
+            assert dispatch.cached_plan("linear", grad_x, w) is plan
+        w.copy_(other)
+        assert dispatch.cached_plan("linear", x, w) is None
+        assert torch.equal(F.linear(x, w), F.linear(x, other))
+
     def test_gradient_calls_take_the_traced_path(self):
         w = weight()
         x = torch.randn(3, 512, dtype=torch.bfloat16, requires_grad=True)
