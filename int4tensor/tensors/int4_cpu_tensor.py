@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
-from int4tensor.kernels import cpu
+from int4tensor.kernels import cpu, dispatch
 from int4tensor.quant_primitives import pack_int4
 from int4tensor.tensors.base import Int4BaseTensor, linear_operands, op_args
 from int4tensor.tensors.int4_tensor import (
@@ -157,6 +157,9 @@ def _bmm(x: torch.Tensor, w: Int4CPUTensor) -> torch.Tensor:
 def _(func, args, kwargs):
     """``F.linear(x [*, K], W [N, K], bias [N] | None) -> [*, N]``."""
     x, w, bias = linear_operands(Int4CPUTensor, args, kwargs)
+    planned = dispatch.cached_plan("linear", x, w)
+    if planned is not None:  # a repeated eager call: operands checked, kernel chosen
+        return planned(x, bias)
     shape = w._logical_shape()
     if len(shape) != 2:
         raise ValueError(f"linear needs a 2D weight, got Int4CPUTensor of shape "
