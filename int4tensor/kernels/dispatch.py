@@ -196,8 +196,7 @@ def cached_plan(op: str, x: torch.Tensor, weight) -> Callable | None:
     or None (none made yet, or the call is not eager): the first thing an op's eager call
     asks, so that a repeated call skips its operand checks and decisions, which were made
     with the plan and cannot change for the same weight and signature."""
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling() \
-            or (x.requires_grad and torch.is_grad_enabled()):
+    if not is_eager(x):
         return None
     plans = weight.__dict__.get("_dispatch_plans")
     entry = plans.get(_plan_key(op, x)) if plans else None

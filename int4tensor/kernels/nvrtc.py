@@ -90,20 +90,30 @@ _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0
 _Extra = ctypes.c_void_p * 5
 
 
+def _untyped_driver_function(name: str):
+    """The CUDA driver function ``name`` as a function pointer of its own with no declared
+    argument types: ctypes then passes ints as C ``int`` and ``c_void_p``/``c_size_t``/None/
+    arrays as they are, without running a converter per argument (a prototype with argtypes
+    costs ~0.7 us more per call, measured on the CPU machine). The callers pass each
+    parameter in its C type. A pointer of its own leaves the one torch's wrapper uses (and
+    its argtypes) alone."""
+    library = torch.cuda._utils._get_gpu_runtime_library()
+    function = library._FuncPtr(ctypes.cast(getattr(library, name), ctypes.c_void_p).value)
+    function.restype = ctypes.c_int
+    return function
+
+
 @functools.lru_cache(maxsize=None)
 def _cu_launch_kernel():
-    """``cuLaunchKernel`` as a function pointer of its own with no declared argument types:
-    ctypes then passes ints as C ``int`` and ``c_void_p``/None/arrays as pointers without
-    running a converter per argument (a prototype with argtypes costs ~0.7 us more per call,
-    measured on the CPU machine). The callers pass exactly cuLaunchKernel's parameters: the
-    function handle (``c_void_p``), seven unsigned ints below 2^31, the stream (``c_void_p``
-    or None), None and the ``extra`` array. A function pointer of its own leaves the one
-    torch's wrapper uses (and its argtypes) alone."""
-    library = torch.cuda._utils._get_gpu_runtime_library()
-    address = ctypes.cast(library.cuLaunchKernel, ctypes.c_void_p).value
-    launch = library._FuncPtr(address)
-    launch.restype = ctypes.c_int
-    return launch
+    """``cuLaunchKernel``, untyped: the function handle (``c_void_p``), seven unsigned ints
+    below 2^31, the stream (:func:`_current_stream`), None and the ``extra`` array."""
+    return _untyped_driver_function("cuLaunchKernel")
+
+
+def _current_stream(device_index: int):
+    """The current stream's raw handle as a pointer argument (None: the default stream)."""
+    stream = torch._C._cuda_getCurrentRawStream(device_index)
+    return ctypes.c_void_p(stream) if stream else None
 
 
 class Launcher:
@@ -155,9 +165,8 @@ class Launcher:
         else:
             params = ctypes.create_string_buffer(self._pointers.pack(*pointers) + self._tail)
             extra = self._descriptor(params)
-        stream = torch._C._cuda_getCurrentRawStream(self._device_index)
-        status = self._cu_launch(self._func, *self._dims,
-                                 ctypes.c_void_p(stream) if stream else None, None, extra)
+        status = self._cu_launch(self._func, *self._dims, _current_stream(self._device_index),
+                                 None, extra)
         if status != 0:
             raise RuntimeError(f"cuLaunchKernel failed with CUDA error {status} (grid/block/"
                                f"shared memory {self._dims})")
@@ -175,13 +184,9 @@ def empty_allocator(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
 
 @functools.lru_cache(maxsize=None)
 def _cu_memset_d32_async():
-    """``cuMemsetD32Async`` as a function pointer of its own without argument types (as
-    :func:`_cu_launch_kernel`): the callers pass the address and the word count as
-    ``c_void_p``/``c_size_t``, the value as an int and the stream as ``c_void_p`` or None."""
-    library = torch.cuda._utils._get_gpu_runtime_library()
-    memset = library._FuncPtr(ctypes.cast(library.cuMemsetD32Async, ctypes.c_void_p).value)
-    memset.restype = ctypes.c_int
-    return memset
+    """``cuMemsetD32Async``, untyped (see :func:`_untyped_driver_function`): the address as
+    ``c_void_p``, the value as an int, the word count as ``c_size_t``, the stream."""
+    return _untyped_driver_function("cuMemsetD32Async")
 
 
 def zero_async(t: torch.Tensor, device_index: int) -> None:
@@ -189,9 +194,8 @@ def zero_async(t: torch.Tensor, device_index: int) -> None:
     (``cuMemsetD32Async``, capturable): about a microsecond of host time, where ``torch.zeros``
     or ``zero_()`` go through the dispatcher and a fill kernel."""
     words = t.numel() * t.element_size() // 4
-    stream = torch._C._cuda_getCurrentRawStream(device_index)
     status = _cu_memset_d32_async()(ctypes.c_void_p(t.data_ptr()), 0, ctypes.c_size_t(words),
-                                    ctypes.c_void_p(stream) if stream else None)
+                                    _current_stream(device_index))
     if status != 0:
         raise RuntimeError(f"cuMemsetD32Async failed with CUDA error {status}")
 
