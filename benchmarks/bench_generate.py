@@ -145,21 +145,53 @@ def gpu_s(fn) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages()) * 1e-6
 
 
+def compile_counts() -> dict:
+    """Dynamo's and inductor's counters so far in this process: graphs compiled (a recompile,
+    when a guard fails, is one more), graph breaks, and graphs inductor did not CUDA-graph."""
+    from torch._dynamo.utils import counters
+
+    return dict(graphs=counters["stats"]["unique_graphs"],
+                graph_breaks=sum(counters["graph_break"].values()),
+                cudagraph_skips=counters["inductor"]["cudagraph_skips"])
+
+
+def count_delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
+
+
+def warm_up(model, batch: int, cache: str, n: int) -> dict:
+    """The longest run first sizes the static cache for all later calls (transformers keeps
+    the largest), then compiles and records the CUDA graphs; returns what it compiled."""
+    before = compile_counts()
+    for tokens in (n, 8, n):
+        generate(model, batch, tokens, cache)
+    return count_delta(before, compile_counts())
+
+
 def per_token(model, batch: int, cache: str, n: int, profile_gpu: bool) -> tuple[float, float]:
-    """(wall ms, GPU ms) per decode step; the wall time is measured before any profiling."""
-    # warm-up: the longest run first sizes the static cache for all later calls (transformers
-    # keeps the largest), then compiles and records the CUDA graphs
-    generate(model, batch, n, cache)
-    generate(model, batch, 8, cache)
-    generate(model, batch, n, cache)
+    """(wall ms, GPU ms) per decode step, and the compile counters of the warm-up and of the
+    timed runs (which should compile nothing); the wall time is measured before any profiling."""
+    warm = warm_up(model, batch, cache, n)
+    before = compile_counts()
     short = sorted(wall_s(lambda: generate(model, batch, 8, cache)) for _ in range(3))[1]
     long = sorted(wall_s(lambda: generate(model, batch, n, cache)) for _ in range(3))[1]
+    timed = count_delta(before, compile_counts())
     wall = (long - short) / (n - 8) * 1e3
     gpu = float("nan")
     if profile_gpu:
         gpu = (gpu_s(lambda: generate(model, batch, n, cache))
                - gpu_s(lambda: generate(model, batch, 8, cache))) / (n - 8) * 1e3
-    return wall, gpu
+    return wall, gpu, compile_columns(warm, timed)
+
+
+def compile_columns(warm: dict, timed: dict) -> dict:
+    """The CSV's compile columns: graphs compiled in the warm-up (int4 should need as many as
+    bf16: more would be recompiles), graph breaks, CUDA-graph skips, and graphs compiled while
+    timing (0 when the decode step is stable)."""
+    return dict(warm_graphs=warm["graphs"],
+                graph_breaks=warm["graph_breaks"] + timed["graph_breaks"],
+                cudagraph_skips=warm["cudagraph_skips"] + timed["cudagraph_skips"],
+                timed_graphs=timed["graphs"])
 
 
 def prepared_model(args, mode: str, cache: str):
@@ -183,9 +215,9 @@ def prepared_model(args, mode: str, cache: str):
     return model
 
 
-def measure_one(args, mode: str, cache: str, batch: int) -> tuple[float, float, str]:
-    """One (mode, cache, batch) in this process: build, quantize, time, profile; and the
-    experts implementation it decoded with."""
+def measure_one(args, mode: str, cache: str, batch: int) -> tuple[float, float, dict, str]:
+    """One (mode, cache, batch) in this process: build, quantize, time, profile; the compile
+    counters and the experts implementation it decoded with."""
     model = prepared_model(args, mode, cache)
     return (*per_token(model, batch, cache, args.tokens, not args.no_profile),
             decode_experts(model))
@@ -197,9 +229,8 @@ def measure_ab(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
     Returns (bf16 ms, mode ms) per token and each one's experts implementation; no profiling."""
     models = {"bf16": prepared_model(args, "bf16", cache), mode: prepared_model(args, mode, cache)}
     n = args.tokens
-    for model in models.values():  # warm-up, as per_token does
-        for tokens in (n, 8, n):
-            generate(model, batch, tokens, cache)
+    warm = {name: warm_up(model, batch, cache, n) for name, model in models.items()}
+    before = compile_counts()
     times = {name: {8: [], n: []} for name in models}
     for _ in range(5):
         for tokens in (8, n):
@@ -207,7 +238,9 @@ def measure_ab(args, mode: str, cache: str, batch: int) -> tuple[float, float]:
                 times[name][tokens].append(wall_s(lambda: generate(model, batch, tokens, cache)))
     med = {name: {t: sorted(v)[len(v) // 2] for t, v in ts.items()} for name, ts in times.items()}
     per = {name: (m[n] - m[8]) / (n - 8) * 1e3 for name, m in med.items()}
-    return per["bf16"], per[mode], {name: decode_experts(m) for name, m in models.items()}
+    timed = count_delta(before, compile_counts())  # both models': 0 when neither recompiles
+    return (per["bf16"], per[mode], {name: decode_experts(m) for name, m in models.items()},
+            {name: compile_columns(w, timed) for name, w in warm.items()})
 
 
 def main() -> None:
@@ -239,8 +272,9 @@ def main() -> None:
         return _main_ab(args)
     if args.one:
         mode, cache, batch = args.one
-        wall, gpu, experts = measure_one(args, mode, cache, int(batch))
-        print("RESULT " + json.dumps({"wall": wall, "gpu": gpu, "experts": experts}), flush=True)
+        wall, gpu, counts, experts = measure_one(args, mode, cache, int(batch))
+        print("RESULT " + json.dumps({"wall": wall, "gpu": gpu, "experts": experts,
+                                      "counts": counts}), flush=True)
         return
     caches = list(dict.fromkeys(list(args.cache) + (["user-compile"] if args.user_compile else [])))
     rows, bf16 = [], {}
@@ -252,7 +286,7 @@ def main() -> None:
                 # A fresh process per measurement: nothing compiled, cached or profiled before
                 # (a profiler pass or an earlier model in the same process could change the
                 # host cost of what is timed after it).
-                wall, gpu, experts = _child(args, mode, cache, batch)
+                wall, gpu, counts, experts = _child(args, mode, cache, batch)
                 key = (cache, batch)
                 if mode == "bf16":
                     bf16[key] = wall
@@ -261,7 +295,7 @@ def main() -> None:
                                  ms_per_token=round(wall, 3),
                                  gpu_ms_per_token=round(gpu, 3),
                                  tokens_per_s=round(batch * 1e3 / wall, 1),
-                                 speedup_vs_bf16=round(speedup, 3)))
+                                 speedup_vs_bf16=round(speedup, 3), **counts))
                 print(f"{mode:22s} {cache:12s} batch {batch:3d}: {wall:7.2f} ms/token "
                       f"(GPU {gpu:6.2f} ms) {batch * 1e3 / wall:8.1f} tok/s  "
                       f"{speedup:5.2f}x bf16", flush=True)
@@ -276,13 +310,14 @@ def _main_ab(args) -> None:
             if mode.endswith("prepared") and cache == "dynamic":
                 continue
             for batch in args.batch:
-                bf16, wall, experts = measure_ab(args, mode, cache, batch)
+                bf16, wall, experts, counts = measure_ab(args, mode, cache, batch)
                 for name, ms in (("bf16", bf16), (mode, wall)):
                     rows.append(dict(mode=name, cache=cache, batch=batch,
                                      experts=experts[name], ms_per_token=round(ms, 3),
                                      gpu_ms_per_token=float("nan"),
                                      tokens_per_s=round(batch * 1e3 / ms, 1),
-                                     speedup_vs_bf16=round(bf16 / ms, 3), same_process=True))
+                                     speedup_vs_bf16=round(bf16 / ms, 3), same_process=True,
+                                     **counts[name]))
                 print(f"{mode:22s} {cache:12s} batch {batch:3d}: {wall:7.2f} ms/token against "
                       f"bf16 {bf16:7.2f} in the same process: {bf16 / wall:5.2f}x", flush=True)
                 _write(args, rows)
@@ -297,7 +332,7 @@ def decode_experts(model) -> str:
         return model.config._experts_implementation
 
 
-def _child(args, mode: str, cache: str, batch: int) -> tuple[float, float, str]:
+def _child(args, mode: str, cache: str, batch: int) -> tuple[float, float, dict, str]:
     command = [sys.executable, os.path.abspath(__file__), "--layers", str(args.layers),
                "--model", args.model, "--tokens", str(args.tokens), "--experts", args.experts,
                "--bf16-experts", args.bf16_experts,
@@ -306,7 +341,7 @@ def _child(args, mode: str, cache: str, batch: int) -> tuple[float, float, str]:
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
-            return result["wall"], result["gpu"], result["experts"]
+            return result["wall"], result["gpu"], result["counts"], result["experts"]
     raise RuntimeError(f"{mode} {cache} batch {batch} failed (exit {done.returncode}):\n"
                        f"{done.stderr[-4000:]}")
 
