@@ -23,17 +23,22 @@ def quantized_cuda(n: int, k: int, g: int = 128, domain: str = "float"):
     return w, Int4Tensor.from_hp(w, (1, g), zero_point_domain=domain)
 
 
-def check_compiled_decode_mlp(custom_op) -> None:
-    """A quantized two-layer MLP at M = 1 under ``torch.compile(fullgraph=True,
-    mode="reduce-overhead")`` (CUDA graphs) matches eager, and ``custom_op`` (called as
-    ``op(x, qdata, scale, zero_point, group_size)``) passes ``torch.library.opcheck`` on the
-    first layer's weight. CUDA only."""
+def check_compiled_decode_mlp(custom_op, rows: int = 1, preshuffled: bool = False) -> None:
+    """A quantized two-layer MLP at M = ``rows`` under ``torch.compile(fullgraph=True,
+    mode="reduce-overhead")`` (CUDA graphs, whose warm-up fails if a kernel leaves a tensor
+    alive in their memory pool) matches eager, and ``custom_op`` (called as
+    ``op(x, qdata, scale, zero_point, group_size)``, on ``Int4PreshuffledTensor``'s fields with
+    ``preshuffled``) passes ``torch.library.opcheck`` on the first layer's weight. CUDA only."""
     from int4tensor import Int4WeightOnlyConfig, quantize_
 
     model = torch.nn.Sequential(torch.nn.Linear(1024, 2048, bias=True), torch.nn.SiLU(),
                                 torch.nn.Linear(2048, 512)).to("cuda", torch.bfloat16)
     quantize_(model, Int4WeightOnlyConfig())
-    x = torch.randn(1, 1024, dtype=torch.bfloat16, device="cuda")
+    if preshuffled:
+        from int4tensor import convert_model_to_packed_tensors_
+
+        convert_model_to_packed_tensors_(model)
+    x = torch.randn(rows, 1024, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
@@ -41,7 +46,9 @@ def check_compiled_decode_mlp(custom_op) -> None:
             out = compiled(x)
     assert rel_error(eager, out) < 1e-2
     w = model[0].weight
-    assert torch.library.opcheck(custom_op, (x, w.qdata, w.scale, w.zero_point, 128)) is not None
+    fields = (w.qdata, w.group_scale, w.group_zero) if preshuffled else \
+        (w.qdata, w.scale, w.zero_point)
+    assert torch.library.opcheck(custom_op, (x, *fields, 128)) is not None
 
 
 @pytest.fixture

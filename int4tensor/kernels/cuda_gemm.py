@@ -19,9 +19,10 @@ each weight meets enough activation rows that the decode GEMV's per-warp activat
   instructions than the GEMV's activation sums on the tensor cores, whose count grows with M.
 * Each ``mma.m16n8k16`` multiplies a 16-row weight tile by 8 activation rows in fp32. The K
   ranges' sums are added into a zero-filled fp32 ``[M, N]`` buffer in L2 (``red.add``), cast
-  to bf16 after the kernel (the zero-fill, ``cuMemsetD32Async``, and the cast, a small kernel
-  of our own, take ~3.5 us of GPU time per call on an H200; through the driver and our
-  launcher rather than ``torch.zeros`` / ``.to`` they cost little host time).
+  to bf16 after the kernel by a small kernel of our own, which zeroes the buffer again: an
+  eager call reuses one buffer per stream and so needs no fill (:func:`bind`); the custom op
+  (what compiled graphs run) fills a buffer of its own with ``cuMemsetD32Async``. (Fill and
+  cast took ~3.5 us of GPU time per call on an H200.)
   The order of those additions varies, so results are not bit-reproducible from run to run
   (last-bit differences).
 * 3D weights (MoE experts) run in one launch, a grid z per expert.
@@ -39,6 +40,7 @@ Compiled at first use with NVRTC (like cuda_gemv.py); this module imports nothin
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -310,13 +312,17 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 """
 
 
-#: the fp32 sums to the bf16 output, one element per thread (f_to_bf16: round to nearest even)
+#: the fp32 sums to the bf16 output, one element per thread (f_to_bf16: round to nearest
+#: even), leaving the sums zero for the next call (see :func:`bind`)
 _CAST_SOURCE = r"""
 %(bf16_helpers)s
-extern "C" __global__ void f32_to_bf16(const float* __restrict__ in, bf16_t* __restrict__ out,
-                                       int n) {
+extern "C" __global__ void f32_to_bf16_and_zero(float* __restrict__ in, bf16_t* __restrict__ out,
+                                                int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) out[i] = f_to_bf16(in[i]);
+  if (i < n) {
+    out[i] = f_to_bf16(in[i]);
+    in[i] = 0.f;
+  }
 }
 """
 _CAST_THREADS = 256
@@ -325,7 +331,7 @@ _CAST_THREADS = 256
 @functools.lru_cache(maxsize=None)
 def _cast_kernel(capability: tuple[int, int]):
     return nvrtc.compile_kernel(_CAST_SOURCE % dict(bf16_helpers=nvrtc.BF16_HELPERS),
-                                "f32_to_bf16", capability)
+                                "f32_to_bf16_and_zero", capability)
 
 
 def _smem_bytes(m_tiles: int, block_chunks: int) -> int:
@@ -439,19 +445,52 @@ def bind(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: 
          group_size: int, shuffled: bool = True, out_shape: tuple | None = None):
     """``f(x) -> int4_gemm(x, qdata, scale, zero_point, group_size, shuffled=shuffled)`` for
     activations of ``x``'s shape, strides and device: the launch is planned here, once.
-    ``out_shape`` as for :func:`cuda_gemv.bind`."""
+    ``out_shape`` as for :func:`cuda_gemv.bind`.
+
+    An eager call adds its K ranges into an fp32 buffer kept for the current stream (shared by
+    every bound weight of the same output size), which the cast kernel leaves zeroed: two
+    launches, no fill. Calls on one stream run in order, so they never share the buffer at
+    once. A call being captured into a CUDA graph takes a buffer of its own (filled with zeros
+    by the graph): replays of graphs can run on any stream, concurrently."""
     plan = _launch_plan(tuple(x.shape), x.stride(), tuple(qdata.shape), qdata.stride(0),
                         scale.stride(), x.device.index, group_size, shuffled, ())
     out_like = nvrtc.empty_allocator(cuda_gemv._checked_out_shape(out_shape, plan.sums_shape),
                                      torch.bfloat16, x.device)
-    run = plan.run
+    launch, cast, device_index = plan.launch.launch, plan.cast.launch, plan.device_index
+    elements = math.prod(plan.sums_shape)
+    zeroed = _ZEROED_SUMS.setdefault((elements, device_index), {})
+    current_stream = torch._C._cuda_getCurrentRawStream
+    capturing = torch._C._cuda_isCurrentStreamCapturing
     # the weight's addresses, read once (see cuda_gemv.bind); the tuple keeps them alive
     weight = (qdata, scale, zero_point)
     q_ptr, s_ptr, z_ptr = (t.data_ptr() for t in weight)
 
     def gemm(x: torch.Tensor, _weight=weight) -> torch.Tensor:
-        return run(x.data_ptr(), q_ptr, s_ptr, z_ptr, out_like)
+        if capturing():
+            return plan.run(x.data_ptr(), q_ptr, s_ptr, z_ptr, out_like)
+        stream = current_stream(device_index)
+        sums_ptr = zeroed.get(stream) or _new_zeroed_sums(zeroed, elements, stream, device_index)
+        launch(x.data_ptr(), q_ptr, s_ptr, z_ptr, sums_ptr)
+        out = out_like()
+        cast(sums_ptr, out.data_ptr())
+        return out
     return gemm
+
+
+#: (elements, device index) -> {raw stream handle: the data pointer of a zeroed fp32 buffer},
+#: for :func:`bind`; the buffers themselves are held in :data:`_SUMS_BUFFERS` for the
+#: process's life (one per output size and stream: 16 MB for a 128256-wide lm_head at M = 32)
+_ZEROED_SUMS: dict[tuple[int, int], dict[int, int]] = {}
+_SUMS_BUFFERS: list[torch.Tensor] = []
+
+
+def _new_zeroed_sums(zeroed: dict[int, int], elements: int, stream: int,
+                     device_index: int) -> int:
+    """A zeroed buffer for the eager calls on ``stream`` (made outside any graph capture)."""
+    buffer = torch.zeros(elements, dtype=torch.float32, device=torch.device("cuda", device_index))
+    _SUMS_BUFFERS.append(buffer)
+    zeroed[stream] = buffer.data_ptr()
+    return zeroed[stream]
 
 
 class _LaunchPlan(NamedTuple):
@@ -464,22 +503,24 @@ class _LaunchPlan(NamedTuple):
     ints: tuple[int, ...]
     sums_shape: tuple[int, ...]
     device_index: int
-    sums_like: object  # () -> fp32 [*, N], and the bf16 output (nvrtc.empty_allocator)
-    out_like: object
 
     def __call__(self, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                  zero_point: torch.Tensor) -> torch.Tensor:
         return self.run(x.data_ptr(), qdata.data_ptr(), scale.data_ptr(), zero_point.data_ptr())
 
     def run(self, x_ptr: int, q_ptr: int, s_ptr: int, z_ptr: int, out_like=None) -> torch.Tensor:
-        """One call on the operands at these addresses: zero the fp32 sums, launch, cast them
-        to the bf16 output (``out_like()``: one of the same elements in another shape). The
-        fill and the cast go through the driver and our own launcher: ``torch.zeros`` and
-        ``.to`` cost more host time than the GEMM's launch itself (bench_host.py, M = 32)."""
-        sums = self.sums_like()
+        """One call on the operands at these addresses, with fp32 sums of its own: zero them,
+        launch, cast them to the bf16 output (``out_like()``: one of the same elements in
+        another shape). What the custom op runs, also inside torch.compile's CUDA graphs, whose
+        warm-up runs in the graphs' memory pool: the plan itself holds no tensor (one left in
+        the pool fails their check). The fill goes through the driver: ``torch.zeros`` costs
+        more host time than the GEMM's launch itself (bench_host.py, M = 32)."""
+        device = torch.device("cuda", self.device_index)
+        sums = torch.empty(self.sums_shape, dtype=torch.float32, device=device)
         nvrtc.zero_async(sums, self.device_index)
         self.launch.launch(x_ptr, q_ptr, s_ptr, z_ptr, sums.data_ptr())
-        out = (out_like or self.out_like)()
+        out = (out_like() if out_like is not None else
+               torch.empty(self.sums_shape, dtype=torch.bfloat16, device=device))
         self.cast.launch(sums.data_ptr(), out.data_ptr())
         return out
 
@@ -532,8 +573,4 @@ def _with_launcher(device_index: int, **fields) -> _LaunchPlan:
     capability = torch.cuda.get_device_capability(device_index)
     cast = nvrtc.Launcher(_cast_kernel(capability), (-(-elements // _CAST_THREADS), 1, 1),
                           (_CAST_THREADS, 1, 1), 0, 2, (elements,), device_index)
-    device = torch.device("cuda", device_index)
-    return _LaunchPlan(launch=launch, cast=cast, device_index=device_index,
-                       sums_like=nvrtc.empty_allocator(fields["sums_shape"], torch.float32, device),
-                       out_like=nvrtc.empty_allocator(fields["sums_shape"], torch.bfloat16, device),
-                       **fields)
+    return _LaunchPlan(launch=launch, cast=cast, device_index=device_index, **fields)

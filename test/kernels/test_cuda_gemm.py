@@ -160,6 +160,54 @@ def test_three_dim_input_and_bias_through_linear(lead, backend, activations):
 
 
 @gpu
+@pytest.mark.parametrize("preshuffled", [False, True])
+def test_compiled_with_cuda_graphs_at_gemm_rows(preshuffled):
+    """transformers' static-cache decode at batch 17-32 (torch.compile, reduce-overhead): the
+    custom op runs inside CUDA graphs' warm-up and recording, in their memory pool; a tensor it
+    kept (a cached allocation template) made the warm-up fail ("tensors in the cudagraph pool
+    not tracked as outputs")."""
+    from test.helpers import check_compiled_decode_mlp
+
+    op = custom_ops.int4_gemm_cuda_preshuffled if preshuffled else custom_ops.int4_gemm_cuda
+    check_compiled_decode_mlp(op, rows=32, preshuffled=preshuffled)
+
+
+@gpu
+def test_eager_calls_on_two_streams_and_a_graph_between_them():
+    """Bound eager calls add into a zeroed buffer kept per stream, which the cast leaves
+    zeroed: calls on two streams, then a graph captured on a stream that has run eager calls
+    (it takes a buffer of its own), replayed between more eager calls, all equal the
+    reference."""
+    _, t = quantized_cuda(1000, 1024, 128)
+    x = torch.randn(24, 1024, dtype=torch.bfloat16, device="cuda")
+    gemm = cuda_gemm.bind(x, t.qdata, t.scale, t.zero_point, 128, shuffled=False)
+    side = torch.cuda.Stream()
+    for _ in range(2):
+        assert rel_error(reference.linear(x, t, None), gemm(x)) < 2e-3
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            on_side = gemm(x)
+        torch.cuda.current_stream().wait_stream(side)
+        assert rel_error(reference.linear(x, t, None), on_side) < 2e-3
+    graph_x = torch.randn_like(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):  # eager calls ran on it: the capture must not take its buffer
+        gemm(graph_x)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=side):
+            graph_out = gemm(graph_x)
+    for _ in range(3):
+        graph_x.copy_(torch.randn_like(x))
+        graph.replay()
+        eager_x = torch.randn_like(x)
+        with torch.cuda.stream(side):
+            side_out = gemm(eager_x)
+        torch.cuda.current_stream().wait_stream(side)
+        assert rel_error(reference.linear(graph_x, t, None), graph_out) < 2e-3
+        assert rel_error(reference.linear(eager_x, t, None), side_out) < 2e-3
+
+
+@gpu
 def test_cuda_graph_replays_zero_the_sums_and_cast_each_time():
     """The zero-fill (a driver memset) and the cast (our kernel) are captured with the GEMM:
     each replay gives the result of its own inputs, not sums piled on the last ones."""
