@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import graph_time_us, write_csv  # noqa: E402
 from int4tensor import Int4PreshuffledTensor, Int4Tensor  # noqa: E402
-from int4tensor.kernels import fbgemm  # noqa: E402
+from int4tensor.kernels import fbgemm, quantize_fp8_rows  # noqa: E402
 
 MS = (1, 8, 32)
 
@@ -83,7 +83,13 @@ def paths(n: int, k: int, m: int, experts: int) -> dict:
             "int4 preshuffled bmm (experts)": lambda: torch.bmm(xe, pe),
             "fbgemm bf16i4bf16_rowwise (op called directly)":
                 lambda: torch.ops.fbgemm.bf16i4bf16_rowwise(x, t.qdata, t.scale, t.zero_point),
+            # the two halves of the preshuffled fp8-activation call, each alone
+            "fp8 row quantization (kernels.quantize_fp8_rows)": lambda: quantize_fp8_rows(x),
+            "fbgemm f8i4bf16_shuffled (op called directly, x quantized before)":
+                lambda: torch.ops.fbgemm.f8i4bf16_shuffled(xq, p8.qdata, x_scale, p8.row_scale,
+                                                           p8.group_scale),
         })
+        xq, x_scale = quantize_fp8_rows(x)
     return out
 
 
