@@ -32,11 +32,13 @@ scripts/probe_cuda_gemv.py, scripts/probe_cuda_gemm.py, scripts/probe_fp8.py):
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from int4tensor import quant_primitives
 from int4tensor.kernels import (
-    cuda_dequant, cuda_fp8_rows, cuda_gemm, cuda_gemv, custom_ops, fbgemm, reference)
+    cpu, cuda_dequant, cuda_fp8_rows, cuda_gemm, cuda_gemv, custom_ops, fbgemm, reference)
 from int4tensor.kernels.dispatch import (
     Call, Candidate, cached_plan, decide, describe, eager_plan, is_eager, register)
 
@@ -488,6 +490,32 @@ def _round_for(x2d: torch.Tensor):
     return quant_primitives.round_fp8_rows
 
 
+#: whether :func:`_hint_cpu_conversion` has warned in this process
+_CPU_HINT_GIVEN = False
+
+
+def _hint_cpu_conversion(decision, x: torch.Tensor, weight, layout: str) -> None:
+    """Warn once per process when a plain weight runs the reference path on a CPU where torch's
+    CPU int4 GEMM would take it after conversion: the one slow case a user reaches by simply
+    skipping a step. Asked when a plan is made, and only once the weight is planned for a
+    second input shape, as in serving (``generate()``: prefill, then decode), not for a
+    one-off forward (an accuracy check, calibration)."""
+    global _CPU_HINT_GIVEN
+    if (_CPU_HINT_GIVEN or not weight.__dict__.get("_dispatch_plans")
+            or decision.backend != "reference" or layout != "plain"
+            or x.device.type != "cpu" or x.dtype != torch.bfloat16
+            or weight.ndim != 2 or weight.activation_dtype != "bf16"
+            or cpu.why_not_available() is not None):
+        return
+    _CPU_HINT_GIVEN = True
+    warnings.warn(
+        "int4tensor: plain Int4Tensor weights on this CPU run the reference path (dequantize, "
+        "then a dense matmul), much slower than bf16; convert_model_to_packed_tensors_(model) "
+        "(or convert_to_packed_tensor_based_on_current_hardware(weight)) after loading moves "
+        "them to torch's CPU int4 GEMM (Int4CPUTensor). This warning is shown once.",
+        UserWarning, stacklevel=2)
+
+
 def _plan(op: str, x: torch.Tensor, weight, layout: str, out_n: int | None = None):
     """``(Decision, f(x, bias))`` for eager calls like ``x``: ``op`` is ``"linear"`` (``x [*,
     K]``, output ``[*, out_n or N]``) or ``"bmm"`` (``x [B, M, K]``)."""
@@ -497,6 +525,7 @@ def _plan(op: str, x: torch.Tensor, weight, layout: str, out_n: int | None = Non
     contiguous = x.is_contiguous() and pre is None
     example = as_rows(x.contiguous())
     decision = decide(describe(op, example, weight), layout)
+    _hint_cpu_conversion(decision, example, weight, layout)
     candidate = decision.candidate
     round_rows = None
     if layout == "plain" and weight.activation_dtype == "fp8" and candidate.name != "fbgemm_fp8":

@@ -176,3 +176,60 @@ class TestCachedDecisions:
         assert torch.allclose(x.grad.float(), w.dequantize().float().sum(0).expand(3, -1),
                               rtol=1e-2, atol=1e-2)
         assert "_dispatch_plans" not in w.__dict__
+
+
+def test_a_plain_weight_served_on_a_cpu_that_could_convert_it_warns_once(monkeypatch):
+    """The reference path on a CPU where torch's int4 GEMM would run the weight after
+    convert_model_to_packed_tensors_: a one-off forward does not warn; the same weight called
+    with a second input shape (as generate() does: prefill, then decode) warns once, naming
+    the call to make; other weights and shapes after that do not."""
+    import warnings
+
+    monkeypatch.setattr(kernels, "_CPU_HINT_GIVEN", False)
+    monkeypatch.setattr(kernels.cpu, "why_not_available", lambda: None)
+    w = weight()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.linear(torch.randn(1, 7, 512, dtype=torch.bfloat16), w)
+        F.linear(torch.randn(1, 7, 512, dtype=torch.bfloat16), w)
+    with pytest.warns(UserWarning, match=r"convert_model_to_packed_tensors_\(model\)"):
+        F.linear(torch.randn(1, 1, 512, dtype=torch.bfloat16), w)
+    other = weight()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for m in (3, 1):
+            F.linear(torch.randn(m, 512, dtype=torch.bfloat16), other)
+
+
+@pytest.mark.parametrize("case", ["no cpu gemm", "float32 activations", "fp8 activations"])
+def test_no_conversion_hint_where_conversion_would_not_help(monkeypatch, case):
+    import warnings
+
+    monkeypatch.setattr(kernels, "_CPU_HINT_GIVEN", False)
+    monkeypatch.setattr(kernels.cpu, "why_not_available",
+                        lambda: "no AVX2" if case == "no cpu gemm" else None)
+    w = weight(activation_dtype="fp8" if case == "fp8 activations" else "bf16")
+    dtype = torch.float32 if case == "float32 activations" else torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for m in (2, 1):
+            F.linear(torch.randn(m, 512, dtype=dtype), w)
+    assert not kernels._CPU_HINT_GIVEN
+
+
+@pytest.mark.skipif(kernels.cpu.why_not_available() is not None,
+                    reason="needs torch's CPU int4 GEMM (AVX2/AVX512)")
+def test_a_converted_model_runs_without_the_hint(monkeypatch):
+    import warnings
+
+    from int4tensor import Int4WeightOnlyConfig, convert_model_to_packed_tensors_, quantize_
+
+    monkeypatch.setattr(kernels, "_CPU_HINT_GIVEN", False)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 256)).to(torch.bfloat16)
+    quantize_(model, Int4WeightOnlyConfig())
+    convert_model_to_packed_tensors_(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for m in (2, 1):
+            model(torch.randn(m, 512, dtype=torch.bfloat16))
+    assert not kernels._CPU_HINT_GIVEN
