@@ -40,7 +40,8 @@ from int4tensor import quant_primitives
 from int4tensor.kernels import (
     cpu, cuda_dequant, cuda_fp8_rows, cuda_gemm, cuda_gemv, custom_ops, fbgemm, reference)
 from int4tensor.kernels.dispatch import (
-    Call, Candidate, cached_plan, decide, describe, eager_plan, is_eager, register)
+    Call, Candidate, cached_plan, decide, describe, eager_plan, is_eager, plan_count,
+    register)
 
 CUDA_GEMV_MAX_M = 16
 TRITON_ALWAYS_MAX_M = 1
@@ -501,7 +502,7 @@ def _hint_cpu_conversion(decision, x: torch.Tensor, weight, layout: str) -> None
     second input shape, as in serving (``generate()``: prefill, then decode), not for a
     one-off forward (an accuracy check, calibration)."""
     global _CPU_HINT_GIVEN
-    if (_CPU_HINT_GIVEN or not weight.__dict__.get("_dispatch_plans")
+    if (_CPU_HINT_GIVEN or plan_count(weight) == 0
             or decision.backend != "reference" or layout != "plain"
             or x.device.type != "cpu" or x.dtype != torch.bfloat16
             or weight.ndim != 2 or weight.activation_dtype != "bf16"

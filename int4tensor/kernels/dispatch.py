@@ -31,7 +31,7 @@ import torch
 from int4tensor.kernels import cuda_gemv, fbgemm
 
 __all__ = ["Call", "Candidate", "Decision", "cached_plan", "describe", "decide",
-           "device_features", "eager_plan", "is_eager", "register", "tables"]
+           "device_features", "eager_plan", "is_eager", "plan_count", "register", "tables"]
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,12 @@ def eager_plan(op: str, x: torch.Tensor, weight, build: Callable[[], tuple]) -> 
     if _recording is not None:
         _recording.append((weight, op, tuple(x.shape), entry[0]))
     return entry[1]
+
+
+def plan_count(weight) -> int:
+    """How many eager plans :func:`eager_plan` has made for this weight (one per op and
+    activation signature)."""
+    return len(weight.__dict__.get("_dispatch_plans", ()))
 
 
 def cached_plan(op: str, x: torch.Tensor, weight) -> Callable | None:
